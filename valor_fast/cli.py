@@ -1,0 +1,138 @@
+"""`valor-fast` command line.
+
+    valor-fast data synth [--root DIR] [--seed N]
+    valor-fast pretrain [--config configs/tiny.yaml] [--train.lr 3e-4 ...]
+    valor-fast eval --ckpt RUN/model.safetensors [--config RUN/config.yaml] [--split test]
+    valor-fast info
+
+Dotted overrides (`--section.field value`) apply on top of the recipe; the resolved config is
+printed and saved in the run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Tuple
+
+
+def split_overrides(argv: List[str]) -> Tuple[List[str], dict]:
+    """Pull `--a.b value` / `--a.b=value` pairs out of argv."""
+    rest, over = [], {}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." in a.split("=")[0][2:]:
+            if "=" in a:
+                k, v = a[2:].split("=", 1)
+            else:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"override {a} needs a value")
+                k, v = a[2:], argv[i + 1]
+                i += 1
+            over[k] = v
+        else:
+            rest.append(a)
+        i += 1
+    return rest, over
+
+
+def _load(args, over):
+    from .config import load_config, to_dict
+    import yaml
+    cfg = load_config(args.config, over)
+    print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), file=sys.stderr)
+    return cfg
+
+
+def cmd_pretrain(args, over) -> int:
+    from .train.trainer import train
+    cfg = _load(args, over)
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args, over) -> int:
+    import torch
+    from .config import dump
+    from .data import build_loader
+    from .eval.evaluate import evaluate, format_table
+    from .model.valor import build_model
+    from .train.checkpoint import load_model, write_json
+    from .train.trainer import autocast_ctx, prepare_data, resolve_device
+    cfg_path = args.config
+    if cfg_path is None and args.ckpt:
+        cand = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "config.yaml")
+        cfg_path = cand if os.path.exists(cand) else None
+    args.config = cfg_path
+    cfg = _load(args, over)
+    device = resolve_device(cfg.train.device)
+    prepare_data(cfg)
+    model = build_model(cfg.model).to(device)
+    if args.ckpt:
+        res = load_model(model, args.ckpt)
+        print(f"loaded {args.ckpt}", file=sys.stderr)
+    else:
+        print("no --ckpt: evaluating a randomly initialised model", file=sys.stderr)
+    amp, _ = autocast_ctx(cfg.train.precision, device)
+    loader = build_loader(cfg.data, args.split, cfg.model.image_size, cfg.eval.batch_size, False, cfg.train.seed)
+    m = evaluate(model, loader, cfg, device, captions=not args.no_caption, autocast=amp)
+    print(format_table(m))
+    if args.out:
+        write_json(args.out, m)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_data(args, over) -> int:
+    if args.action == "synth":
+        from .data.synth import generate
+        summary = generate(args.root, seed=args.seed, clips_per_combo=args.clips_per_combo)
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    raise SystemExit(f"unknown data action {args.action!r}")
+
+
+def cmd_info(args, over) -> int:
+    import torch
+    from .config import SIZES, model_config
+    from .model.valor import VALOR, count_parameters
+    from .utils import deps
+    print(f"valor-fast  torch {torch.__version__}  cuda {torch.cuda.is_available()}")
+    print("optional backends: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in deps.summary().items()))
+    print(f"{'size':<6} {'total':>9} {'text':>9} {'vision':>9} {'audio':>9} {'x-attn':>9}")
+    for s in SIZES:
+        with torch.device("meta"):   # base/large without allocating their weights
+            m = VALOR(model_config(s))
+        c = count_parameters(m)
+        f = lambda n: f"{n / 1e6:8.1f}M"
+        print(f"{s:<6} {f(c['total'])} {f(c['text'])} {f(c['vision'])} {f(c['audio'])} {f(c['decoder_cross_attention'])}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, over = split_overrides(argv)
+    p = argparse.ArgumentParser(prog="valor-fast", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("pretrain", help="pretrain (MGA + MGC) on the configured data")
+    sp.add_argument("--config", default=None, help="recipe YAML (configs/*.yaml or a path)")
+    se = sub.add_parser("eval", help="retrieval + captioning metrics of a checkpoint")
+    se.add_argument("--config", default=None)
+    se.add_argument("--ckpt", default=None, help="model.safetensors of a run")
+    se.add_argument("--split", default="test", choices=["train", "val", "test"])
+    se.add_argument("--no-caption", action="store_true", help="retrieval only")
+    se.add_argument("--out", default=None, help="write metrics JSON here")
+    sd = sub.add_parser("data", help="dataset tools")
+    sd.add_argument("action", choices=["synth"])
+    sd.add_argument("--root", default="data_cache/synth")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--clips-per-combo", type=int, default=4)
+    sub.add_parser("info", help="parameter counts and available backends")
+    args = p.parse_args(rest)
+    return {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "info": cmd_info}[args.cmd](args, over)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

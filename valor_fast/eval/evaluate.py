@@ -1,0 +1,112 @@
+"""Evaluation on a split: retrieval (T->V, T->A, T->AV and reverse) and captioning."""
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+import torch
+
+from ..config import Config
+from ..model.valor import VALOR, Features
+from ..tasks.mga import similarity_matrix
+from ..tasks.mgc import group_memory_masks
+from ..utils.log import get_logger
+from .caption import beam_search
+from .metrics import caption_metrics, retrieval_metrics
+
+log = get_logger(__name__)
+
+
+def _cat_features(fs) -> Features:
+    mask = None if fs[0].mask is None else None  # masks re-padded below for text
+    return Features(torch.cat([f.tokens for f in fs]), torch.cat([f.weight for f in fs]), mask,
+                    torch.cat([f.pooled for f in fs]))
+
+
+def _pad_text(feats, masks):
+    """Concatenate text features of batches with different lengths: pad to the longest."""
+    L = max(f.tokens.shape[1] for f in feats)
+    toks, ws, ms = [], [], []
+    for f, m in zip(feats, masks):
+        p = L - f.tokens.shape[1]
+        toks.append(torch.nn.functional.pad(f.tokens, (0, 0, 0, p)))
+        ws.append(torch.nn.functional.pad(f.weight, (0, p)))
+        ms.append(torch.nn.functional.pad(m, (0, p), value=False))
+    return Features(torch.cat(toks), torch.cat(ws), torch.cat(ms), torch.cat([f.pooled for f in feats]))
+
+
+@torch.no_grad()
+def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
+             max_caption_clips: Optional[int] = None, autocast=None) -> Dict[str, float]:
+    """Retrieval over the split's canonical caption (first caption) of every clip, and
+    captioning of every clip (ground truth = all its captions).  Returns flat metrics."""
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    tf, tmask, vf, af, ids, refs, preds = [], [], [], [], [], {}, {}
+    n_cap = 0
+    mode = cfg.eval.retrieval_mode or cfg.loss.mga_mode
+    import contextlib
+    ctx = autocast or contextlib.nullcontext
+    for batch in loader:
+        b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with ctx():
+            vt, at = model.encode_video(b["video"]), model.encode_audio(b["audio"])
+            th = model.encode_text(b["text_ids"], b["text_mask"])
+            tf.append(model.text_features(th, b["text_mask"]))
+            tmask.append(b["text_mask"])
+            vf.append(model.video_features(vt))
+            af.append(model.audio_features(at))
+            ids.extend(b["video_id"])
+            if captions and (max_caption_clips is None or n_cap < max_caption_clips):
+                memory, n_video = model.memory(vt, at)
+                mm = group_memory_masks([cfg.eval.caption_group], memory.shape[0], n_video,
+                                        memory.shape[1] - n_video, b.get("has_audio"), device)
+                out = beam_search(model, memory, mm, beam=cfg.eval.beam, max_len=cfg.eval.max_len,
+                                  length_penalty=cfg.eval.length_penalty)
+                tok = _tokenizer()
+                for vid, seq, caps in zip(b["video_id"], out, b["captions"]):
+                    preds[vid] = tok.decode(seq, skip_special_tokens=True)
+                    refs[vid] = list(caps)
+                n_cap += len(out)
+    t = _pad_text(tf, tmask)
+    v, a = _cat_features(vf), _cat_features(af)
+    metrics: Dict[str, float] = {}
+    n = len(ids)
+    for g, name in (("tv", "v"), ("ta", "a"), ("tav", "av")):
+        sim = similarity_matrix(model, t, v, a, g, mode)
+        metrics.update(retrieval_metrics(sim, list(range(n)), name))
+    if captions and preds:
+        metrics.update(caption_metrics(preds, refs))
+        metrics["caption/n_clips"] = float(len(preds))
+        first = sorted(preds)[:3]
+        for k in first:
+            log.info("caption %s: %r (ref: %r)", k, preds[k], refs[k][0])
+    metrics["eval/clips"] = float(n)
+    metrics["eval/seconds"] = time.time() - t0
+    model.train(was_training)
+    return metrics
+
+
+_TOK = None
+
+
+def _tokenizer():
+    global _TOK
+    if _TOK is None:
+        from ..data.tokenizer import get_tokenizer
+        _TOK = get_tokenizer()
+    return _TOK
+
+
+def format_table(metrics: Dict[str, float]) -> str:
+    rows = []
+    for g in ("t2av", "t2v", "t2a", "av2t", "v2t", "a2t"):
+        k = f"retrieval/{g}"
+        if f"{k}/R@1" in metrics:
+            rows.append(f"  {g:>5}  R@1 {metrics[k+'/R@1']:.3f}  R@5 {metrics[k+'/R@5']:.3f}  "
+                        f"R@10 {metrics[k+'/R@10']:.3f}  MdR {metrics[k+'/MdR']:.1f}")
+    cap = [f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("caption/") and k != "caption/n_clips"]
+    if cap:
+        rows.append("  caption " + "  ".join(cap))
+    return "\n".join(rows)

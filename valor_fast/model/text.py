@@ -1,0 +1,87 @@
+"""BERT text encoder; the same layers serve as VALOR's causal multimodal decoder."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import BertLayer
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab: int, dim: int, max_pos: int = 512, type_vocab: int = 2, eps: float = 1e-12):
+        super().__init__()
+        self.word = nn.Embedding(vocab, dim, padding_idx=0)
+        self.position = nn.Embedding(max_pos, dim)
+        self.token_type = nn.Embedding(type_vocab, dim)
+        self.ln = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        L = ids.shape[1]
+        if offset + L > self.position.num_embeddings:
+            raise ValueError(f"text of {offset + L} tokens exceeds the {self.position.num_embeddings} positions")
+        pos = torch.arange(offset, offset + L, device=ids.device)
+        # token type 0 everywhere (single segment): add row 0 of the table
+        x = self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]
+        return self.ln(x)
+
+
+class BertLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> vocab projection tied to the word embeddings."""
+
+    def __init__(self, dim: int, vocab: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln(F.gelu(self.dense(h)))
+
+    def forward(self, h: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(h), word_weight, self.bias)
+
+
+class BertText(nn.Module):
+    """Bidirectional encoder (`encode`) and causal decoder with cross-attention (`decode`)."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, ffn: int, max_pos: int = 512):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.embeddings = BertEmbeddings(vocab, dim, max_pos)
+        self.layers = nn.ModuleList([BertLayer(dim, heads, ffn, cross=True) for _ in range(layers)])
+        self.lm_head = BertLMHead(dim, vocab)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, L), mask (B, L) bool -> (B, L, dim)."""
+        x = self.embeddings(ids)
+        for layer in self.layers:
+            x = layer(x, key_padding_mask=mask)
+        return x
+
+    def memory_kv(self, memory: torch.Tensor) -> List:
+        """Per-layer cross-attention K/V of the video/audio memory (B, Lm, dim): computed once per
+        clip and reused by every caption group and every decoding step."""
+        return [layer.cross.project_kv(memory) for layer in self.layers]
+
+    def decode(self, ids: torch.Tensor, mask: Optional[torch.Tensor], memory_kv: List,
+               memory_mask: Optional[torch.Tensor], caches: Optional[List[dict]] = None,
+               offset: int = 0) -> torch.Tensor:
+        """Causal pass: ids (B, L) -> hidden (B, L, dim).  `caches` (one dict per layer) turns
+        on incremental decoding: ids then hold only the new positions starting at `offset`."""
+        x = self.embeddings(ids, offset=offset)
+        # the first (prompt) pass is causal; later cached passes feed one new token that may see
+        # every cached key, so no mask is needed then
+        incremental = caches is not None and "k" in caches[0]
+        if incremental and ids.shape[1] != 1:
+            raise ValueError(f"cached decoding takes one new token a step, got {ids.shape[1]}")
+        for i, layer in enumerate(self.layers):
+            cache = caches[i] if caches is not None else None
+            x = layer(x, key_padding_mask=mask, causal=not incremental, memory_kv=memory_kv[i],
+                      memory_mask=memory_mask, cache=cache)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h, self.embeddings.word.weight)

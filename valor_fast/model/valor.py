@@ -1,0 +1,146 @@
+"""VALOR: text (BERT), vision (CLIP ViT per frame), audio (AST) encoders and the multimodal
+decoder (the same BERT layers, causal, + one cross-attention per layer over video and audio
+tokens concatenated).  Architecture only: losses live in valor_fast.tasks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .audio import AST
+from .layers import init_weights
+from .text import BertText
+from .vision import ClipViT
+
+
+class WeightMLP(nn.Module):
+    """Token-weight head of the fine similarity: Linear(C, C) -> ReLU -> Linear(C, 1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))).squeeze(-1)
+
+
+def _to_text(width: int, text_width: int) -> nn.Module:
+    if width == text_width:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(width, text_width), nn.LayerNorm(text_width, eps=1e-12))
+
+
+@dataclass
+class Features:
+    """Contrastive-space features of one modality: tokens (B, N, C) L2-normalised, weights
+    (B, N) pre-softmax, mask (B, N) bool, and the global feature (B, C) L2-normalised."""
+    tokens: torch.Tensor
+    weight: torch.Tensor
+    mask: Optional[torch.Tensor]
+    pooled: torch.Tensor
+
+
+class VALOR(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vision != "clip":
+            raise ValueError(f"model.vision={cfg.vision!r} is not available yet (only 'clip')")
+        self.cfg = cfg
+        tw, C = cfg.text_width, cfg.contra_dim
+        self.text = BertText(cfg.vocab_size, tw, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
+                             max_pos=max(512, cfg.max_text_len))
+        self.vision = ClipViT(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads)
+        self.audio = AST(cfg.audio_mel_bins, cfg.audio_frames, cfg.audio_width, cfg.audio_layers, cfg.audio_heads)
+        # contrastive heads (bias-free) and fine-similarity token weights
+        self.text_proj = nn.Linear(tw, C, bias=False)
+        self.vision_proj = nn.Linear(cfg.vision_width, C, bias=False)
+        self.audio_proj = nn.Linear(cfg.audio_width, C, bias=False)
+        self.text_weight = WeightMLP(C)
+        self.vision_weight = WeightMLP(C)
+        self.audio_weight = WeightMLP(C)
+        # coarse AV = normalise(W [v; a]): a learned fusion of the global V and A features
+        self.av_fusion = nn.Linear(2 * C, C, bias=False)
+        # decoder inputs: project to the text width, add frame/clip and modality embeddings
+        self.video_to_text = _to_text(cfg.vision_width, tw)
+        self.audio_to_text = _to_text(cfg.audio_width, tw)
+        self.frame_embed = nn.Embedding(cfg.max_frames, tw)
+        self.clip_embed = nn.Embedding(cfg.max_frames, tw)
+        self.type_embed = nn.Embedding(2, tw)  # 0 = video, 1 = audio
+        self.temperature = nn.Parameter(torch.tensor(float(cfg.temperature)))
+        init_weights(self)
+        with torch.no_grad():  # start the fusion as v + a
+            self.av_fusion.weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], dim=1))
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    # ---------------- encoders ----------------
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text.encode(ids, mask)
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vision(video)
+
+    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.audio(audio)
+
+    # ---------------- contrastive features ----------------
+    def text_features(self, hidden: torch.Tensor, mask: torch.Tensor) -> Features:
+        tok = F.normalize(self.text_proj(hidden).float(), dim=-1)   # (B, L, C)
+        return Features(tok, self.text_weight(tok), mask, tok[:, 0])
+
+    def video_features(self, tokens: torch.Tensor) -> Features:
+        # one feature per frame: the frame's CLS, no temporal pooling
+        f = F.normalize(self.vision_proj(tokens[:, :, 0]).float(), dim=-1)  # (B, n, C)
+        return Features(f, self.vision_weight(f), None, F.normalize(f.mean(1), dim=-1))
+
+    def audio_features(self, tokens: torch.Tensor) -> Features:
+        f = F.normalize(self.audio_proj(tokens[:, :, 0]).float(), dim=-1)   # (B, S, C)
+        return Features(f, self.audio_weight(f), None, F.normalize(f.mean(1), dim=-1))
+
+    def av_pooled(self, v: Features, a: Features) -> torch.Tensor:
+        return F.normalize(self.av_fusion(torch.cat([v.pooled, a.pooled], dim=-1)), dim=-1)
+
+    def temp(self) -> torch.Tensor:
+        # clamp keeps logits finite if the learnt temperature drifts towards 0
+        return self.temperature.clamp(min=1e-3, max=1.0)
+
+    # ---------------- decoder ----------------
+    def memory(self, video_tokens: torch.Tensor, audio_tokens: torch.Tensor):
+        """Decoder memory = cat(video tokens, audio tokens): (B, n*Lv + S*La, text_width),
+        returned with the split point."""
+        B, n, Lv, _ = video_tokens.shape
+        _, S, La, _ = audio_tokens.shape
+        v = self.video_to_text(video_tokens) + self.frame_embed.weight[:n, None] + self.type_embed.weight[0]
+        a = self.audio_to_text(audio_tokens) + self.clip_embed.weight[:S, None] + self.type_embed.weight[1]
+        return torch.cat([v.reshape(B, n * Lv, -1), a.reshape(B, S * La, -1)], dim=1), n * Lv
+
+    def memory_kv(self, memory: torch.Tensor) -> List:
+        return self.text.memory_kv(memory)
+
+    def decode(self, ids, mask, memory_kv, memory_mask, caches=None, offset=0) -> torch.Tensor:
+        return self.text.decode(ids, mask, memory_kv, memory_mask, caches=caches, offset=offset)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.text.logits(hidden)
+
+
+def build_model(cfg: ModelConfig) -> VALOR:
+    model = VALOR(cfg)
+    if cfg.init_text:
+        from .convert import load_hf_bert
+        load_hf_bert(model, cfg.init_text)
+    return model
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    out = {"total": sum(p.numel() for p in model.parameters())}
+    for name in ("text", "vision", "audio"):
+        out[name] = sum(p.numel() for p in getattr(model, name).parameters())
+    cross = sum(p.numel() for l in model.text.layers for p in list(l.cross.parameters()) + list(l.ln_cross.parameters()))
+    out["decoder_cross_attention"] = cross
+    out["heads_and_embeddings"] = out["total"] - out["text"] - out["vision"] - out["audio"]
+    return out

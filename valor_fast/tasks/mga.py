@@ -1,0 +1,83 @@
+"""MGA: multimodal grouping alignment.  Symmetric InfoNCE between text and each group
+(T-V, T-A, T-AV) with the model's learnable temperature, coarse or fine similarity."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from .. import ops
+from ..model.valor import VALOR, Features
+
+GROUP_KEYS = {"tv": "v", "ta": "a", "tav": "av"}
+
+
+def parse_groups(groups) -> list:
+    if isinstance(groups, str):
+        groups = [g.strip() for g in groups.split(",") if g.strip()]
+    bad = [g for g in groups if g not in GROUP_KEYS]
+    if bad or not groups:
+        raise ValueError(f"unknown MGA/MGC groups {bad or groups}; choose from {sorted(GROUP_KEYS)}")
+    return list(groups)
+
+
+def group_similarity(model: VALOR, t: Features, v: Features, a: Features, mode: str) -> Dict[str, tuple]:
+    """The op's `groups` argument for the three groups (fine: token features; coarse: pooled)."""
+    if mode == "fine":
+        return {"v": (v.tokens, v.weight, v.mask), "a": (a.tokens, a.weight, a.mask), "av": ("v", "a")}
+    if mode == "coarse":
+        return {"v": v.pooled, "a": a.pooled, "av": model.av_pooled(v, a)}
+    raise ValueError(f"loss.mga_mode must be 'fine' or 'coarse', got {mode!r}")
+
+
+def _text_arg(t: Features, mode: str):
+    return t.tokens if mode == "fine" else t.pooled
+
+
+def mga_loss(model: VALOR, t: Features, v: Features, a: Features, mode: str, groups: Iterable[str],
+             has_audio: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Loss per group name (tv, ta, tav).  Clips without audio (has_audio False) leave the T-A
+    and T-AV terms: those are computed on the clips that have audio only."""
+    groups = parse_groups(groups)
+    spec = group_similarity(model, t, v, a, mode)
+    want = {GROUP_KEYS[g] for g in groups}
+    kw = dict(mode=mode, text_weight=t.weight if mode == "fine" else None,
+              text_mask=t.mask if mode == "fine" else None)
+    temp = model.temp()
+    out: Dict[str, torch.Tensor] = {}
+    if has_audio is None or bool(has_audio.all()):
+        sel = {k: s for k, s in spec.items() if k in want or (k in ("v", "a") and "av" in want and mode == "fine")}
+        res = ops.grouped_contrastive_loss(_text_arg(t, mode), sel, temp, **kw)
+    else:
+        res = {}
+        if "v" in want:
+            res.update(ops.grouped_contrastive_loss(_text_arg(t, mode), {"v": spec["v"]}, temp, **kw))
+        idx = has_audio.nonzero().squeeze(1)
+        if idx.numel() >= 2 and want & {"a", "av"}:
+            sub = lambda f: Features(f.tokens[idx], f.weight[idx], None if f.mask is None else f.mask[idx], f.pooled[idx])
+            ts, vs, as_ = sub(t), sub(v), sub(a)
+            spec2 = group_similarity(model, ts, vs, as_, mode)
+            kw2 = dict(mode=mode, text_weight=ts.weight if mode == "fine" else None,
+                       text_mask=ts.mask if mode == "fine" else None)
+            sel = {k: s for k, s in spec2.items() if k in want - {"v"} or (k in ("v", "a") and mode == "fine" and "av" in want)}
+            r2 = ops.grouped_contrastive_loss(_text_arg(ts, mode), sel, temp, **kw2)
+            res.update({k: r for k, r in r2.items() if k != "v"})
+    for g in groups:
+        if GROUP_KEYS[g] in res:
+            out[g] = res[GROUP_KEYS[g]]
+    return out
+
+
+@torch.no_grad()
+def similarity_matrix(model: VALOR, t: Features, v: Features, a: Features, group: str, mode: str) -> torch.Tensor:
+    """(N_text, N_clip) similarity for retrieval scoring."""
+    spec = group_similarity(model, t, v, a, mode)
+    key = GROUP_KEYS[group]
+    if mode == "coarse":
+        return t.pooled @ spec[key].t()
+    if key == "av":
+        mod = torch.cat([v.tokens, a.tokens], 1)
+        w = torch.cat([v.weight, a.weight], 1)
+        return ops.fine_similarity(t.tokens, t.weight, t.mask, mod, w, None)
+    m = spec[key]
+    return ops.fine_similarity(t.tokens, t.weight, t.mask, m[0], m[1], m[2])

@@ -1,0 +1,88 @@
+"""MGC: multimodal grouping captioning.  Masked captioning under a causal mask, conditioned on
+each group; the three groups share ONE decoder pass (stacked along the batch, each with its own
+cross-attention key mask) and the video/audio cross-attention K/V are computed once."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..model.valor import VALOR
+from .mga import parse_groups
+
+CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
+FIRST_WORD_ID = 999  # ids below are [unused]/special tokens in bert-base-uncased: never sampled
+
+
+def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, prob: float = 0.6, vocab: int = 30522,
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Select `prob` of the non-pad tokens (never position 0), at least one a sequence; of the
+    selected 80% -> [MASK], 10% -> a random word id, 10% unchanged.
+
+    Returns (input ids, selected (B, L) bool).  Labels are the original ids at selected positions.
+    """
+    if ids.shape != mask.shape:
+        raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} differ")
+    dev = ids.device
+    eligible = mask.clone()
+    eligible[:, 0] = False
+    if not bool(eligible.any(1).all()):
+        raise ValueError("every caption needs at least one token after [CLS] to mask")
+    r = torch.rand(ids.shape, generator=generator, device="cpu").to(dev)
+    sel = (r < prob) & eligible
+    # guarantee one selected token per row: pick the eligible position with the smallest draw
+    none = ~sel.any(1)
+    if bool(none.any()):
+        first = r.masked_fill(~eligible, 2.0).argmin(1)
+        sel[none, first[none]] = True
+    u = torch.rand(ids.shape, generator=generator, device="cpu").to(dev)
+    rnd = torch.randint(FIRST_WORD_ID, vocab, ids.shape, generator=generator, device="cpu").to(dev)
+    out = ids.clone()
+    out = torch.where(sel & (u < 0.8), torch.full_like(ids, MASK_ID), out)
+    out = torch.where(sel & (u >= 0.8) & (u < 0.9), rnd, out)
+    return out, sel
+
+
+def group_memory_masks(groups, B: int, n_video: int, n_audio: int, has_audio: Optional[torch.Tensor],
+                       device) -> torch.Tensor:
+    """Cross-attention key masks, (G*B, Lm) bool, for the stacked groups over cat(video, audio)."""
+    rows = []
+    aud = torch.ones(B, dtype=torch.bool, device=device) if has_audio is None else has_audio.to(device)
+    for g in groups:
+        vm = torch.full((B, n_video), g in ("tv", "tav"), dtype=torch.bool, device=device)
+        am = (aud[:, None] & (g in ("ta", "tav"))).expand(B, n_audio)
+        rows.append(torch.cat([vm, am], 1))
+    return torch.cat(rows, 0)
+
+
+def mgc_loss(model: VALOR, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, n_video: int,
+             groups: Iterable[str], prob: float = 0.6, has_audio: Optional[torch.Tensor] = None,
+             label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    groups = parse_groups(groups)
+    B, L = ids.shape
+    G = len(groups)
+    if has_audio is not None and not bool(has_audio.all()) and "ta" in groups:
+        # silent clips have no T-A caption target: drop that group's rows from the loss below
+        pass
+    inp, sel = mask_tokens(ids, mask, prob, model.cfg.vocab_size, generator)
+    kv = model.memory_kv(memory)  # per layer 2 x (B, H, Lm, Dh), computed once for all groups
+    kv = [tuple(t.repeat(G, 1, 1, 1) for t in layer) for layer in kv]          # (G*B, H, Lm, Dh)
+    mmask = group_memory_masks(groups, B, n_video, memory.shape[1] - n_video, has_audio, ids.device)
+    hid = model.decode(inp.repeat(G, 1), mask.repeat(G, 1), kv, mmask)       # (G*B, L, C)
+    sel_g = sel.repeat(G, 1)
+    if has_audio is not None and not bool(has_audio.all()):
+        for gi, g in enumerate(groups):
+            if g == "ta":
+                sel_g[gi * B:(gi + 1) * B] &= has_audio[:, None]
+    labels = ids.repeat(G, 1)[sel_g]
+    h = hid[sel_g]                                                          # (N_sel, C): only selected rows
+    logits = model.lm_logits(h).float()                                     # (N_sel, V)
+    nll = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    row_group = torch.arange(G, device=ids.device).repeat_interleave(B)[:, None].expand(G * B, L)[sel_g]
+    out = {}
+    for gi, g in enumerate(groups):
+        m = row_group == gi
+        if bool(m.any()):
+            out[g] = nll[m].mean()
+    return out

@@ -1,0 +1,58 @@
+"""AdamW with VALOR's parameter groups and the warmup + linear-decay schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    # biases, norms, embeddings, the temperature and other 0/1-d parameters are not decayed
+    return p.dim() < 2 or name.endswith(".bias") or ".ln" in name or "norm" in name or "embed" in name \
+        or name.endswith((".cls", ".pos"))
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list:
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        vision = name.startswith("vision.") and cfg.vision_lr > 0
+        nd = no_decay(name, p)
+        key = (vision, nd)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if nd else cfg.weight_decay,
+                           "lr": cfg.vision_lr if vision else cfg.lr, "names": []}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    out = []
+    for g in groups.values():
+        g["initial_lr"] = g["lr"]
+        g.pop("names")
+        out.append(g)
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    kw = dict(betas=tuple(cfg.betas), eps=cfg.eps)
+    if device.type == "cuda":
+        kw["fused"] = True       # one kernel for the whole update (apex's FusedAdam role)
+    else:
+        kw["foreach"] = True
+    return torch.optim.AdamW(param_groups(model, cfg), **kw)
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warmup over `warmup` of the steps, then linear decay to 0."""
+    w = max(1, int(round(total * warmup))) if warmup > 0 else 0
+    if step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - w))
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * factor
