@@ -56,12 +56,11 @@ def test_decoder_is_causal():
     m = VALOR(cfg).eval()
     b = _batch(cfg, B=1, L=8)
     mem, nv = m.memory(m.encode_video(b["video"]), m.encode_audio(b["audio"]))
-    kv = m.memory_kv(mem)
     ids = b["text_ids"]
-    h1 = m.decode(ids, None, kv, None)
+    h1 = m.decode(ids, None, mem, None)
     ids2 = ids.clone()
     ids2[0, 5:] = 2000
-    h2 = m.decode(ids2, None, kv, None)
+    h2 = m.decode(ids2, None, mem, None)
     torch.testing.assert_close(h1[:, :5], h2[:, :5])           # the future does not leak back
     assert not torch.allclose(h1[:, 5:], h2[:, 5:])
 

@@ -153,6 +153,38 @@ class TrainConfig:
     """auto | cpu | cuda."""
     threads: int = 0
     """torch CPU threads (0 = all cores)."""
+    grad_accum: int = 1
+    """Micro-batches a step; per-rank micro-batch = batch_size / (world * grad_accum)."""
+    parallel: str = "fsdp"
+    """Multi-process data parallelism: fsdp (FSDP2 fully_shard per block + root) or ddp."""
+    hsdp_replicas: int = 0
+    """>1: HSDP over a 2-D mesh (replicate across this many groups, shard within each)."""
+    activation_checkpointing: str = "none"
+    """none | full (every transformer block) | selective (every other block)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    ckpt_every: int = 0
+    """Write a sharded training checkpoint every N steps (0 = only at the end)."""
+    keep_ckpts: int = 3
+    """Newest complete training checkpoints kept."""
+    async_ckpt: bool = False
+    """Write checkpoints asynchronously (torch.distributed.checkpoint.async_save)."""
+    resume: str = ""
+    """'' = fresh run; auto = newest complete checkpoint of the run folder; or a checkpoint path."""
+    nan_policy: str = "stop"
+    """On a non-finite loss or gradient norm: stop (keep the last good checkpoint) or skip the step."""
+    max_skips: int = 10
+    """With nan_policy=skip: stop after this many skipped steps."""
+    profile: bool = False
+    """Record a torch.profiler schedule (traces for TensorBoard / Perfetto) in the run folder."""
+    profile_steps: int = 6
+    """Active steps the profiler records (after 1 wait + 2 warmup steps)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars if tensorboard is installed."""
+    deterministic: bool = False
+    """Deterministic algorithms (tests, debugging)."""
+    fail_at_step: int = -1
+    """Testing aid: raise a NaN loss at this step (-1 = never)."""
 
 
 @dataclass

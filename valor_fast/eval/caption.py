@@ -24,8 +24,8 @@ def _expand(t: torch.Tensor, k: int) -> torch.Tensor:
 class _Stepper:
     """Next-token log-probabilities for a batch of prefixes, cached or not."""
 
-    def __init__(self, model: VALOR, memory_kv, memory_mask, use_cache: bool):
-        self.model, self.kv, self.mmask, self.use_cache = model, memory_kv, memory_mask, use_cache
+    def __init__(self, model: VALOR, memory, memory_mask, use_cache: bool):
+        self.model, self.memory, self.mmask, self.use_cache = model, memory, memory_mask, use_cache
         self.caches = [dict() for _ in model.text.layers] if use_cache else None
         self.prefix: Optional[torch.Tensor] = None  # (N, t) committed tokens
 
@@ -34,18 +34,20 @@ class _Stepper:
         if self.caches is not None:
             for c in self.caches:
                 c["k"], c["v"] = c["k"][idx], c["v"][idx]
+                # beams of one clip share its memory, so the memory K/V need no reordering
 
     def start(self, n: int, device) -> torch.Tensor:
         self.prefix = torch.full((n, 1), CLS_ID, dtype=torch.long, device=device)
         if self.use_cache:
-            self.model.decode(self.prefix, None, self.kv, self.mmask, caches=self.caches, offset=0)
+            # first pass: projects the memory K/V into the caches once per clip
+            self.model.decode(self.prefix, None, self.memory, self.mmask, caches=self.caches, offset=0)
         return self._peek()
 
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.prefix.shape[1]
         self.prefix = torch.cat([self.prefix, tokens[:, None]], 1)
         if self.use_cache:
-            self.model.decode(tokens[:, None], None, self.kv, self.mmask, caches=self.caches, offset=t)
+            self.model.decode(tokens[:, None], None, None, self.mmask, caches=self.caches, offset=t)
         return self._peek()
 
     def _peek(self) -> torch.Tensor:
@@ -54,11 +56,11 @@ class _Stepper:
         if self.use_cache:
             for c in self.caches:
                 c["peek"] = True
-            h = self.model.decode(mask_tok, None, self.kv, self.mmask, caches=self.caches, offset=t)
+            h = self.model.decode(mask_tok, None, None, self.mmask, caches=self.caches, offset=t)
             for c in self.caches:
                 c["peek"] = False
         else:
-            h = self.model.decode(torch.cat([self.prefix, mask_tok], 1), None, self.kv, self.mmask)
+            h = self.model.decode(torch.cat([self.prefix, mask_tok], 1), None, self.memory, self.mmask)
         return torch.log_softmax(self.model.lm_logits(h[:, -1]).float(), dim=-1)  # (N, V)
 
 
@@ -74,9 +76,9 @@ def beam_search(model: VALOR, memory: torch.Tensor, memory_mask: Optional[torch.
     if beam < 1 or max_len < 1:
         raise ValueError(f"beam ({beam}) and max_len ({max_len}) must be >= 1")
     B, dev = memory.shape[0], memory.device
-    kv = [tuple(_expand(t, beam) for t in layer) for layer in model.memory_kv(memory)]
+    mem = _expand(memory, beam)                                      # (B*K, Lm, C)
     mmask = None if memory_mask is None else _expand(memory_mask, beam)
-    st = _Stepper(model, kv, mmask, use_cache)
+    st = _Stepper(model, mem, mmask, use_cache)
     logp = st.start(B * beam, dev)                                   # (B*K, V)
     V = logp.shape[-1]
     scores = torch.zeros(B, beam, device=dev)

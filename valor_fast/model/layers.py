@@ -115,13 +115,24 @@ class BertLayer(nn.Module):
         self.fc2 = nn.Linear(ffn, dim)
         self.ln_ffn = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x, key_padding_mask=None, causal=False, memory_kv=None, memory_mask=None,
-                cache: Optional[dict] = None):
+    def forward(self, x, key_padding_mask=None, causal=False, memory=None, memory_mask=None,
+                memory_repeat: int = 1, cache: Optional[dict] = None):
+        """x (N, L, C).  memory (B, Lm, C) with N = memory_repeat * B: its cross-attention K/V are
+        projected once and tiled over the `memory_repeat` stacked groups (the three MGC groups
+        share one pass); with a `cache` they are projected at the first step only."""
         x = self.ln_attn(x + self.attn(x, key_padding_mask=key_padding_mask, causal=causal, cache=cache))
-        if memory_kv is not None:
+        if memory is not None or (cache is not None and "mk" in cache):
             if self.cross is None:
                 raise RuntimeError("this BertLayer was built without cross-attention")
-            x = self.ln_cross(x + self.cross(x, kv_heads=memory_kv, key_padding_mask=memory_mask))
+            if cache is not None and "mk" in cache:
+                kv = cache["mk"], cache["mv"]
+            else:
+                kv = self.cross.project_kv(memory)                     # 2 x (B, H, Lm, Dh)
+                if memory_repeat > 1:
+                    kv = tuple(t.repeat(memory_repeat, 1, 1, 1) for t in kv)  # (G*B, H, Lm, Dh)
+                if cache is not None:
+                    cache["mk"], cache["mv"] = kv
+            x = self.ln_cross(x + self.cross(x, kv_heads=kv, key_padding_mask=memory_mask))
         return self.ln_ffn(x + self.fc2(F.gelu(self.fc1(x))))
 
 

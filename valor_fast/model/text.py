@@ -61,16 +61,13 @@ class BertText(nn.Module):
             x = layer(x, key_padding_mask=mask)
         return x
 
-    def memory_kv(self, memory: torch.Tensor) -> List:
-        """Per-layer cross-attention K/V of the video/audio memory (B, Lm, dim): computed once per
-        clip and reused by every caption group and every decoding step."""
-        return [layer.cross.project_kv(memory) for layer in self.layers]
-
-    def decode(self, ids: torch.Tensor, mask: Optional[torch.Tensor], memory_kv: List,
-               memory_mask: Optional[torch.Tensor], caches: Optional[List[dict]] = None,
-               offset: int = 0) -> torch.Tensor:
-        """Causal pass: ids (B, L) -> hidden (B, L, dim).  `caches` (one dict per layer) turns
-        on incremental decoding: ids then hold only the new positions starting at `offset`."""
+    def decode(self, ids: torch.Tensor, mask: Optional[torch.Tensor], memory: Optional[torch.Tensor],
+               memory_mask: Optional[torch.Tensor], memory_repeat: int = 1,
+               caches: Optional[List[dict]] = None, offset: int = 0) -> torch.Tensor:
+        """Causal pass: ids (N, L) -> hidden (N, L, dim), cross-attending to memory (B, Lm, dim)
+        with N = memory_repeat * B.  `caches` (one dict per layer) turns on incremental decoding:
+        after the first call, ids hold one new token at position `offset` and memory may be None
+        (its K/V are cached)."""
         x = self.embeddings(ids, offset=offset)
         # the first (prompt) pass is causal; later cached passes feed one new token that may see
         # every cached key, so no mask is needed then
@@ -79,8 +76,8 @@ class BertText(nn.Module):
             raise ValueError(f"cached decoding takes one new token a step, got {ids.shape[1]}")
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
-            x = layer(x, key_padding_mask=mask, causal=not incremental, memory_kv=memory_kv[i],
-                      memory_mask=memory_mask, cache=cache)
+            x = layer(x, key_padding_mask=mask, causal=not incremental, memory=memory,
+                      memory_mask=memory_mask, memory_repeat=memory_repeat, cache=cache)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -118,11 +118,9 @@ class VALOR(nn.Module):
         a = self.audio_to_text(audio_tokens) + self.clip_embed.weight[:S, None] + self.type_embed.weight[1]
         return torch.cat([v.reshape(B, n * Lv, -1), a.reshape(B, S * La, -1)], dim=1), n * Lv
 
-    def memory_kv(self, memory: torch.Tensor) -> List:
-        return self.text.memory_kv(memory)
-
-    def decode(self, ids, mask, memory_kv, memory_mask, caches=None, offset=0) -> torch.Tensor:
-        return self.text.decode(ids, mask, memory_kv, memory_mask, caches=caches, offset=offset)
+    def decode(self, ids, mask, memory, memory_mask, memory_repeat: int = 1, caches=None, offset=0) -> torch.Tensor:
+        return self.text.decode(ids, mask, memory, memory_mask, memory_repeat=memory_repeat, caches=caches,
+                                offset=offset)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text.logits(hidden)

@@ -16,11 +16,14 @@ FIRST_WORD_ID = 999  # ids below are [unused]/special tokens in bert-base-uncase
 
 
 def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, prob: float = 0.6, vocab: int = 30522,
-                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                generator: Optional[torch.Generator] = None,
+                draws: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Select `prob` of the non-pad tokens (never position 0), at least one a sequence; of the
     selected 80% -> [MASK], 10% -> a random word id, 10% unchanged.
 
     Returns (input ids, selected (B, L) bool).  Labels are the original ids at selected positions.
+    `draws` (B, >=L, 3) uniforms, if given, replace the generator: the trainer draws them per
+    sample of the global batch, so masking does not depend on how the batch is split over ranks.
     """
     if ids.shape != mask.shape:
         raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} differ")
@@ -29,15 +32,21 @@ def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, prob: float = 0.6, vocab:
     eligible[:, 0] = False
     if not bool(eligible.any(1).all()):
         raise ValueError("every caption needs at least one token after [CLS] to mask")
-    r = torch.rand(ids.shape, generator=generator, device="cpu").to(dev)
+    if draws is not None:
+        if draws.shape[0] != ids.shape[0] or draws.shape[1] < ids.shape[1] or draws.shape[2] != 3:
+            raise ValueError(f"draws must be (B, >=L, 3) for ids {tuple(ids.shape)}, got {tuple(draws.shape)}")
+        d = draws[:, :ids.shape[1]].to(dev)
+    else:
+        d = torch.rand(*ids.shape, 3, generator=generator, device="cpu").to(dev)
+    r = d[..., 0]
     sel = (r < prob) & eligible
     # guarantee one selected token per row: pick the eligible position with the smallest draw
     none = ~sel.any(1)
     if bool(none.any()):
         first = r.masked_fill(~eligible, 2.0).argmin(1)
         sel[none, first[none]] = True
-    u = torch.rand(ids.shape, generator=generator, device="cpu").to(dev)
-    rnd = torch.randint(FIRST_WORD_ID, vocab, ids.shape, generator=generator, device="cpu").to(dev)
+    u = d[..., 1]
+    rnd = (FIRST_WORD_ID + (d[..., 2] * (vocab - FIRST_WORD_ID)).long()).clamp_(max=vocab - 1)
     out = ids.clone()
     out = torch.where(sel & (u < 0.8), torch.full_like(ids, MASK_ID), out)
     out = torch.where(sel & (u >= 0.8) & (u < 0.9), rnd, out)
@@ -58,18 +67,16 @@ def group_memory_masks(groups, B: int, n_video: int, n_audio: int, has_audio: Op
 
 def mgc_loss(model: VALOR, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, n_video: int,
              groups: Iterable[str], prob: float = 0.6, has_audio: Optional[torch.Tensor] = None,
-             label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+             label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None,
+             draws: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     groups = parse_groups(groups)
     B, L = ids.shape
     G = len(groups)
-    if has_audio is not None and not bool(has_audio.all()) and "ta" in groups:
-        # silent clips have no T-A caption target: drop that group's rows from the loss below
-        pass
-    inp, sel = mask_tokens(ids, mask, prob, model.cfg.vocab_size, generator)
-    kv = model.memory_kv(memory)  # per layer 2 x (B, H, Lm, Dh), computed once for all groups
-    kv = [tuple(t.repeat(G, 1, 1, 1) for t in layer) for layer in kv]          # (G*B, H, Lm, Dh)
+    inp, sel = mask_tokens(ids, mask, prob, model.cfg.vocab_size, generator, draws)
+    # groups stacked along the batch: (G*B, L); the memory's K/V are projected once per layer
+    # and tiled over the groups, each group seeing its own keys through `mmask`
     mmask = group_memory_masks(groups, B, n_video, memory.shape[1] - n_video, has_audio, ids.device)
-    hid = model.decode(inp.repeat(G, 1), mask.repeat(G, 1), kv, mmask)       # (G*B, L, C)
+    hid = model.decode(inp.repeat(G, 1), mask.repeat(G, 1), memory, mmask, memory_repeat=G)  # (G*B, L, C)
     sel_g = sel.repeat(G, 1)
     if has_audio is not None and not bool(has_audio.all()):
         for gi, g in enumerate(groups):
@@ -80,9 +87,19 @@ def mgc_loss(model: VALOR, ids: torch.Tensor, mask: torch.Tensor, memory: torch.
     logits = model.lm_logits(h).float()                                     # (N_sel, V)
     nll = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
     row_group = torch.arange(G, device=ids.device).repeat_interleave(B)[:, None].expand(G * B, L)[sel_g]
-    out = {}
-    for gi, g in enumerate(groups):
-        m = row_group == gi
-        if bool(m.any()):
-            out[g] = nll[m].mean()
-    return out
+    # per-group mean over the selected tokens.  Under data parallelism the token counts are
+    # summed over ranks, so that gradient averaging gives exactly the gradient of the global
+    # batch's mean (rank loss = local sum * world / global count)
+    sums = torch.zeros(G, device=ids.device, dtype=nll.dtype).index_add(0, row_group, nll)
+    counts = torch.bincount(row_group, minlength=G).to(nll.dtype)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        c = counts.detach().clone()
+        dist.all_reduce(c)
+        means = sums * world / c.clamp(min=1)
+        present = c > 0
+    else:
+        means = sums / counts.clamp(min=1)
+        present = counts > 0
+    return {g: means[gi] for gi, g in enumerate(groups) if bool(present[gi])}

@@ -32,8 +32,22 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     if cfg.mgc_weight:
         memory, n_video = model.memory(vt, at)
         mgc = mgc_loss(model, ids, mask, memory, n_video, cfg.groups, cfg.mask_prob, has_audio,
-                       cfg.label_smoothing, generator)
+                       cfg.label_smoothing, generator, batch.get("mask_rand"))
         losses.update({f"mgc/{k}": x for k, x in mgc.items()})
         total = total + cfg.mgc_weight * torch.stack(list(mgc.values())).mean()
     losses["loss"] = total
     return losses
+
+
+class PretrainTask(torch.nn.Module):
+    """The pretraining objective as a module, so one `forward` covers every parameter access:
+    FSDP2 unshards root-level weights (heads, embeddings) in the root's forward only, and DDP
+    syncs gradients of what ran inside forward."""
+
+    def __init__(self, model: VALOR, cfg: LossConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        return pretrain_step_losses(self.model, batch, self.cfg, generator)

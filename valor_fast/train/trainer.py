@@ -1,11 +1,15 @@
-"""Single-process pretraining loop (FSDP2 / torchrun arrive with the training-at-scale issue).
+"""The pretraining loop: one process, several CPU processes (gloo) or GPUs (NCCL) under torchrun.
 
-AdamW (0.9, 0.98), warmup + linear decay, grad clipping, bf16 autocast on CUDA, a progress bar
-with loss and samples/s, periodic validation, final test metrics, an atomic checkpoint at the
-end (and on Ctrl-C / SIGTERM / a crash, so nothing is lost)."""
+Order of construction: distributed init -> model (same seed on every rank) -> parallelize
+(activation checkpointing, compile, FSDP2/DDP) -> optimiser -> resume -> loop.  Every random
+draw of a step (data order, per-sample augmentation, MGC masking) is a function of
+(seed, step), so resuming replays the exact uninterrupted run and the loss trajectory does not
+depend on the number of ranks.
+"""
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import random
@@ -17,14 +21,26 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from ..config import Config, dump, to_dict
-from ..model.valor import VALOR, build_model, count_parameters
-from ..tasks.pretrain import move_batch, pretrain_step_losses
-from ..utils.log import get_logger
-from .checkpoint import save_model, write_json
+from ..config import Config, dump
+from ..model.valor import build_model, count_parameters
+from ..tasks.pretrain import PretrainTask, move_batch
+from ..utils.flops import device_peak_tflops, training_flops_per_sample
+from ..utils.log import get_logger, log_once
+from .checkpoint import CheckpointManager, save_model, set_rng_state, write_json
+from .dist import DistInfo, all_reduce_, barrier, broadcast_object, init_distributed, shutdown
 from .optim import build_optimizer, lr_factor, set_lr
+from .parallelize import parallelize
+from .sampler import GlobalBatchSampler, step_generator
 
 log = get_logger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class Preempted(RuntimeError):
+    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,14 +51,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_ctx(precision: str, device: torch.device):
+def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {precision!r}")
+    return precision
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext, precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return (lambda: torch.autocast(device.type, dtype=dtype)), precision
 
 
@@ -52,9 +73,21 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def find_run_dir(cfg: Config) -> str:
+    """The run folder: out_dir/run_name, or with resume=auto and no name the newest run folder
+    holding checkpoints, else a new timestamped one."""
+    if cfg.train.run_name:
+        return os.path.abspath(os.path.join(cfg.train.out_dir, cfg.train.run_name))
+    if cfg.train.resume == "auto":
+        cands = sorted(glob.glob(os.path.join(cfg.train.out_dir, "*", "checkpoints", "step_*")), key=os.path.getmtime)
+        cands = [c for c in cands if not c.endswith(".tmp")]
+        if cands:
+            return os.path.abspath(os.path.dirname(os.path.dirname(cands[-1])))
+    return os.path.abspath(os.path.join(cfg.train.out_dir, time.strftime("pretrain-%Y%m%d-%H%M%S")))
+
+
 def make_run_dir(cfg: Config) -> str:
-    name = cfg.train.run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
-    path = os.path.abspath(os.path.join(cfg.train.out_dir, name))
+    path = find_run_dir(cfg)
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -72,115 +105,365 @@ def prepare_data(cfg: Config) -> None:
     generate(cfg.data.root, seed=cfg.data.synth_seed, clips_per_combo=cfg.data.synth_clips_per_combo)
 
 
-class _Stop(Exception):
-    pass
+def _memory_str(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    try:
+        import resource
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB rss"
+    except Exception:
+        return "n/a"
+
+
+class _TB:
+    """TensorBoard scalars when tensorboard is installed (logged once when it is not)."""
+
+    def __init__(self, path: Optional[str]):
+        self.w = None
+        if path:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.w = SummaryWriter(path)
+            except Exception as e:
+                log_once("tb", f"TensorBoard scalars off ({e}); install: pip install tensorboard")
+
+    def add(self, scalars: dict, step: int):
+        if self.w:
+            for k, v in scalars.items():
+                self.w.add_scalar(k, v, step)
+
+    def close(self):
+        if self.w:
+            self.w.close()
+
+
+def _app_state(task, opt):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(task, opt)
+    return {"model": msd, "optim": osd}
+
+
+def _load_app_state(task, opt, state):
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    set_state_dict(task, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_model_state(task, info: DistInfo) -> Dict[str, torch.Tensor]:
+    """Unsharded model weights (rank 0 gets them all) for the safetensors export."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(task, options=opts)
+    return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+
+
+def build_train_loader(cfg: Config, info: DistInfo, start_batch: int):
+    from ..data import VideoAudioTextDataset, collate
+    ds = VideoAudioTextDataset(cfg.data, "train", cfg.model.image_size, train=True)
+    sampler = GlobalBatchSampler(len(ds), cfg.train.batch_size // cfg.train.grad_accum, info.rank, info.world,
+                                 cfg.train.seed, start_batch=start_batch)
+    seeded = _SeededDataset(ds, sampler, cfg.train.seed)
+    loader = torch.utils.data.DataLoader(seeded, batch_sampler=_KeyedBatches(sampler), collate_fn=collate,
+                                         num_workers=cfg.data.num_workers,
+                                         persistent_workers=cfg.data.num_workers > 0)
+    return ds, loader
+
+
+class _KeyedBatches(torch.utils.data.Sampler):
+    """Tags every index with its global batch number, so per-sample randomness can be seeded by
+    (seed, batch, index) whatever the worker or rank that loads it."""
+
+    def __init__(self, sampler: GlobalBatchSampler):
+        self.s = sampler
+
+    def __iter__(self):
+        k = self.s.start_batch
+        for idx in self.s:
+            yield [(i, k) for i in idx]
+            k += 1
+
+    def __len__(self):
+        return len(self.s)
+
+
+class _SeededDataset(torch.utils.data.Dataset):
+    def __init__(self, ds, sampler, seed: int):
+        self.ds, self.seed = ds, seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, k = key
+        g = torch.Generator().manual_seed((self.seed * 7919 + k) * 1_000_003 + i)
+        return self.ds.get(i, g) if hasattr(self.ds, "get") else self.ds[i]
 
 
 def train(cfg: Config, run_dir: Optional[str] = None) -> Dict[str, float]:
-    from ..data import build_loader
     from ..eval.evaluate import evaluate, format_table
+    tc = cfg.train
+    info = init_distributed(tc.device, tc.hsdp_replicas)
+    try:
+        return _train(cfg, info, run_dir)
+    finally:
+        shutdown()
 
-    run_dir = run_dir or make_run_dir(cfg)
-    dump(cfg, os.path.join(run_dir, "config.yaml"))
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_all(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    amp, precision = autocast_ctx(cfg.train.precision, device)
-    prepare_data(cfg)
 
-    model = build_model(cfg.model).to(device)
+def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, float]:
+    from ..eval.evaluate import evaluate, format_table
+    tc = cfg.train
+    if tc.batch_size % (info.world * tc.grad_accum):
+        raise ValueError(f"train.batch_size={tc.batch_size} must divide by world ({info.world}) x "
+                         f"grad_accum ({tc.grad_accum})")
+    run_dir = broadcast_object(run_dir or (make_run_dir(cfg) if info.is_main else None))
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        dump(cfg, os.path.join(run_dir, "config.yaml"))
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_all(tc.seed)   # identical initial weights on every rank, before sharding
+    device = info.device
+    amp, precision = autocast_ctx(tc.precision, device)
+    if info.is_main:
+        prepare_data(cfg)
+    barrier()
+
+    model = build_model(cfg.model)
     counts = count_parameters(model)
-    log.info("model %s: %.2fM parameters on %s, precision %s", cfg.model.size, counts["total"] / 1e6,
-             device, precision)
-    opt = build_optimizer(model, cfg.train, device)
-    size = cfg.model.image_size
-    train_loader = build_loader(cfg.data, "train", size, cfg.train.batch_size, True, cfg.train.seed)
-    val_loader = (build_loader(cfg.data, "val", size, cfg.eval.batch_size, False, cfg.train.seed)
-                  if cfg.train.eval_every else None)
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)   # masking draws
+    model.to(device)
+    task = PretrainTask(model, cfg.loss)
+    task = parallelize(task, model, info, tc.parallel, tc.activation_checkpointing, tc.compile, precision)
+    opt = build_optimizer(task, tc, device)
+    ckpts = CheckpointManager(os.path.join(run_dir, "checkpoints"), tc.keep_ckpts, info.rank, info.world,
+                              tc.async_ckpt)
+
+    start = 0
+    if tc.resume:
+        if tc.resume == "auto":
+            res = ckpts.load_latest(lambda: _app_state(task, opt))
+        else:
+            st = _app_state(task, opt)
+            extra = ckpts.load(tc.resume, st)
+            res = (extra["meta"]["step"], st, extra)
+        if res is None:
+            log.info("resume=auto: no complete checkpoint in %s, starting fresh", ckpts.root)
+        else:
+            start, st, extra = res
+            _load_app_state(task, opt, st)
+            set_rng_state(extra["rng"])
+            if info.is_main:
+                print(f"resumed at step {start} from {ckpts.root}", flush=True)
+
+    ds, loader = build_train_loader(cfg, info, start_batch=start * tc.grad_accum)
+    micro = tc.batch_size // (info.world * tc.grad_accum)
+    steps = tc.steps
+    frames = cfg.data.frames_train
+    flops_sample = training_flops_per_sample(cfg.model, frames, cfg.data.max_text_len, cfg.data.audio_slices)
+    peak = device_peak_tflops(device)
+    tb = _TB(os.path.join(run_dir, "tb") if tc.tensorboard and info.is_main else None)
+    if info.is_main:
+        log.info("model %s: %.2fM parameters; %d rank(s) on %s, %s; global batch %d = %d ranks x %d micro x %d accum",
+                 cfg.model.size, counts["total"] / 1e6, info.world, device, precision, tc.batch_size,
+                 info.world, micro, tc.grad_accum)
 
     stop = {"sig": None}
 
     def _on_signal(signum, frame):
         stop["sig"] = signum
 
-    old = signal.signal(signal.SIGTERM, _on_signal)
-    steps, bs = cfg.train.steps, cfg.train.batch_size
+    old_handler = signal.signal(signal.SIGTERM, _on_signal) if info.is_main or True else None
+    prof = None
+    if tc.profile:
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        prof = profile(activities=acts, schedule=schedule(wait=1, warmup=2, active=tc.profile_steps, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(os.path.join(run_dir, "profile"),
+                                                                worker_name=f"rank{info.rank}"),
+                       record_shapes=True, profile_memory=True)
+        prof.start()
+        if device.type == "cuda":
+            torch.cuda.memory._record_memory_history(max_entries=100000)
+
     history = []
-    step = 0
+    pending = []
+
+    def flush(keys):
+        if pending:
+            vals = torch.stack([p[1] for p in pending]).cpu().tolist()
+            for (s_, _), v in zip(pending, vals):
+                history.append(dict(zip(keys, v), step=s_))
+            pending.clear()
+
+    step = start
+    skipped = 0
+    bad = torch.zeros((), device=device)         # device-side non-finite flag: no host sync a step
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    last_good_ckpt = ckpts.complete()[0][1] if ckpts.complete() else None
     t_start = time.time()
-    ckpt = os.path.join(run_dir, "model.safetensors")
+    t_log, n_log = time.time(), 0
+    it = iter(loader)
+    ckpt_path = os.path.join(run_dir, "model.safetensors")
+
+    def save_ckpt(s):
+        nonlocal last_good_ckpt
+        last_good_ckpt = ckpts.save(s, _app_state(task, opt), {"step": s})
+
+    def check_finite():
+        flag = all_reduce_(bad.clone())
+        if float(flag) > 0:
+            fb = int(all_reduce_(first_bad.clone().clamp(min=0), op=torch.distributed.ReduceOp.MAX)
+                     if torch.distributed.is_initialized() else first_bad)
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at step {fb}; stopping (train.nan_policy=stop). "
+                f"The last good checkpoint is {last_good_ckpt or '(none written yet)'}; resume from it with "
+                f"--train.resume auto, perhaps with a lower --train.lr or --train.nan_policy skip")
+
     try:
         from tqdm import tqdm
-        bar = tqdm(total=steps, desc="pretrain", unit="step", dynamic_ncols=True,
-                   disable=None if sys.stderr.isatty() else False, mininterval=2.0)
-        it = iter(train_loader)
-        model.train()
-        t_log, n_log = time.time(), 0
+        bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+                   disable=not info.is_main, mininterval=2.0)
+        task.train()
         while step < steps:
             if stop["sig"] is not None:
-                raise _Stop(f"signal {stop['sig']}")
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(train_loader)
-                batch = next(it)
-            batch = move_batch(batch, device)
-            set_lr(opt, lr_factor(step, steps, cfg.train.warmup))
-            with amp():
-                losses = pretrain_step_losses(model, batch, cfg.loss, gen)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}: "
-                                         + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+                raise Preempted(f"signal {stop['sig']}")
+            set_lr(opt, lr_factor(step, steps, tc.warmup))
+            logs = {}
+            for mi in range(tc.grad_accum):
+                batch = move_batch(next(it), device)
+                # masking draws of the whole global micro-batch, this rank's rows
+                g = step_generator(tc.seed, step, mi)
+                draws = torch.rand(micro * info.world, cfg.data.max_text_len + 2, 3, generator=g)
+                batch["mask_rand"] = draws[info.rank * micro:(info.rank + 1) * micro]
+                sync = mi == tc.grad_accum - 1
+                if hasattr(task, "set_requires_gradient_sync"):
+                    task.set_requires_gradient_sync(sync)
+                with amp():
+                    losses = task(batch)
+                loss = losses["loss"]
+                if tc.fail_at_step == step:
+                    loss = loss * float("nan")
+                (loss / tc.grad_accum).backward()
+                for k, v in losses.items():
+                    logs[k] = logs.get(k, 0.0) + v.detach() / tc.grad_accum
+            gn = torch.nn.utils.clip_grad_norm_(task.parameters(), tc.grad_clip or float("inf"))
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            nonfinite = (~torch.isfinite(logs["loss"])) | (~torch.isfinite(gn))
+            if tc.nan_policy == "skip":
+                # opt-in policy: one host sync a step to decide
+                if bool(all_reduce_(nonfinite.float()) > 0):
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    log.warning("step %d: non-finite loss/grad, skipped (%d/%d)", step, skipped, tc.max_skips)
+                    if skipped > tc.max_skips:
+                        raise NonFiniteError(f"{skipped} steps skipped for non-finite values (max {tc.max_skips})")
+                    step += 1
+                    bar.update(1)
+                    continue
+            elif tc.nan_policy == "stop":
+                first_bad = torch.where((first_bad < 0) & nonfinite, torch.full_like(first_bad, step), first_bad)
+                bad = torch.maximum(bad, nonfinite.float())
+            else:
+                raise ValueError(f"train.nan_policy must be stop or skip, got {tc.nan_policy!r}")
             opt.step()
+            opt.zero_grad(set_to_none=True)
             step += 1
-            n_log += batch["text_ids"].shape[0]
-            rec = {k: float(v.detach()) for k, v in losses.items()}
-            rec["grad_norm"] = float(gn)
-            rec["temperature"] = float(model.temperature.detach())
-            history.append(rec)
-            if step % max(1, cfg.train.log_every) == 0 or step == steps:
+            n_log += tc.batch_size
+            if prof is not None:
+                prof.step()
+            rec_due = step % max(1, tc.log_every) == 0 or step == steps
+            ckpt_due = tc.ckpt_every and step % tc.ckpt_every == 0
+            if rec_due or ckpt_due or tc.nan_policy == "skip":
+                check_finite()   # a bad step is never logged as good nor checkpointed
+            # per-step records stay on the device and reach the host in one transfer a log interval
+            keys = list(logs.keys()) + ["grad_norm"]
+            pending.append((step, torch.stack([v.float() for v in logs.values()] + [gn.float()])))
+            if rec_due or ckpt_due:
+                flush(keys)
+                rec = history[-1]
+            if rec_due:
                 dt = time.time() - t_log
                 sps = n_log / max(dt, 1e-9)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{sps:.1f}")
-                log.info("step %d/%d loss %.4f (%s) grad %.2f lr %.2e temp %.4f  %.1f samples/s",
-                         step, steps, rec["loss"],
-                         " ".join(f"{k}={v:.3f}" for k, v in rec.items() if "/" in k), rec["grad_norm"],
-                         opt.param_groups[0]["lr"], rec["temperature"], sps)
+                tflops = sps * flops_sample / 1e12
+                mfu = f"{100 * tflops / (peak * info.world):.1f}%" if peak else "n/a (no GPU peak)"
+                scal = {k: v for k, v in rec.items() if k != "step"}
+                scal.update({"lr": opt.param_groups[0]["lr"], "samples_per_s": sps,
+                             "tokens_per_s": sps * cfg.data.max_text_len})
+                if info.is_main:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{sps:.1f}")
+                    log.info("step %d/%d loss %.4f (%s) grad %.2f lr %.2e | %.1f samples/s %.0f tok/s "
+                             "%.2f TFLOP/s MFU %s | mem %s", step, steps, rec["loss"],
+                             " ".join(f"{k}={v:.3f}" for k, v in rec.items() if "/" in k), rec["grad_norm"],
+                             scal["lr"], sps, scal["tokens_per_s"], tflops, mfu, _memory_str(device))
+                    tb.add(scal, step)
                 t_log, n_log = time.time(), 0
-            bar.update(1)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
-                m = evaluate(model, val_loader, cfg, device, captions=False, autocast=amp)
-                log.info("val @%d: t2av R@1 %.3f  t2v %.3f  t2a %.3f", step, m["retrieval/t2av/R@1"],
-                         m["retrieval/t2v/R@1"], m["retrieval/t2a/R@1"])
+            if ckpt_due and step < steps:
+                save_ckpt(step)
+            if info.is_main:
+                bar.update(1)
         bar.close()
-    except (KeyboardInterrupt, _Stop, Exception) as e:
-        # keep what was learnt: write the weights before reporting the failure
-        save_model(model, ckpt, {"step": step, "interrupted": type(e).__name__})
-        write_json(os.path.join(run_dir, "history.json"), history)
-        log.error("training stopped at step %d (%s: %s); weights saved to %s", step, type(e).__name__, e, ckpt)
+        check_finite()
+    except NonFiniteError as e:
+        # weights after a bad step are not worth keeping: nothing is saved over the last good one
+        pending.clear()
+        ckpts.wait()
+        if info.is_main:
+            write_json(os.path.join(run_dir, "history.json"), history)
+            print(f"\nSTOPPED: {e}", file=sys.stderr, flush=True)
+        raise
+    except (KeyboardInterrupt, Preempted) as e:
+        # preemption / Ctrl-C: write a resumable checkpoint of the step reached, then exit
+        if pending:
+            flush(list(logs.keys()) + ["grad_norm"])
+        save_ckpt(step)
+        ckpts.wait()
+        if info.is_main:
+            write_json(os.path.join(run_dir, "history.json"), history)
+            print(f"\ninterrupted at step {step} ({e}); checkpoint {last_good_ckpt}; "
+                  f"resume with --train.resume auto --train.run_name {os.path.basename(run_dir)}",
+                  file=sys.stderr, flush=True)
+        raise
+    except torch.cuda.OutOfMemoryError:
+        if device.type == "cuda" and info.is_main:
+            snap = os.path.join(run_dir, f"oom_snapshot_rank{info.rank}.pickle")
+            torch.cuda.memory._dump_snapshot(snap)
+            log.error("CUDA out of memory: memory snapshot written to %s (view at pytorch.org/memory_viz)", snap)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if prof is not None:
+            prof.stop()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     train_s = time.time() - t_start
-    save_model(model, ckpt, {"step": step, "size": cfg.model.size})
-    write_json(os.path.join(run_dir, "history.json"), history)
+    flush(keys)
+    save_ckpt(step)
+    ckpts.wait()
+    sd = full_model_state(task, info)
+    if info.is_main:
+        from safetensors.torch import save_file
+        tmp = ckpt_path + ".tmp"
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"step": str(step), "size": cfg.model.size})
+        os.replace(tmp, ckpt_path)
+        write_json(os.path.join(run_dir, "history.json"), history)
 
-    log.info("evaluating on the held-out test split")
-    test_loader = build_loader(cfg.data, "test", size, cfg.eval.batch_size, False, cfg.train.seed)
-    metrics = evaluate(model, test_loader, cfg, device, captions=True, autocast=amp)
+    # final evaluation on the held-out test split (every rank runs it: FSDP gathers collectively)
+    from ..data import build_loader
+    test_loader = build_loader(cfg.data, "test", cfg.model.image_size, cfg.eval.batch_size, False, tc.seed)
+    if hasattr(task, "unshard"):
+        task.unshard()
+    core = task.module.model if hasattr(task, "module") else task.model
+    metrics = evaluate(core, test_loader, cfg, device, captions=True, autocast=amp)
+    if hasattr(task, "reshard"):
+        task.reshard()
     metrics["train/steps"] = float(step)
     metrics["train/seconds"] = train_s
-    metrics["train/samples_per_s"] = step * bs / max(train_s, 1e-9)
+    metrics["train/samples_per_s"] = (step - start) * tc.batch_size / max(train_s, 1e-9)
     metrics["train/final_loss"] = float(np.mean([h["loss"] for h in history[-20:]])) if history else float("nan")
     metrics["train/first_loss"] = history[0]["loss"] if history else float("nan")
-    write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    print("\nTest split (held-out attribute combinations):")
-    print(format_table(metrics))
-    print(f"\nrun folder: {run_dir}")
+    if info.is_main:
+        write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        print("\nTest split (held-out attribute combinations):")
+        print(format_table(metrics))
+        print(f"\nrun folder: {run_dir}", flush=True)
+    tb.close()
     return metrics

@@ -1,0 +1,6 @@
+"""`torchrun --nproc_per_node=N -m valor_fast.train --config configs/tiny.yaml [--a.b v ...]`"""
+import sys
+
+from ..cli import main
+
+sys.exit(main(["pretrain"] + sys.argv[1:]))
