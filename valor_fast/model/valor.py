@@ -88,17 +88,30 @@ class VALOR(nn.Module):
         return self.audio(audio)
 
     # ---------------- contrastive features ----------------
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        # (B, n, L, C) -> (B, n, C): the CLS of each frame / slice, or the mean of its tokens
+        if self.cfg.pool == "cls":
+            return tokens[:, :, 0]
+        if self.cfg.pool == "mean":
+            return tokens.mean(2)
+        raise ValueError(f"model.pool must be cls or mean, got {self.cfg.pool!r}")
+
     def text_features(self, hidden: torch.Tensor, mask: torch.Tensor) -> Features:
         tok = F.normalize(self.text_proj(hidden).float(), dim=-1)   # (B, L, C)
-        return Features(tok, self.text_weight(tok), mask, tok[:, 0])
+        if self.cfg.pool == "mean":
+            m = mask.float()[..., None]
+            pooled = F.normalize((tok * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+        else:
+            pooled = tok[:, 0]
+        return Features(tok, self.text_weight(tok), mask, pooled)
 
     def video_features(self, tokens: torch.Tensor) -> Features:
-        # one feature per frame: the frame's CLS, no temporal pooling
-        f = F.normalize(self.vision_proj(tokens[:, :, 0]).float(), dim=-1)  # (B, n, C)
+        # one feature per frame, no temporal pooling
+        f = F.normalize(self.vision_proj(self._pool(tokens)).float(), dim=-1)  # (B, n, C)
         return Features(f, self.vision_weight(f), None, F.normalize(f.mean(1), dim=-1))
 
     def audio_features(self, tokens: torch.Tensor) -> Features:
-        f = F.normalize(self.audio_proj(tokens[:, :, 0]).float(), dim=-1)   # (B, S, C)
+        f = F.normalize(self.audio_proj(self._pool(tokens)).float(), dim=-1)   # (B, S, C)
         return Features(f, self.audio_weight(f), None, F.normalize(f.mean(1), dim=-1))
 
     def av_pooled(self, v: Features, a: Features) -> torch.Tensor:

@@ -87,4 +87,4 @@ def parallelize(root: nn.Module, model: nn.Module, info, parallel: str, ac: str,
             raise ValueError(f"train.parallel must be fsdp or ddp, got {parallel!r}")
     log.info("parallelize: %d blocks checkpointed, %d compiled, %s over %d ranks", n_ac, n_c,
              parallel if info.distributed else "no sharding", info.world)
-    return model
+    return root
