@@ -18,7 +18,7 @@ def small_synth(tmp_path_factory):
 
 
 def _cfg(root, out, **over):
-    o = {"data.root": root, "model.image_size": "32", "train.steps": "30", "train.batch_size": "16",
+    o = {"data.root": root, "model.image_size": "32", "model.patch_size": "8", "train.steps": "30", "train.batch_size": "16",
          "train.lr": "1e-3", "train.out_dir": out, "train.run_name": "t", "train.log_every": "10",
          "eval.max_len": "8", "eval.beam": "2", "data.synth": "false"}
     o.update(over)

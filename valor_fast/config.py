@@ -188,7 +188,11 @@ class TrainConfig:
     deterministic: bool = False
     """Deterministic algorithms (tests, debugging)."""
     fail_at_step: int = -1
-    """Testing aid: raise a NaN loss at this step (-1 = never)."""
+    """Testing aid: make the loss NaN at this step (-1 = never)."""
+    sleep_per_step: float = 0.0
+    """Testing aid: seconds to sleep after each step (lets a test kill a run mid-way)."""
+    final_eval: bool = True
+    """Evaluate on the test split at the end of training."""
 
 
 @dataclass
@@ -218,7 +222,7 @@ class Config:
 
 # Named model sizes.  tiny is sized for a 2-core CPU; base/large follow the VALOR reference.
 SIZES: dict = {
-    "tiny": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=2, vision_heads=4,
+    "tiny": dict(image_size=64, patch_size=16, vision_width=128, vision_layers=2, vision_heads=4,
                  text_width=128, text_layers=2, text_heads=4, text_ffn=512,
                  audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128, pool="mean"),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,

@@ -71,7 +71,8 @@ class VALOR(nn.Module):
         self.frame_embed = nn.Embedding(cfg.max_frames, tw)
         self.clip_embed = nn.Embedding(cfg.max_frames, tw)
         self.type_embed = nn.Embedding(2, tw)  # 0 = video, 1 = audio
-        self.temperature = nn.Parameter(torch.tensor(float(cfg.temperature)))
+        # shape (1,), not a scalar: FSDP2 shards parameters along dim 0
+        self.temperature = nn.Parameter(torch.tensor([float(cfg.temperature)]))
         init_weights(self)
         with torch.no_grad():  # start the fusion as v + a
             self.av_fusion.weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], dim=1))
@@ -119,7 +120,7 @@ class VALOR(nn.Module):
 
     def temp(self) -> torch.Tensor:
         # clamp keeps logits finite if the learnt temperature drifts towards 0
-        return self.temperature.clamp(min=1e-3, max=1.0)
+        return self.temperature.clamp(min=1e-3, max=1.0).squeeze(0)
 
     # ---------------- decoder ----------------
     def memory(self, video_tokens: torch.Tensor, audio_tokens: torch.Tensor):

@@ -15,6 +15,11 @@ import torch.nn.functional as F
 NEG = float("-inf")
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    # accumulate in fp32 at least; float64 inputs stay float64 (the tests' reference precision)
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _check_fine(text, text_weight, text_mask, modal, modal_weight, modal_mask):
     if text.dim() != 3 or modal.dim() != 3:
         raise ValueError(f"fine similarity needs text (B, T, D) and modal (B, M, D); got "
@@ -31,7 +36,7 @@ def _masked_softmax(w: Optional[torch.Tensor], mask: Optional[torch.Tensor], lik
     # (B, N) weights -> softmax over real tokens; uniform when no weights are given.
     if w is None:
         w = torch.zeros(like.shape[:2], dtype=torch.float32, device=like.device)
-    w = w.float()
+    w = _acc(w)
     if mask is not None:
         w = w.masked_fill(~mask, NEG)
     return torch.softmax(w, dim=-1)
@@ -44,7 +49,7 @@ def fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal
     with padded tokens excluded from the max and the softmax.
     """
     _check_fine(text, text_weight, text_mask, modal, modal_weight, modal_mask)
-    sim = torch.einsum("atd,bmd->abtm", text.float(), modal.float())  # (Bt, Bm, T, M)
+    sim = torch.einsum("atd,bmd->abtm", _acc(text), _acc(modal))  # (Bt, Bm, T, M)
     if modal_mask is not None:
         sim_t = sim.masked_fill(~modal_mask[None, :, None, :], NEG)
     else:
@@ -69,7 +74,7 @@ def info_nce(sim: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a (B, B) similarity with matches on the diagonal."""
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"InfoNCE needs a square (B, B) similarity, got {tuple(sim.shape)}")
-    logits = sim.float() / temperature.float()
+    logits = _acc(sim) / _acc(temperature)
     target = torch.arange(sim.shape[0], device=sim.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
@@ -80,7 +85,7 @@ def contrastive_loss_ref(text, modal, temperature, *, mode="coarse", text_weight
         if text.dim() != 2 or modal.dim() != 2 or text.shape != modal.shape:
             raise ValueError(f"coarse mode needs text and modal of equal shape (B, D); got "
                              f"{tuple(text.shape)} and {tuple(modal.shape)}")
-        sim = text.float() @ modal.float().t()
+        sim = _acc(text) @ _acc(modal).t()
     elif mode == "fine":
         sim = fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask)
     else:

@@ -34,11 +34,31 @@ def _text_arg(t: Features, mode: str):
     return t.tokens if mode == "fine" else t.pooled
 
 
+def gather_features(t: Features, v: Features, a: Features, has_audio: Optional[torch.Tensor]):
+    """Negatives from every rank: all-gather the features (gradient back to the owner).  Text
+    token axes are padded to the longest over ranks first (padding is masked)."""
+    from ..ops.distributed import gather_no_grad, gather_with_grad, pad_to_global_max, world
+    if world() == 1:
+        return t, v, a, has_audio
+    def g(f: Features, pad_tokens: bool) -> Features:
+        tok, w, m = f.tokens, f.weight, f.mask
+        if pad_tokens:
+            tok, w = pad_to_global_max(tok, 1), pad_to_global_max(w, 1)
+            m = pad_to_global_max(m, 1, False)
+        return Features(gather_with_grad(tok), gather_with_grad(w), None if m is None else gather_no_grad(m),
+                        gather_with_grad(f.pooled))
+    ha = None if has_audio is None else gather_no_grad(has_audio)
+    return g(t, True), g(v, False), g(a, False), ha
+
+
 def mga_loss(model: VALOR, t: Features, v: Features, a: Features, mode: str, groups: Iterable[str],
-             has_audio: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+             has_audio: Optional[torch.Tensor] = None, gather: bool = True) -> Dict[str, torch.Tensor]:
     """Loss per group name (tv, ta, tav).  Clips without audio (has_audio False) leave the T-A
-    and T-AV terms: those are computed on the clips that have audio only."""
+    and T-AV terms: those are computed on the clips that have audio only.  Under data
+    parallelism the features are gathered so every rank scores the global batch."""
     groups = parse_groups(groups)
+    if gather:
+        t, v, a, has_audio = gather_features(t, v, a, has_audio)
     spec = group_similarity(model, t, v, a, mode)
     want = {GROUP_KEYS[g] for g in groups}
     kw = dict(mode=mode, text_weight=t.weight if mode == "fine" else None,

@@ -153,7 +153,16 @@ class CheckpointManager:
     # -- load --
     def load(self, path: str, app_state: dict) -> dict:
         import torch.distributed.checkpoint as dcp
-        dcp.load(app_state, checkpoint_id=path)
+        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+        # every model tensor must be in the checkpoint; optimiser state may be partial (AdamW
+        # keeps no state for parameters that never had a gradient, e.g. the coarse-only fusion
+        # layer in fine mode, while a fresh optimiser's state dict lists them)
+        saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+        want = {f"model.{k}" for k in app_state.get("model", {})}
+        lost = sorted(want - saved)
+        if lost:
+            raise KeyError(f"checkpoint {path!r} lacks model tensors {lost[:5]} ({len(lost)} in all)")
+        dcp.load(app_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
         own = os.path.join(path, f"rank{self.rank:05d}.pt")
         if not os.path.exists(own):
             raise FileNotFoundError(f"{own} missing: checkpoint written with another world size?")
@@ -174,7 +183,10 @@ class CheckpointManager:
             err = None
             try:
                 extra = self.load(path, state)
-            except Exception as e:  # corrupt or partial: fall back to the previous checkpoint
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # corrupt or partial: fall back to the previous checkpoint
+                # (DCP's CheckpointException derives from BaseException, not Exception)
                 err = e
             bad = all_reduce_(torch.tensor([0 if err is None else 1]))
             if int(bad) == 0:

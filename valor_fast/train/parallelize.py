@@ -56,13 +56,16 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32", reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(root: nn.Module, model: nn.Module, mesh, precision: str = "fp32",
+               reshard_after_forward: bool = True) -> nn.Module:
+    """fully_shard every transformer block of `model`, then `root` (which keeps the rest:
+    embeddings, heads, patch embeddings).  With a 2-D mesh this is HSDP."""
     from torch.distributed.fsdp import fully_shard
     mp = mixed_precision_policy(precision)
     for blocks in transformer_blocks(model):
         for blk in blocks:
             fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return root
 
 

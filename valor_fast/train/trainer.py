@@ -290,7 +290,9 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
 
     def flush(keys):
         if pending:
-            vals = torch.stack([p[1] for p in pending]).cpu().tolist()
+            # every rank's records averaged: per-rank MGC terms are shares of the global mean
+            st = all_reduce_(torch.stack([p[1] for p in pending])) / info.world
+            vals = st.cpu().tolist()
             for (s_, _), v in zip(pending, vals):
                 history.append(dict(zip(keys, v), step=s_))
             pending.clear()
@@ -401,6 +403,8 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
                 save_ckpt(step)
             if info.is_main:
                 bar.update(1)
+            if tc.sleep_per_step:
+                time.sleep(tc.sleep_per_step)
         bar.close()
         check_finite()
     except NonFiniteError as e:
@@ -446,13 +450,21 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
         os.replace(tmp, ckpt_path)
         write_json(os.path.join(run_dir, "history.json"), history)
 
+    metrics: Dict[str, float] = {}
+    if not tc.final_eval:
+        metrics.update({"train/steps": float(step), "train/seconds": train_s})
+        if info.is_main:
+            write_json(os.path.join(run_dir, "metrics.json"), metrics)
+            print(f"\nrun folder: {run_dir}", flush=True)
+        tb.close()
+        return metrics
     # final evaluation on the held-out test split (every rank runs it: FSDP gathers collectively)
     from ..data import build_loader
     test_loader = build_loader(cfg.data, "test", cfg.model.image_size, cfg.eval.batch_size, False, tc.seed)
     if hasattr(task, "unshard"):
         task.unshard()
     core = task.module.model if hasattr(task, "module") else task.model
-    metrics = evaluate(core, test_loader, cfg, device, captions=True, autocast=amp)
+    metrics.update(evaluate(core, test_loader, cfg, device, captions=True, autocast=amp))
     if hasattr(task, "reshard"):
         task.reshard()
     metrics["train/steps"] = float(step)

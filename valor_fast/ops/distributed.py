@@ -1,0 +1,64 @@
+"""All-gather of contrastive features with the gradient returned to the owning rank.
+
+Every rank gathers the features of all ranks and computes the same full-batch loss L.  In
+backward, rank r receives dL/d(all features) from its own copy of L; the gradients are summed
+over ranks (each rank's copy of L contributes the same dL/df_r) and rank r keeps its slice, so
+it holds N * dL/df_r.  Data-parallel gradient averaging (DDP / FSDP divide by N) then leaves
+exactly dL/dθ: the same as one process on the concatenated batch.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(n)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g = g.contiguous().clone()
+        dist.all_reduce(g)
+        return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (N*B, ...), rank-major; identity in one process.  Every rank
+    must pass the same B (the trainer splits the global batch evenly)."""
+    if world() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if world() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+def pad_to_global_max(x: torch.Tensor, dim: int, value=0) -> torch.Tensor:
+    """Pad `dim` to its largest size over ranks (text lengths differ per rank's batch)."""
+    if world() == 1:
+        return x
+    n = torch.tensor([x.shape[dim]], device=x.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    extra = int(n) - x.shape[dim]
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], dim)
