@@ -74,6 +74,22 @@ def test_two_rank_fsdp_matches_one_rank(data_root, tmp_path):
     assert one[4]["loss"] != one[1]["loss"]
 
 
+def test_two_rank_ddp_with_checkpointing_matches_one_rank(data_root, tmp_path):
+    """DDP, activation checkpointing and an asynchronous checkpoint change nothing numerically;
+    launched through `valor-fast pretrain --nproc 2`."""
+    _run(_args(data_root, tmp_path, "one"))
+    from valor_fast.cli import split_overrides
+    args = _args(data_root, tmp_path, "ddp", **{"train.parallel": "ddp", "train.activation_checkpointing": "full",
+                                                 "train.ckpt_every": 2, "train.async_ckpt": "true"})
+    p = subprocess.run([sys.executable, "-m", "valor_fast", "pretrain", "--nproc", "2"] + args,
+                       capture_output=True, text=True, env=_env(), timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, ddp = _losses(tmp_path, "one"), _losses(tmp_path, "ddp")
+    for s in one:
+        assert one[s]["loss"] == pytest.approx(ddp[s]["loss"], rel=2e-4, abs=2e-5), s
+    assert sorted(os.listdir(os.path.join(tmp_path, "ddp", "checkpoints"))) == ["step_00000002", "step_00000004"]
+
+
 def test_kill_resume_and_corrupt_fallback(data_root, tmp_path):
     steps = 8
     base = _args(data_root, tmp_path, "full", **{"train.steps": steps, "train.ckpt_every": 2})

@@ -47,6 +47,20 @@ def _load(args, over):
 
 
 def cmd_pretrain(args, over) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # one node, N processes: hand over to torchrun with the same recipe and overrides
+        import socket
+        import subprocess
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "valor_fast.train"]
+        if args.config:
+            cmd += ["--config", args.config]
+        cmd += [f"--{k}={v}" for k, v in over.items()]
+        print("launching: " + " ".join(cmd), file=sys.stderr)
+        return subprocess.call(cmd)
     from .train.trainer import train
     cfg = _load(args, over)
     train(cfg)
@@ -118,6 +132,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("pretrain", help="pretrain (MGA + MGC) on the configured data")
     sp.add_argument("--config", default=None, help="recipe YAML (configs/*.yaml or a path)")
+    sp.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")
     se = sub.add_parser("eval", help="retrieval + captioning metrics of a checkpoint")
     se.add_argument("--config", default=None)
     se.add_argument("--ckpt", default=None, help="model.safetensors of a run")

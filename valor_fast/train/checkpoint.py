@@ -89,6 +89,12 @@ class CheckpointManager:
     def __init__(self, root: str, keep: int = 3, rank: int = 0, world: int = 1, async_save: bool = False):
         self.root, self.keep, self.rank, self.world, self.async_save = root, keep, rank, world, async_save
         self._pending = None   # (future, tmp, final, meta) of an async save
+        self._pg = None
+        import torch.distributed as dist
+        if async_save and dist.is_available() and dist.is_initialized() and world > 1:
+            # the background save runs collectives while training runs its own: a separate
+            # gloo group keeps the two streams of collectives apart
+            self._pg = dist.new_group(backend="gloo")
         os.makedirs(root, exist_ok=True)
 
     # -- listing --
@@ -120,7 +126,7 @@ class CheckpointManager:
         torch.save({"rng": rng_state(), **(extra or {})}, os.path.join(tmp, f"rank{self.rank:05d}.pt"))
         meta = {"step": step, "world": self.world}
         if self.async_save:
-            fut = dcp.async_save(app_state, checkpoint_id=tmp)
+            fut = dcp.async_save(app_state, checkpoint_id=tmp, process_group=self._pg)
             self._pending = (fut, tmp, final, meta)
             return final
         dcp.save(app_state, checkpoint_id=tmp)

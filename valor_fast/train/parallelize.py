@@ -71,7 +71,9 @@ def apply_fsdp(root: nn.Module, model: nn.Module, mesh, precision: str = "fp32",
 
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # find_unused_parameters: some heads sit idle depending on the loss form (the coarse AV
+    # fusion in fine mode, the token-weight MLPs in coarse mode)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
 def parallelize(root: nn.Module, model: nn.Module, info, parallel: str, ac: str, compile: bool,
