@@ -1,0 +1,516 @@
+"""Flash attention (Triton): softmax(q k^T * scale + mask) v without materialising the (Lq, Lk)
+score matrix, forward and backward.
+
+Contents: `attention_ref` (eager PyTorch, any dtype incl. float64: the ground truth), the Triton
+forward kernel (online softmax over key tiles, stores the log-sum-exp), the backward kernels
+(preprocess delta = rowsum(dO * O); dK/dV per key tile and dQ per query tile, both recomputing the
+probability tiles from the stored log-sum-exp), the launchers, `FlashAttentionFn`
+(autograd.Function, eager path), the custom ops `valor_fast::flash_attention` /
+`valor_fast::flash_attention_bwd` (fake impls + register_autograd, so torch.compile traces them as
+opaque nodes) and the functional entry point `flash_attention`.
+
+Layout: q (B, H, Lq, Dh), k / v (B, H, Lk, Dh), any strides with a unit stride on Dh (other
+layouts are copied).  key_padding_mask (B, Lk) bool, True = attend.  causal needs Lq == Lk
+(top-left = bottom-right alignment then).  Dh <= 128, padded in registers to a power of two with
+masked loads (80 -> 128).  fp32 / fp16 / bf16 I/O; scores, softmax statistics and all
+accumulators are fp32; the P @ V and dS products take P / dS rounded to the input dtype (as
+eager attention does).  fp32 inputs use IEEE fp32 dots unless torch allows TF32 matmuls.
+
+A row with no key to attend to (all keys padded, or causal with only padded keys before it)
+outputs zeros and receives / passes zero gradients, not NaN: its stored log-sum-exp is +inf, so
+every recomputed probability of that row is exactly 0.
+
+Additive bias ((H, Lq, Lk) or (B, H, Lq, Lk), for Swin's relative position bias) is part of the
+reference already; the kernels would take it as one more tile load next to the key-padding mask
+(a HAS_BIAS constexpr) and dbias = dS summed over the broadcast dims.  Not implemented yet:
+`flash_attention(..., bias=...)` raises.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch-only install: the reference must still import; kernels are never launched
+    class _NoTriton:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_kw):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()
+
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634  # scores are kept in base-2 units so the kernels use exp2
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                  causal: bool = False, scale: Optional[float] = None,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """Eager attention in q's dtype (float64 for the ground truth).  q (B, H, Lq, Dh), k/v
+    (B, H, Lk, Dh), key_padding_mask (B, Lk) bool True = attend, bias additive and broadcastable
+    to (B, H, Lq, Lk).  Rows with nothing to attend to give zeros (and zero gradients)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    lq, lk = q.shape[-2], k.shape[-2]
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    allowed = None  # broadcastable to (B, H, Lq, Lk), True = attend
+    if key_padding_mask is not None:
+        allowed = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Lk)
+    if causal:
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()  # (Lq, Lk)
+        allowed = tri if allowed is None else allowed & tri
+    if allowed is None:
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+    # A fully masked row would be softmax over all -inf = NaN, and the NaN leaks into every
+    # gradient even when the row is zeroed afterwards; unmask such rows (finite, uniform) and
+    # zero their output instead, which also zeroes their gradients.
+    alive = allowed.any(dim=-1, keepdim=True)  # (B|1, 1, Lq|1, 1)
+    s = s.masked_fill(~(allowed | ~alive), float("-inf"))
+    out = torch.matmul(torch.softmax(s, dim=-1), v)
+    return out.masked_fill(~alive, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr):
+    # "default": 16-bit operands on tensor cores (fp32 accumulate).  "ieee" / "tf32": fp32 operands.
+    # "upcast": bf16 under TRITON_INTERPRET, whose numpy dot multiplies bf16 bit patterns as
+    # integers (triton 3.x interpreter); bf16 -> fp32 is exact, so the product is what a tensor
+    # core computes.
+    if PRECISION == "default":
+        return tl.dot(a, b)
+    elif PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, KPM, O, LSE,  # Q/O (B, H, Lq, Dh); K/V (B, H, Lk, Dh); KPM (B, Lk) uint8; LSE (B, H, Lq) fp32
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skpm_b,
+    H, Lq, Lk, D, qk_scale,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grid (cdiv(Lq, BLOCK_M), B * H): query tiles of one head are neighbours in launch order, so
+    # they share that head's K/V in L2.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D  # head dims padded to a power of two: the padding lanes load as 0
+
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base-2 units)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, Lk)  # keys past the tile's last query are all masked
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Lk
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        s = _mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        valid = n_ok[None, :]
+        if HAS_KPM:
+            keep = tl.load(KPM + b * skpm_b + offs_n, mask=n_ok, other=0)
+            valid = valid & (keep != 0)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # rows with every key masked so far keep m = -inf; subtract 0 instead so that
+        # exp2(-inf - (-inf)) never forms a NaN (their p and alpha come out 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+
+    alive = l_i > 0.0
+    l_safe = tl.where(alive, l_i, 1.0)
+    out = acc / l_safe[:, None]  # dead rows: acc = 0 -> 0
+    # +inf for dead rows: every recomputed p = exp2(s - lse) of such a row is then exactly 0
+    lse = tl.where(alive, m_i + tl.log2(l_safe), float("inf"))
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,  # O/DO (B, H, Lq, Dh); DELTA (B, H, Lq) fp32
+    sob, soh, som, sdob, sdoh, sdom,
+    H, Lq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward row term, computed once
+    # here instead of in every key tile of the backward.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, skpm_b,
+    H, Lq, Lk, D, sm_scale, qk_scale,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per key tile: it owns its dK/dV rows, so no atomics; it walks the query tiles and
+    # recomputes P = exp2(s - lse) and dS = P * (dP - delta) for each.
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Lk
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    key_ok = n_ok
+    if HAS_KPM:
+        keep = tl.load(KPM + b * skpm_b + offs_n, mask=n_ok, other=0)
+        key_ok = key_ok & (keep != 0)
+    Q += b * sqb + h * sqh
+    DO += b * sdob + h * sdoh
+    LSE += (b * H + h) * Lq
+    DELTA += (b * H + h) * Lq
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # earlier queries never see these keys
+    for start_m in range(lo, Lq, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < Lq
+        qd_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :], mask=qd_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        s = _mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        valid = m_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dv += _mma(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dp = _mma(do, tl.trans(v), PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dk += _mma(tl.trans(ds.to(q.dtype)), q, PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, KPM, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm, skpm_b,
+    H, Lq, Lk, D, sm_scale, qk_scale,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per query tile, walking the key tiles: dQ = sum_j dS_j K_j * scale.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    qd_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + (b * H + h) * Lq + offs_m, mask=m_ok, other=0.0)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, Lk)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Lk
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mma(q, tl.trans(k), PRECISION) * qk_scale
+        valid = m_ok[:, None] & n_ok[None, :]
+        if HAS_KPM:
+            keep = tl.load(KPM + b * skpm_b + offs_n, mask=n_ok, other=0)
+            valid = valid & (keep != 0)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _mma(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _mma(ds.to(k.dtype), k, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _unit_last(t: Tensor) -> Tensor:
+    """The kernels index Dh with unit stride; any other layout is copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_attention: q, k, v must be 4-D (B, H, L, Dh), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, H, Lq, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"flash_attention: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+                         "in (B, H, -, Dh)")
+    if v.shape != k.shape:
+        raise ValueError(f"flash_attention: v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention (Triton): head dim {D} > {MAX_HEAD_DIM}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"flash_attention (Triton): q dtype {q.dtype} not in fp32/fp16/bf16")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"flash_attention: q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if causal and Lq != k.shape[2]:
+        raise ValueError(f"flash_attention: causal needs Lq == Lk, got Lq={Lq}, Lk={k.shape[2]}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
+        raise ValueError(f"flash_attention: key_padding_mask must be (B, Lk) = {(B, k.shape[2])}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """The dot flavour for `_mma`.  fp32 inputs follow torch's own matmul policy (IEEE unless TF32
+    is allowed), so the kernel is as accurate as the eager fp32 attention it replaces."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype == torch.bfloat16 and device.type != "cuda":  # only reachable under TRITON_INTERPRET
+        return "upcast"
+    return "default"
+
+
+def _config(d_block: int, device: torch.device, bwd: bool) -> dict:
+    """Tile sizes.  CUDA: 128x64 forward tiles (64x64 backward, which holds five tiles live);
+    fewer warps / stages pressure for Dh 128.  CPU interpreter: 32x32, enough to exercise partial
+    and multi-tile paths on small test shapes while keeping the numpy work small."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32)
+    if bwd:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if d_block <= 64 else 8, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if d_block <= 64 else 8,
+                num_stages=3 if d_block <= 64 else 2)
+
+
+def _kpm_arg(key_padding_mask: Optional[Tensor], q: Tensor) -> Tuple[Tensor, int]:
+    if key_padding_mask is None:
+        return q, 0  # dummy pointer, never read (HAS_KPM=False)
+    kpm = key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()  # (B, Lk)
+    return kpm, kpm.stride(0)
+
+
+def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                        causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """Launch the forward.  Returns out (B, H, Lq, Dh) contiguous in q's dtype and the row
+    log-sum-exp in base-2 units (B, H, Lq) fp32 (+inf for rows with nothing to attend to)."""
+    _check(q, k, v, key_padding_mask, causal)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    if Lk == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    kpm, skpm = _kpm_arg(key_padding_mask, q)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16
+    cfg = _config(block_d, q.device, bwd=False)
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    _fwd_kernel[grid](
+        q, k, v, kpm, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), skpm,
+        H, Lq, Lk, D, float(scale) * _LOG2E,
+        HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, q.device),
+        BLOCK_D=block_d, **cfg,
+    )
+    return out, lse
+
+
+def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        key_padding_mask: Optional[Tensor], causal: bool,
+                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward.  Returns (dq, dk, dv) contiguous, in the dtypes of q, k, v."""
+    q, k, v, out, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), _unit_last(do)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dq = torch.zeros((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    dk = torch.zeros((B, H, Lk, D), dtype=k.dtype, device=q.device)
+    dv = torch.zeros((B, H, Lk, D), dtype=v.dtype, device=q.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq, dk, dv
+    kpm, skpm = _kpm_arg(key_padding_mask, q)
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = _config(block_d, q.device, bwd=True)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, bm), B * H)](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Lq, D, BLOCK_M=bm, BLOCK_D=block_d,
+    )
+    common = dict(HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal),
+                  PRECISION=_precision(q.dtype, q.device), BLOCK_D=block_d, **cfg)
+    qk_scale = float(scale) * _LOG2E
+    _bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](
+        q, k, v, kpm, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), skpm,
+        H, Lq, Lk, D, float(scale), qk_scale, **common,
+    )
+    _bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
+        q, k, v, kpm, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), skpm,
+        H, Lq, Lk, D, float(scale), qk_scale, **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd.Function (eager path: no dispatcher overhead)
+# ----------------------------------------------------------------------------------------------
+class FlashAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale):
+        out, lse = flash_attention_fwd(q, k, v, key_padding_mask, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, kpm = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, kpm, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops (torch.compile path: opaque nodes with fake impls)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("valor_fast::flash_attention", mutates_args=())
+def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                        causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    return flash_attention_fwd(q, k, v, key_padding_mask, causal, scale)
+
+
+@_flash_attention_op.register_fake
+def _(q, k, v, key_padding_mask, causal, scale):
+    _check(q, k, v, key_padding_mask, causal)
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("valor_fast::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                            key_padding_mask: Optional[Tensor], causal: bool,
+                            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return flash_attention_bwd(do, q, k, v, out, lse, key_padding_mask, causal, scale)
+
+
+@_flash_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, key_padding_mask, causal, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _fa_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _fa_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, kpm = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_bwd_op(dout, q, k, v, out, lse, kpm, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_flash_attention_op.register_autograd(_fa_backward, setup_context=_fa_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# functional entry point
+# ----------------------------------------------------------------------------------------------
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                    causal: bool = False, scale: Optional[float] = None, *,
+                    bias: Optional[Tensor] = None) -> Tensor:
+    """Triton flash attention.  q (B, H, Lq, Dh), k/v (B, H, Lk, Dh) -> (B, H, Lq, Dh) in q's
+    dtype; key_padding_mask (B, Lk) bool True = attend; causal needs Lq == Lk; scale defaults to
+    Dh ** -0.5.  Differentiable in q, k, v."""
+    if bias is not None:
+        raise NotImplementedError("flash_attention (Triton): additive bias is not implemented yet; "
+                                  "use attention_ref")
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"flash_attention: key_padding_mask must be bool (True = attend), "
+                        f"got {key_padding_mask.dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        out, _ = _flash_attention_op(q, k, v, key_padding_mask, bool(causal), scale)
+        return out
+    return FlashAttentionFn.apply(q, k, v, key_padding_mask, bool(causal), scale)
+
+
+__all__ = ["attention_ref", "flash_attention", "flash_attention_fwd", "flash_attention_bwd",
+           "FlashAttentionFn", "MAX_HEAD_DIM"]
