@@ -17,18 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the reference must still import; kernels are never launched
-    class _NoTriton:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_kw):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
+from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
 
 # activation codes (a constexpr in the kernels, so each variant compiles to its own straight code)
 _ACTS = {"none": 0, "tanh": 1, "quick": 2}

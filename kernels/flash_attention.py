@@ -30,18 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the reference must still import; kernels are never launched
-    class _NoTriton:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_kw):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
+from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634  # scores are kept in base-2 units so the kernels use exp2

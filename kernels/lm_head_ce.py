@@ -29,18 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the reference and the torch path still work
-    class _NoTriton:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_kw):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
+from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
 
 DEFAULT_CHUNK = 4096
 
