@@ -4,6 +4,12 @@ Shapes: coarse text (B, D) vs modal (B, D); fine text (Bt, T, D) with weights/ma
 vs modal (Bm, M, D) with weights/masks (Bm, M).  Masks are bool, True = real token; weights
 are pre-softmax logits.  logits = S / temperature; loss = mean of the text->modal and
 modal->text cross-entropies with the matching pair on the diagonal.
+
+The eager functions here (`*_ref`, `info_nce`) are the spec, shared by the tests and benchmarks.
+The public entry points (`contrastive_loss`, `fine_similarity`, `grouped_contrastive_loss`, at
+the end of the file) dispatch to Triton (valor_fast.kernels.contrastive), CUDA C++
+(csrc/contrastive.cu through valor_fast.ops._cuda) or torch; they take optional gather /
+local_loss keywords for negatives from all data-parallel ranks.
 """
 from __future__ import annotations
 
@@ -128,18 +134,377 @@ def grouped_contrastive_loss_ref(text, groups, temperature, *, mode, text_weight
     return res
 
 
-# ---- public entry points (dispatch to fused backends arrives with the contrastive-kernel issue) ----
+# ==============================================================================================
+# dispatch: public entry points
+# ==============================================================================================
+# Backend choice, per call:
+#   1. a backend forced in code (`set_backend` / `use_backend`, for tests and benchmarks),
+#   2. else the env var VALOR_FAST_CONTRASTIVE=triton|cuda|torch|auto (read per call),
+#   3. else auto: CUDA tensors -> triton (valor_fast.kernels.contrastive) when triton is installed,
+#      else cuda (csrc/contrastive.cu via ctypes) when the library was built, else torch;
+#      CPU tensors -> torch.  Forcing triton on CPU needs TRITON_INTERPRET=1; forcing cuda needs
+#      CUDA tensors and the built library.
+# Auto also falls back to torch for inputs the kernels do not take (float64, D > 1024, T > 128,
+# more than 128 modal tokens per clip).  The choice is logged once per (op, backend, reason).
+# Triton is preferred over cuda in auto: its tiles use tensor cores, the CUDA C++ kernels are
+# plain fp32 FMA tiling (a dependency-free fallback).
+import contextlib  # noqa: E402
+import os  # noqa: E402
+from typing import Iterator, List  # noqa: E402
+
+from ..utils.deps import HAS_TRITON, INSTALL_HINTS  # noqa: E402
+from ..utils.log import log_once  # noqa: E402
+from . import distributed as _dist  # noqa: E402
+
+BACKENDS = ("triton", "cuda", "torch")
+_ENV = "VALOR_FAST_CONTRASTIVE"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_D, _MAX_T, _MAX_SLOTS = 1024, 128, 128
+_forced: Optional[str] = None
+
+
+def _validate(name: Optional[str], source: str) -> Optional[str]:
+    if name is None or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: contrastive backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force 'triton', 'cuda' or 'torch' for the contrastive ops (None / 'auto': automatic)."""
+    global _forced
+    _forced = _validate(name, "set_backend")
+
+
+def get_forced_backend() -> Optional[str]:
+    if _forced is not None:
+        return _forced
+    return _validate(os.environ.get(_ENV, "").strip().lower() or None, _ENV)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """`with use_backend("triton"): ...` forces a backend inside the block."""
+    global _forced
+    prev = _forced
+    _forced = _validate(name, "use_backend")
+    try:
+        yield
+    finally:
+        _forced = prev
+
+
+def _cuda_available() -> bool:
+    from . import _cuda
+    return _cuda.available()
+
+
+def available_backends(device: torch.device) -> List[str]:
+    """Backends that can run on tensors of `device` in this process."""
+    out = ["torch"]
+    if HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        out.append("triton")
+    if device.type == "cuda" and _cuda_available():
+        out.append("cuda")
+    return out
+
+
+def _log(op: str, backend: str, reason: str) -> None:
+    if not torch.compiler.is_compiling():
+        log_once(f"contrastive:{op}:{backend}:{reason}", f"contrastive {op}: {backend} backend ({reason})")
+
+
+def _choose(op: str, device: torch.device, unsupported: Optional[str]) -> str:
+    """`unsupported`: why the kernels cannot take these inputs, or None."""
+    forced = get_forced_backend()
+    if forced == "torch":
+        _log(op, "torch", "forced")
+        return "torch"
+    if forced == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError(f"contrastive {op}: backend 'triton' forced but triton is not installed "
+                               f"({INSTALL_HINTS['triton']})")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"contrastive {op}: backend 'triton' forced for {device.type} tensors; Triton "
+                               "runs on CUDA, or on the CPU only with TRITON_INTERPRET=1")
+        _log(op, "triton", "forced")
+        return "triton"
+    if forced == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"contrastive {op}: backend 'cuda' forced for {device.type} tensors")
+        if not _cuda_available():
+            from . import _cuda
+            raise RuntimeError(f"contrastive {op}: backend 'cuda' forced but {_cuda.why_unavailable()}")
+        _log(op, "cuda", "forced")
+        return "cuda"
+    if device.type != "cuda":
+        _log(op, "torch", f"auto: {device.type} tensors")
+        return "torch"
+    if unsupported is not None:
+        _log(op, "torch", f"auto: {unsupported}")
+        return "torch"
+    if HAS_TRITON:
+        _log(op, "triton", "auto: CUDA")
+        return "triton"
+    if _cuda_available():
+        _log(op, "cuda", f"auto: CUDA, triton not installed ({INSTALL_HINTS['triton']})")
+        return "cuda"
+    _log(op, "torch", f"auto: triton not installed ({INSTALL_HINTS['triton']}) and csrc not built")
+    return "torch"
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        import valor_fast.kernels.contrastive as k
+        return k
+    from . import _cuda
+    return _cuda
+
+
+# ---- coarse ----------------------------------------------------------------------------------
+
+def _coarse_unsupported(text: torch.Tensor) -> Optional[str]:
+    if text.dtype not in _KERNEL_DTYPES:
+        return f"dtype {text.dtype}"
+    if text.shape[-1] > _MAX_D:
+        return f"D={text.shape[-1]} > {_MAX_D}"
+    return None
+
+
+def info_nce_local(s_rows: torch.Tensor, s_cols: torch.Tensor, temperature: torch.Tensor, offset: int) -> torch.Tensor:
+    """InfoNCE of this rank's rows against all gathered columns (open_clip's local_loss).
+    s_rows (B, N): local texts vs all clips; s_cols (N, B): all texts vs local clips.  The label of
+    local row i is column offset + i.  Equals `info_nce` when B == N and offset == 0."""
+    B = s_rows.shape[0]
+    if s_cols.shape != s_rows.shape[::-1] or not 0 <= offset <= s_rows.shape[1] - B:
+        raise ValueError(f"info_nce_local: s_rows {tuple(s_rows.shape)}, s_cols {tuple(s_cols.shape)}, "
+                         f"offset {offset} do not fit")
+    target = torch.arange(offset, offset + B, device=s_rows.device)
+    t = _acc(temperature)
+    return 0.5 * (F.cross_entropy(_acc(s_rows) / t, target) + F.cross_entropy(_acc(s_cols).t() / t, target))
+
+
+def _coarse_torch(text, modal, temperature, text_cols, modal_cols, offset):
+    if text_cols is None:
+        return info_nce(_acc(text) @ _acc(modal).t(), temperature)
+    return info_nce_local(_acc(text) @ _acc(modal_cols).t(), _acc(text_cols) @ _acc(modal).t(), temperature, offset)
+
+
+def _gathering(gather: bool) -> bool:
+    return bool(gather) and _dist.world() > 1
+
+
+def _coarse(text, modal, temperature, gather: bool, local_loss: bool, text_all=None) -> torch.Tensor:
+    """`text_all`: the already gathered text (grouped calls gather it once for all groups)."""
+    if text.dim() != 2 or modal.dim() != 2 or text.shape != modal.shape:
+        raise ValueError(f"coarse mode needs text and modal of equal shape (B, D); got "
+                         f"{tuple(text.shape)} and {tuple(modal.shape)}")
+    if temperature.numel() != 1:
+        raise ValueError(f"temperature must hold one value, got shape {tuple(temperature.shape)}")
+    tc = mc = None
+    offset = 0
+    if _gathering(gather):
+        t_all = _dist.gather_features(text) if text_all is None else text_all
+        m_all = _dist.gather_features(modal)
+        if local_loss:
+            tc, mc, offset = t_all, m_all, _dist.rank() * text.shape[0]
+        else:
+            text, modal = t_all, m_all
+    backend = _choose("coarse", text.device, _coarse_unsupported(text))
+    if backend == "torch":
+        return _coarse_torch(text, modal, temperature, tc, mc, offset)
+    return _kernels(backend).coarse_loss(text, modal, temperature, tc, mc, offset)
+
+
+# ---- fine ------------------------------------------------------------------------------------
+
+def _is_concat(spec) -> bool:
+    return isinstance(spec, tuple) and len(spec) > 0 and all(isinstance(s, str) for s in spec)
+
+
+def _fine_unsupported(text, parts) -> Optional[str]:
+    dts = {text.dtype} | {p[0].dtype for p in parts}
+    if not dts <= set(_KERNEL_DTYPES):
+        return f"dtype {sorted(map(str, dts))}"
+    if text.shape[-1] > _MAX_D:
+        return f"D={text.shape[-1]} > {_MAX_D}"
+    if text.shape[1] > _MAX_T:
+        return f"T={text.shape[1]} > {_MAX_T}"
+    slots = sum(p[0].shape[1] for p in parts)
+    if slots > _MAX_SLOTS:
+        return f"{slots} modal tokens per clip > {_MAX_SLOTS}"
+    return None
+
+
+def _ones_mask(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
+def _fine_sims(backend: str, text, text_weight, text_mask, parts) -> List[torch.Tensor]:
+    """parts: [(modal, weight, mask)] of one group, or two groups x, y -> [S_x] or [S_x, S_y, S_x++y],
+    each (Bt, Bm)."""
+    for m, w, k in parts:
+        _check_fine(text, text_weight, text_mask, m, w, k)
+    if backend == "torch":
+        out = [fine_similarity_ref(text, text_weight, text_mask, *p) for p in parts]
+        if len(parts) == 2:
+            cat = resolve_groups({"x": parts[0], "y": parts[1], "xy": ("x", "y")}, "fine")["xy"]
+            out.append(fine_similarity_ref(text, text_weight, text_mask, *cat))
+        return out
+    wt = _masked_softmax(text_weight, text_mask, text)  # (Bt, T), zero at padding
+    tmask = _ones_mask(text) if text_mask is None else text_mask
+    if len(parts) == 1:
+        x, wx, mx = parts[0]
+        mw = _masked_softmax(wx, mx, x)[None]  # (1, Bm, Mx)
+        mmask = _ones_mask(x) if mx is None else mx
+        y = None
+    else:
+        (x, wx, mx), (y, wy, my) = parts
+        px, py = _masked_softmax(wx, mx, x), _masked_softmax(wy, my, y)  # (Bm, Mx), (Bm, My)
+        zx, zy = torch.zeros_like(px), torch.zeros_like(py)
+        lx = torch.zeros(x.shape[:2], device=x.device) if wx is None else wx
+        ly = torch.zeros(y.shape[:2], device=y.device) if wy is None else wy
+        mx_ = _ones_mask(x) if mx is None else mx
+        my_ = _ones_mask(y) if my is None else my
+        mmask = torch.cat([mx_, my_], 1)  # (Bm, Mx+My)
+        pxy = _masked_softmax(torch.cat([_acc(lx), _acc(ly)], 1), mmask, x)  # softmax over the concatenation
+        # group weights in the kernel's slot layout, zero outside the group's slots: (3, Bm, Mx+My)
+        mw = torch.stack([torch.cat([px, zy], 1), torch.cat([zx, py], 1), pxy])
+    S = _kernels(backend).fine_sim_groups(text, wt, tmask, x, y, mw, mmask)
+    return list(S.unbind(0))
+
+
+def _fine_jobs(groups: Dict[str, GroupSpec]):
+    """Plan the kernel calls: a concatenation of two plain groups shares one call with both
+    parts; other plain groups get one call each; longer concatenations are materialised.
+    -> [(parts, names)] where names[i] is the group whose S is the call's i-th output (or None)."""
+    plain = {n: s for n, s in groups.items() if not _is_concat(s)}
+    for n, s in plain.items():
+        if not (isinstance(s, (tuple, list)) and len(s) == 3 and isinstance(s[0], torch.Tensor)):
+            raise ValueError(f"fine mode: group {n!r} must be (modal, modal_weight, modal_mask) or a tuple "
+                             f"of group names, got {type(s).__name__}")
+    jobs, done = [], set()
+    for n, s in groups.items():
+        if not _is_concat(s):
+            continue
+        bad = [p for p in s if p not in plain]
+        if bad:
+            raise ValueError(f"group {n!r} concatenates {s}, but {bad} are not plain groups")
+        if len(s) == 2:
+            names = [None if s[0] in done else s[0], None if s[1] in done or s[1] == s[0] else s[1], n]
+            jobs.append(([tuple(plain[s[0]]), tuple(plain[s[1]])], names))
+            done.update(x for x in names if x is not None)
+        else:
+            jobs.append(([resolve_groups({**plain, n: s}, "fine")[n]], [n]))
+            done.add(n)
+    for n, s in plain.items():
+        if n not in done:
+            jobs.append(([tuple(s)], [n]))
+    return jobs
+
+
+def _fine_group_sims(backend, text, text_weight, text_mask, groups) -> Dict[str, torch.Tensor]:
+    out = {}
+    for parts, names in _fine_jobs(groups):
+        for name, S in zip(names, _fine_sims(backend, text, text_weight, text_mask, parts)):
+            if name is not None:
+                out[name] = S
+    return out
+
+
+def _gather_fine(text, text_weight, text_mask, groups):
+    """All-gather the text (token axis padded to the longest over ranks) and every plain group."""
+    if text_mask is None:
+        text_mask = _ones_mask(text)
+    if text_weight is None:
+        text_weight = torch.zeros(text.shape[:2], dtype=torch.float32, device=text.device)
+    t = _dist.gather_features(text, pad_dim=1)
+    tw = _dist.gather_features(text_weight, pad_dim=1)
+    tm = _dist.gather_features(text_mask, pad_dim=1, pad_value=False)
+    g = {}
+    for n, s in groups.items():
+        if _is_concat(s):
+            g[n] = s
+        else:
+            m, w, k = s
+            g[n] = (_dist.gather_features(m), None if w is None else _dist.gather_features(w),
+                    None if k is None else _dist.gather_features(k))
+    return t, tw, tm, g
+
+
+def _fine_group_losses(text, groups, temperature, text_weight, text_mask, gather, local_loss):
+    if text.dim() != 3:
+        raise ValueError(f"fine mode needs text (B, T, D), got {tuple(text.shape)}")
+    if temperature.numel() != 1:
+        raise ValueError(f"temperature must hold one value, got shape {tuple(temperature.shape)}")
+    plain_parts = [tuple(s) for s in groups.values() if not _is_concat(s)]
+    dev = text.device
+    unsupported = None
+    for s in plain_parts:
+        unsupported = unsupported or _fine_unsupported(text, [s])
+    cat_slots = [sum(groups[p][0].shape[1] for p in s) for s in groups.values()
+                 if _is_concat(s) and all(p in groups and not _is_concat(groups[p]) for p in s)]
+    if unsupported is None and cat_slots and max(cat_slots) > _MAX_SLOTS:
+        unsupported = f"{max(cat_slots)} concatenated modal tokens per clip > {_MAX_SLOTS}"
+    backend = _choose("fine", dev, unsupported)
+    if not _gathering(gather):
+        S = _fine_group_sims(backend, text, text_weight, text_mask, groups)
+        return {n: info_nce(s, temperature) for n, s in S.items()}
+    t_all, tw_all, tm_all, g_all = _gather_fine(text, text_weight, text_mask, groups)
+    if not local_loss:
+        S = _fine_group_sims(backend, t_all, tw_all, tm_all, g_all)
+        return {n: info_nce(s, temperature) for n, s in S.items()}
+    # local: this rank's texts vs all clips, and all texts vs this rank's clips
+    rows = _fine_group_sims(backend, text, text_weight, text_mask, g_all)
+    cols = _fine_group_sims(backend, t_all, tw_all, tm_all, groups)
+    off = _dist.rank() * text.shape[0]
+    return {n: info_nce_local(rows[n], cols[n], temperature, off) for n in rows}
+
+
+# ---- public ----------------------------------------------------------------------------------
 
 def fine_similarity(text, text_weight, text_mask, modal, modal_weight, modal_mask) -> torch.Tensor:
-    return fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+    """(Bt, Bm) weighted token-wise max-similarity (differentiable), without (Bt, Bm, T, M) on the
+    kernel backends."""
+    _check_fine(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+    part = (modal, modal_weight, modal_mask)
+    backend = _choose("fine", text.device, _fine_unsupported(text, [part]))
+    return _fine_sims(backend, text, text_weight, text_mask, [part])[0]
 
 
 def contrastive_loss(text, modal, temperature, *, mode="coarse", text_weight=None, text_mask=None,
-                     modal_weight=None, modal_mask=None) -> torch.Tensor:
-    return contrastive_loss_ref(text, modal, temperature, mode=mode, text_weight=text_weight,
-                                text_mask=text_mask, modal_weight=modal_weight, modal_mask=modal_mask)
+                     modal_weight=None, modal_mask=None, gather: bool = False,
+                     local_loss: bool = False) -> torch.Tensor:
+    """Symmetric InfoNCE (scalar fp32, or float64 for float64 inputs) between text and one modality.
+
+    gather=True: under torch.distributed (world > 1) all-gather the features first (gradients go
+    back to the owning rank; see valor_fast.ops.distributed for the scaling contract); a no-op in
+    one process.  local_loss=True (with gather): this rank's rows vs all gathered columns, labels
+    offset by rank * B (every rank passes the same B)."""
+    if mode == "coarse":
+        return _coarse(text, modal, temperature, gather, local_loss)
+    if mode == "fine":
+        _check_fine(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+        return _fine_group_losses(text, {"m": (modal, modal_weight, modal_mask)}, temperature, text_weight,
+                                  text_mask, gather, local_loss)["m"]
+    raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")
 
 
-def grouped_contrastive_loss(text, groups, temperature, *, mode, text_weight=None, text_mask=None):
-    return grouped_contrastive_loss_ref(text, groups, temperature, mode=mode, text_weight=text_weight,
-                                        text_mask=text_mask)
+def grouped_contrastive_loss(text, groups, temperature, *, mode, text_weight=None, text_mask=None,
+                             gather: bool = False, local_loss: bool = False) -> Dict[str, torch.Tensor]:
+    """Loss per group.  coarse: groups name -> modal (B, D).  fine: name -> (modal, weight, mask) or
+    a tuple of group names to concatenate (("v", "a") for T-AV); a two-part concatenation is fused
+    with its parts (one read of the features for all three groups).  gather / local_loss as in
+    `contrastive_loss`."""
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"groups must be a non-empty dict name -> spec, got {type(groups).__name__}")
+    if mode == "coarse":
+        for n, s in groups.items():
+            if not isinstance(s, torch.Tensor):
+                raise ValueError(f"coarse mode: group {n!r} must be a (B, D) tensor, got {type(s).__name__}")
+        t_all = _dist.gather_features(text) if _gathering(gather) and text.dim() == 2 else None
+        return {n: _coarse(text, s, temperature, gather, local_loss, t_all) for n, s in groups.items()}
+    if mode == "fine":
+        return _fine_group_losses(text, groups, temperature, text_weight, text_mask, gather, local_loss)
+    raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")

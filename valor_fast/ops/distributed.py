@@ -5,6 +5,15 @@ backward, rank r receives dL/d(all features) from its own copy of L; the gradien
 over ranks (each rank's copy of L contributes the same dL/df_r) and rank r keeps its slice, so
 it holds N * dL/df_r.  Data-parallel gradient averaging (DDP / FSDP divide by N) then leaves
 exactly dL/dθ: the same as one process on the concatenated batch.
+
+local_loss (open_clip's trick, `valor_fast.ops.contrastive_loss(..., gather=True,
+local_loss=True)`): rank r scores only its own B rows against all N*B gathered columns (labels
+offset by r*B), L_r, and L = mean_r L_r is the full-batch loss.  The gathered columns' gradients
+are again summed over ranks, so rank r holds sum_r' dL_r'/df_r = N * dL/df_r: the same contract,
+so it composes with DDP / FSDP averaging the same way, at 1/N of the loss compute.  A replicated
+parameter that enters the loss directly (the temperature) gets dL/dτ on every rank without
+local_loss and dL_r/dτ with it; averaging over ranks gives dL/dτ in both cases.  Do not also
+scale the loss by N, and do not gather when gradients are summed (not averaged) over ranks.
 """
 from __future__ import annotations
 
@@ -32,6 +41,24 @@ class _GatherWithGrad(torch.autograd.Function):
         g = g.contiguous().clone()
         dist.all_reduce(g)
         return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_features(x: torch.Tensor, *, pad_dim: Optional[int] = None, pad_value=0) -> torch.Tensor:
+    """(B, ...) on each rank -> (N*B, ...) rank-major, with the gradient returned to the owning
+    rank (see the module docstring for the scaling); `pad_dim` is first padded to its largest size
+    over ranks (text token axes differ per rank).  Identity in one process; tensors that do not
+    need a gradient (masks) are gathered without the autograd node."""
+    if world() == 1:
+        return x
+    if pad_dim is not None:
+        x = pad_to_global_max(x, pad_dim, pad_value)
+    if x.requires_grad and torch.is_grad_enabled():
+        return gather_with_grad(x)
+    return gather_no_grad(x)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

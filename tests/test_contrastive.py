@@ -1,0 +1,316 @@
+"""Contrastive (MGA) losses: every runnable backend vs a float64 reference, forward and all gradients.
+
+Bound: a backend's max-abs error vs float64 must be <= 2x the error eager PyTorch gets in the same
+dtype (the reference run on the dtype's inputs) plus a tiny floor.  Triton runs under
+TRITON_INTERPRET=1 on CPU; the CUDA C++ backend only where a GPU and the built library exist.
+Shapes are odd on purpose (B = 5, 7, 13; T = 7; M = 3 + 1 audio; D = 16 / 32) so every partial
+tile, several row / column / D blocks and padding masks are exercised.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch / triton are imported
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from valor_fast.ops import _cuda  # noqa: E402
+from valor_fast.ops import contrastive as C  # noqa: E402
+from valor_fast.utils.deps import HAS_TRITON  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _backends():
+    out = ["torch"]
+    if HAS_TRITON and (DEV.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        out.append("triton")
+    if DEV.type == "cuda" and _cuda.available():
+        out.append("cuda")
+    return out
+
+
+BACKENDS = _backends()
+
+
+def _floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    # a tiny absolute floor: a few fp32 ulps of the reference's scale (eager can be exact by luck)
+    return 8 * torch.finfo(torch.float32).eps * (1.0 + float(ref.abs().max()))
+
+
+def _assert_close(name, got, ref64, eager, dtype):
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref64.shape)}"
+    assert torch.isfinite(got.double()).all(), f"{name}: non-finite values"
+    err = float((got.double() - ref64).abs().max())
+    e_err = float((eager.double() - ref64).abs().max())
+    tol = 2 * e_err + _floor(ref64, dtype)
+    assert err <= tol, f"{name} ({dtype}): max err {err:.3g} > 2 x eager {e_err:.3g} + floor"
+
+
+def _run(fn, inputs, dtype, need_grad):
+    """inputs: float64 masters; returns (outputs dict, grads dict) of fn on `dtype` copies."""
+    xs = {k: (v.to(dtype).detach().requires_grad_(k in need_grad) if v.is_floating_point() else v)
+          for k, v in inputs.items()}
+    out = fn(**xs)
+    if isinstance(out, torch.Tensor):
+        out = {"loss": out}
+    # a weighted sum so each output's gradient is distinct
+    total = sum((i + 1.0) * o for i, o in enumerate(out.values()))
+    total.backward()
+    return {k: o.detach() for k, o in out.items()}, {k: xs[k].grad for k in need_grad}
+
+
+def _compare(fn_backend, fn_ref, inputs, need_grad, backend, dtype):
+    # the float64 reference sees exactly the dtype's values: only compute error is measured
+    inputs = {k: v.to(dtype).double() if v.is_floating_point() else v for k, v in inputs.items()}
+    ref_o, ref_g = _run(fn_ref, inputs, torch.float64, need_grad)
+    eag_o, eag_g = _run(fn_ref, inputs, dtype, need_grad)
+    with C.use_backend(backend):
+        got_o, got_g = _run(fn_backend, inputs, dtype, need_grad)
+    assert got_o.keys() == ref_o.keys()
+    for k in ref_o:
+        _assert_close(f"{backend} output {k}", got_o[k], ref_o[k], eag_o[k], dtype)
+    for k in need_grad:
+        assert got_g[k] is not None, f"{backend}: no gradient for {k}"
+        _assert_close(f"{backend} grad {k}", got_g[k], ref_g[k], eag_g[k], dtype)
+
+
+def _temp():
+    return torch.empty((), dtype=torch.float64, device=DEV).uniform_(0.05, 0.5)
+
+
+def _text_mask(B, T):
+    m = torch.rand(B, T, device=DEV) > 0.3
+    m[:, 0] = True
+    m[B // 2] = False
+    m[B // 2, 0] = True  # a caption with a single real token
+    return m
+
+
+def _feat(*shape):
+    x = torch.randn(*shape, dtype=torch.float64, device=DEV)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# coarse
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,D", [(5, 16), (13, 32)])
+def test_coarse_matches_reference(backend, dtype, B, D):
+    inputs = dict(text=_feat(B, D), modal=_feat(B, D), temperature=_temp())
+    need = ("text", "modal", "temperature")
+    _compare(lambda **k: C.contrastive_loss(**k, mode="coarse"),
+             lambda **k: C.contrastive_loss_ref(**k, mode="coarse"), inputs, need, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_coarse_matches_reference(backend):
+    B, D = 7, 32
+    inputs = dict(text=_feat(B, D), v=_feat(B, D), a=_feat(B, D), temperature=_temp().reshape(1))
+
+    def fn(ref):
+        def f(text, v, a, temperature):
+            g = (C.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss)
+            return g(text, {"v": v, "a": a}, temperature, mode="coarse")
+        return f
+    _compare(fn(False), fn(True), inputs, ("text", "v", "a", "temperature"), backend, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# fine
+# ----------------------------------------------------------------------------------------------
+def _fine_inputs(B, T, Mv, Ma, D):
+    mv = torch.rand(B, Mv, device=DEV) > 0.3
+    mv[:, 0] = True
+    return dict(text=_feat(B, T, D), text_weight=torch.randn(B, T, dtype=torch.float64, device=DEV),
+                text_mask=_text_mask(B, T),
+                v=_feat(B, Mv, D), wv=torch.randn(B, Mv, dtype=torch.float64, device=DEV), mv=mv,
+                a=_feat(B, Ma, D), wa=torch.randn(B, Ma, dtype=torch.float64, device=DEV),
+                temperature=_temp())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fine_loss_matches_reference(backend, dtype):
+    inp = _fine_inputs(7, 7, 3, 1, 16)
+    del inp["a"], inp["wa"]
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, temperature):
+            g = C.contrastive_loss_ref if ref else C.contrastive_loss
+            return g(text, v, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask,
+                     modal_weight=wv, modal_mask=mv)
+        return f
+    _compare(fn(False), fn(True), inp, ("text", "text_weight", "v", "wv", "temperature"), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,B", [(torch.float32, 5), (torch.bfloat16, 5), (torch.float16, 5),
+                                     (torch.bfloat16, 13)])
+def test_grouped_fine_matches_reference(backend, dtype, B):
+    """T-V, T-A and T-AV ("av" = concatenation of v and a) from one fused pass."""
+    inp = _fine_inputs(B, 7, 3, 1, 16 if B == 13 else 32)
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature):
+            g = C.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            groups = {"v": (v, wv, mv), "a": (a, wa, None), "av": ("v", "a")}
+            return g(text, groups, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask)
+        return f
+    need = ("text", "text_weight", "v", "wv", "a", "wa", "temperature")
+    _compare(fn(False), fn(True), inp, need, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_fine_partial_groups_and_no_weights(backend):
+    """Only the concatenation requested besides its parts, no weights / masks anywhere, and a
+    three-part concatenation (materialised)."""
+    inp = _fine_inputs(5, 7, 3, 1, 16)
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature):
+            g = C.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            groups = {"v": (v, None, None), "a": (a, None, None), "av": ("v", "a"), "ava": ("a", "v", "a")}
+            return g(text, groups, temperature, mode="fine")
+        return f
+    _compare(fn(False), fn(True), inp, ("text", "v", "a", "temperature"), backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fine_similarity_matches_reference(backend):
+    B, T, M, D = 5, 7, 3, 16
+    inp = _fine_inputs(B, T, M, 1, D)
+    args = (inp["text"], inp["text_weight"], inp["text_mask"], inp["v"], inp["wv"], inp["mv"])
+    ref = C.fine_similarity_ref(*args)
+    with C.use_backend(backend):
+        got = C.fine_similarity(*[a.float() if a.is_floating_point() else a for a in args])
+    assert got.shape == (B, B)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _hand_case():
+    """2 captions x 2 clips, D = 2, computed by hand (independent of the reference code).
+
+    text 0: tokens (1,0), (0,1), uniform weights.  text 1: (1,0) and a padded token (5,5) whose
+    weight logit is 100: both must be ignored.  clip 0: (1,0), (0,1), uniform.  clip 1: (0,2),
+    (1,1) with weight logits (0, ln 3) -> softmax (1/4, 3/4).
+      S(0,0) = 1/2 [ (1 + 1)/2 + (1 + 1)/2 ]                  = 1
+      S(0,1) = 1/2 [ (1 + 2)/2 + (2 * 1/4 + 1 * 3/4) ]        = 1.375
+      S(1,0) = 1/2 [ 1 + (1 * 1/2 + 0 * 1/2) ]                = 0.75
+      S(1,1) = 1/2 [ 1 + (0 * 1/4 + 1 * 3/4) ]                = 0.875
+    """
+    text = torch.tensor([[[1., 0.], [0., 1.]], [[1., 0.], [5., 5.]]], device=DEV)
+    tw = torch.tensor([[0., 0.], [0., 100.]], device=DEV)
+    tm = torch.tensor([[True, True], [True, False]], device=DEV)
+    modal = torch.tensor([[[1., 0.], [0., 1.]], [[0., 2.], [1., 1.]]], device=DEV)
+    mw = torch.tensor([[0., 0.], [0., math.log(3.0)]], device=DEV)
+    S = torch.tensor([[1.0, 1.375], [0.75, 0.875]], dtype=torch.float64)
+    return (text, tw, tm, modal, mw, None), S
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fine_similarity_hand_computed(backend):
+    args, S = _hand_case()
+    with C.use_backend(backend):
+        got = C.fine_similarity(*args)
+        loss = C.contrastive_loss(args[0], args[3], torch.tensor(0.5, device=DEV), mode="fine",
+                                  text_weight=args[1], text_mask=args[2], modal_weight=args[4])
+    torch.testing.assert_close(got.double().cpu(), S, rtol=0, atol=1e-6)
+    z = S / 0.5
+    rows = [math.log(sum(math.exp(v) for v in z[i])) - z[i, i] for i in range(2)]
+    cols = [math.log(sum(math.exp(z[i, j]) for i in range(2))) - z[j, j] for j in range(2)]
+    expect = 0.5 * (sum(rows) / 2 + sum(cols) / 2)
+    assert abs(float(loss) - float(expect)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch, errors, custom ops
+# ----------------------------------------------------------------------------------------------
+def test_dispatch_env_and_force(monkeypatch):
+    x = torch.randn(4, 8)
+    monkeypatch.setenv("VALOR_FAST_CONTRASTIVE", "torch")
+    assert C.get_forced_backend() == "torch"
+    assert C._choose("coarse", x.device, None) == "torch"
+    with C.use_backend("triton" if HAS_TRITON else "torch"):
+        assert C.get_forced_backend() == ("triton" if HAS_TRITON else "torch")  # code beats env
+    monkeypatch.setenv("VALOR_FAST_CONTRASTIVE", "bogus")
+    with pytest.raises(ValueError, match="VALOR_FAST_CONTRASTIVE"):
+        C.get_forced_backend()
+    monkeypatch.delenv("VALOR_FAST_CONTRASTIVE")
+    assert C._choose("coarse", torch.device("cpu"), None) == "torch"  # auto on CPU
+    with pytest.raises(ValueError, match="backend must be one of"):
+        C.set_backend("tpu")
+    if not torch.cuda.is_available():
+        with C.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
+            C.contrastive_loss(x, x, torch.tensor(0.1))
+
+
+def test_errors_name_the_bad_input():
+    t = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="equal shape"):
+        C.contrastive_loss(t, torch.randn(5, 8), torch.tensor(0.1))
+    with pytest.raises(ValueError, match="mode"):
+        C.contrastive_loss(t, t, torch.tensor(0.1), mode="medium")
+    with pytest.raises(ValueError, match="temperature"):
+        C.contrastive_loss(t, t, torch.ones(2))
+    txt, v = torch.randn(3, 5, 8), torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match="text_weight"):
+        C.contrastive_loss(txt, v, torch.tensor(0.1), mode="fine", text_weight=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="not plain groups"):
+        C.grouped_contrastive_loss(txt, {"v": (v, None, None), "av": ("v", "a")}, torch.tensor(0.1), mode="fine")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_kernel_shape_limits_fall_back_or_raise():
+    import valor_fast.kernels.contrastive as kc
+    t = torch.randn(3, 1100, device=DEV)
+    assert C._coarse_unsupported(t) is not None
+    with pytest.raises(ValueError, match="D=1100"):
+        kc.coarse_loss(t, t, torch.tensor(0.1, device=DEV))
+
+
+def test_gather_is_noop_in_one_process():
+    t, m, tau = torch.randn(5, 8), torch.randn(5, 8), torch.tensor(0.2)
+    a = C.contrastive_loss(t, m, tau, gather=True, local_loss=True)
+    b = C.contrastive_loss(t, m, tau)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_custom_ops_opcheck():
+    """Fake impls + autograd registration are consistent (what torch.compile relies on)."""
+    import valor_fast.kernels.contrastive as kc
+    B, T, Mx, My, D = 3, 5, 2, 1, 16
+    t, m = torch.randn(B, D, device=DEV), torch.randn(B, D, device=DEV)
+    tau = torch.tensor(0.3, device=DEV)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(kc._coarse_fwd_op, (t.requires_grad_(), m, tau, None, None, 0), test_utils=checks)
+    text = torch.randn(B, T, D, device=DEV, requires_grad=True)
+    x, y = torch.randn(B, Mx, D, device=DEV), torch.randn(B, My, D, device=DEV)
+    wt = torch.softmax(torch.randn(B, T, device=DEV), -1)
+    mw = torch.rand(3, B, Mx + My, device=DEV)
+    tm = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    mm = torch.ones(B, Mx + My, dtype=torch.bool, device=DEV)
+    torch.library.opcheck(kc._fine_fwd_op, (text, wt, tm, x, y, mw, mm), test_utils=checks)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_torch_compile_traces_the_kernels():
+    if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    t = torch.randn(5, 16, device=DEV, requires_grad=True)
+    m = torch.randn(5, 16, device=DEV, requires_grad=True)
+    tau = torch.tensor(0.3, device=DEV, requires_grad=True)
+
+    def f(t, m, tau):
+        return C.contrastive_loss(t, m, tau)
+    with C.use_backend("triton"):
+        eager = f(t, m, tau)
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(t, m, tau)
+        compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    assert t.grad is not None and tau.grad is not None
