@@ -62,18 +62,7 @@ from valor_fast.ops.contrastive import (  # noqa: F401  (the shared reference)
     info_nce,
 )
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the reference still works
-    class _NoTriton:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_kw):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
+from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
 
 MAX_D = 1024
 MAX_T = 128
