@@ -14,8 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,49 +44,10 @@ def _require_cuda():
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers (bench/common.py, when another bench provides it, supplies env_info; else ours)
+# helpers (environment record and results file: bench/common.py, shared by every bench)
 # ----------------------------------------------------------------------------------------------
-def _git(*args):
-    try:
-        return subprocess.check_output(["git", *args], cwd=_ROOT, stderr=subprocess.DEVNULL,
-                                       text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _own_env_info():
-    import torch
-    import triton
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "device": torch.cuda.get_device_name(0),
-        "device_capability": "%d.%d" % (props.major, props.minor),
-        "device_mem_gb": round(props.total_memory / 2**30, 1),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "host": platform.node(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-    }
-
-
-def env_info():
-    info = _own_env_info()
-    try:
-        sys.path.insert(0, _ROOT)
-        from bench import common  # optional, owned by another bench
-        if callable(getattr(common, "env_info", None)):
-            extra = common.env_info()
-            if isinstance(extra, dict):
-                info.update(extra)
-    except Exception:  # noqa: BLE001 - any problem there must not stop this bench
-        pass
-    return info
-
-
-def append_result(path, row):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+sys.path.insert(0, _ROOT)
+from bench.common import append_result, env_info  # noqa: E402
 
 
 def bench_ms(fn, grad_to_none=None):

@@ -63,3 +63,61 @@ def append_result(path: str, row: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+
+
+def time_ms(fn: Callable[[], object], device, warmup: int = 3, iters: int = 10) -> list:
+    """Per-call wall milliseconds of fn() (CUDA: events around each call; CPU: perf_counter).
+    For whole training steps, where do_bench's L2 flush and ms-budget loop do not fit."""
+    import time
+
+    import torch
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def measure_peaks(device, dtype=None) -> dict:
+    """The device's measured ceilings, taken in the same run as the numbers they normalise:
+    dense matmul TFLOP/s (CUDA: bf16 8192^3; CPU: fp32 2048^3) and copy bandwidth GB/s
+    (read + write of a 1 GiB (CUDA) / 256 MiB (CPU) buffer)."""
+    import statistics
+
+    import torch
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    if cuda:
+        dtype = dtype or torch.bfloat16
+        n, nbytes = 8192, 1 << 30
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        mm_ms = do_bench(lambda: a @ b)
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        cp_ms = do_bench(lambda: dst.copy_(src))
+    else:
+        dtype = dtype or torch.float32
+        n, nbytes = 2048, 1 << 28
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
+        mm_ms = statistics.median(time_ms(lambda: a @ b, device, 2, 5))
+        src = torch.empty(nbytes, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        cp_ms = statistics.median(time_ms(lambda: dst.copy_(src), device, 2, 5))
+    return {"matmul_dtype": str(dtype).replace("torch.", ""), "matmul_n": n,
+            "matmul_tflops": 2 * n ** 3 / (mm_ms * 1e-3) / 1e12,
+            "copy_gbps": 2 * nbytes / (cp_ms * 1e-3) / 1e9}

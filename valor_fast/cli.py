@@ -4,6 +4,7 @@
     valor-fast pretrain [--config configs/tiny.yaml] [--train.lr 3e-4 ...]
     valor-fast eval --ckpt RUN/model.safetensors [--config RUN/config.yaml] [--split test]
     valor-fast info
+    valor-fast bench [--quick] [--size base --batch 32 --find-max-batch]
 
 Dotted overrides (`--section.field value`) apply on top of the recipe; the resolved config is
 printed and saved in the run folder.
@@ -108,6 +109,17 @@ def cmd_data(args, over) -> int:
     raise SystemExit(f"unknown data action {args.action!r}")
 
 
+def cmd_bench(args, over) -> int:
+    """Run bench/run_all.py of this source checkout (the bench scripts are not installed)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", "run_all.py")
+    if not os.path.exists(script):
+        raise SystemExit(f"valor-fast bench: {script} not found; the benchmarks live in the source "
+                         "repository (git clone it and `pip install -e .`)")
+    return subprocess.call([sys.executable, script] + list(args.bench_args), cwd=root)
+
+
 def cmd_info(args, over) -> int:
     import torch
     from .config import SIZES, model_config
@@ -127,6 +139,8 @@ def cmd_info(args, over) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:   # every later argument belongs to bench/run_all.py
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]), {})
     rest, over = split_overrides(argv)
     p = argparse.ArgumentParser(prog="valor-fast", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -145,8 +159,12 @@ def main(argv=None) -> int:
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--clips-per-combo", type=int, default=4)
     sub.add_parser("info", help="parameter counts and available backends")
+    sb = sub.add_parser("bench", help="kernel + training-step benchmarks on this device, one table "
+                        "(options: python bench/run_all.py --help)")
+    sb.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = p.parse_args(rest)
-    return {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "info": cmd_info}[args.cmd](args, over)
+    return {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "info": cmd_info,
+            "bench": cmd_bench}[args.cmd](args, over)
 
 
 if __name__ == "__main__":

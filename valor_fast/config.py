@@ -119,6 +119,9 @@ class LossConfig:
     """MGC: share of non-pad tokens selected for prediction."""
     label_smoothing: float = 0.0
     """MGC cross-entropy label smoothing."""
+    grouped_decoder: bool = True
+    """MGC: run the groups as one decoder pass stacked on the batch, memory K/V projected once
+    (False: one pass per group, the unfused baseline; same losses)."""
 
 
 @dataclass

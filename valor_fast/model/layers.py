@@ -1,8 +1,10 @@
 """Transformer building blocks shared by the encoders and the decoder.
 
 Every attention goes through `valor_fast.ops.attention`, so the backend dispatcher (flash-attn,
-xformers, SDPA, our Triton kernel, eager math) serves the whole model.  The fused norm /
-activation ops are looked up through `valor_fast.ops` too when present.
+xformers, SDPA, our Triton kernel, eager math) serves the whole model.  Residual-add + LayerNorm
+and bias + GELU go through `valor_fast.ops.fused` (Triton on CUDA, the eager reference on the
+CPU); with the "eager" fused backend forced (the unfused baseline of bench/train_step.py) the
+blocks take their plain nn.Linear / F.gelu / nn.LayerNorm path instead.
 """
 from __future__ import annotations
 
@@ -14,6 +16,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops import fused as fops
+
+
+def _ln(x: torch.Tensor, ln: nn.LayerNorm, residual: Optional[torch.Tensor] = None):
+    """(LayerNorm(x + residual), x + residual) in one fused pass (one read of x and residual,
+    one write of each output, instead of add -> write -> read -> normalise)."""
+    return fops.add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps)
+
+
+def _gelu_linear(x: torch.Tensor, fc: nn.Linear, act: str) -> torch.Tensor:
+    """act(fc(x)) with the bias add fused into the activation: the matmul runs bias-free and the
+    (N, hidden) pre-activation is read once by the bias+GELU kernel."""
+    return fops.bias_gelu(F.linear(x, fc.weight), fc.bias, "quick" if act == "quick_gelu" else "none")
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -77,6 +92,8 @@ class Mlp(nn.Module):
         self.act = act
 
     def forward(self, x):
+        if fops.fused_enabled():
+            return self.fc2(_gelu_linear(x, self.fc1, self.act))
         h = self.fc1(x)
         if self.act == "quick_gelu":  # CLIP's x * sigmoid(1.702 x)
             h = h * torch.sigmoid(1.702 * h)
@@ -96,8 +113,14 @@ class PreNormBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x, key_padding_mask=None):
-        x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask)
-        return x + self.mlp(self.ln2(x))
+        if not fops.fused_enabled():
+            x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask)
+            return x + self.mlp(self.ln2(x))
+        h, _ = _ln(x, self.ln1)
+        # h = LN2(x + attn), x = x + attn: the residual add and the norm in one pass; the stream
+        # x keeps its own dtype (fp32 under autocast), h takes the attention output's (bf16)
+        h, x = _ln(self.attn(h, key_padding_mask=key_padding_mask), self.ln2, x)
+        return x + self.mlp(h)
 
 
 class BertLayer(nn.Module):
@@ -120,7 +143,9 @@ class BertLayer(nn.Module):
         """x (N, L, C).  memory (B, Lm, C) with N = memory_repeat * B: its cross-attention K/V are
         projected once and tiled over the `memory_repeat` stacked groups (the three MGC groups
         share one pass); with a `cache` they are projected at the first step only."""
-        x = self.ln_attn(x + self.attn(x, key_padding_mask=key_padding_mask, causal=causal, cache=cache))
+        fused = fops.fused_enabled()
+        a = self.attn(x, key_padding_mask=key_padding_mask, causal=causal, cache=cache)
+        x = _ln(a, self.ln_attn, x)[0] if fused else self.ln_attn(x + a)
         if memory is not None or (cache is not None and "mk" in cache):
             if self.cross is None:
                 raise RuntimeError("this BertLayer was built without cross-attention")
@@ -132,7 +157,10 @@ class BertLayer(nn.Module):
                     kv = tuple(t.repeat(memory_repeat, 1, 1, 1) for t in kv)  # (G*B, H, Lm, Dh)
                 if cache is not None:
                     cache["mk"], cache["mv"] = kv
-            x = self.ln_cross(x + self.cross(x, kv_heads=kv, key_padding_mask=memory_mask))
+            c = self.cross(x, kv_heads=kv, key_padding_mask=memory_mask)
+            x = _ln(c, self.ln_cross, x)[0] if fused else self.ln_cross(x + c)
+        if fused:
+            return _ln(self.fc2(_gelu_linear(x, self.fc1, "gelu")), self.ln_ffn, x)[0]
         return self.ln_ffn(x + self.fc2(F.gelu(self.fc1(x))))
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import fused as fops
 from .layers import BertLayer
 
 
@@ -38,6 +39,9 @@ class BertLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab))
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
+        if fops.fused_enabled():
+            g = fops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias, "none")
+            return fops.add_layer_norm(g, None, self.ln.weight, self.ln.bias, self.ln.eps)[0]
         return self.ln(F.gelu(self.dense(h)))
 
     def forward(self, h: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
@@ -82,3 +86,9 @@ class BertText(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h, self.embeddings.word.weight)
+
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Per-row cross-entropy (N,) fp32 of the LM head at hidden rows h (N, C), without the
+        (N, V) logits: the vocabulary is walked in chunks (ops.fused.lm_head_cross_entropy)."""
+        return fops.lm_head_cross_entropy(self.lm_head.transform(h), self.embeddings.word.weight,
+                                          self.lm_head.bias, labels, label_smoothing, reduction="none")

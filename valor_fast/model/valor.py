@@ -139,6 +139,10 @@ class VALOR(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text.logits(hidden)
 
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Per-row LM cross-entropy (N,) at hidden rows (N, C), fused: no (N, V) logits."""
+        return self.text.lm_loss(hidden, labels, label_smoothing)
+
 
 def build_model(cfg: ModelConfig) -> VALOR:
     model = VALOR(cfg)

@@ -5,6 +5,9 @@ Backend choice, per call:
   2. else the env var VALOR_FAST_FUSED=triton|torch|auto (read per call, so it can be flipped),
   3. else auto: Triton for CUDA tensors when triton is installed, torch otherwise (always torch on
      CPU; forcing triton on CPU requires TRITON_INTERPRET=1, the interpreter CI uses).
+  "eager" (forced only) is the unfused baseline of bench/train_step.py --impl eager: the model
+  takes its plain nn.Linear / F.gelu / nn.LayerNorm path (`fused_enabled()` is False) and the LM
+  head materialises the (N, V) logits before F.cross_entropy, as an unfused model does.
 Auto also falls back to torch for inputs the kernels do not cover (LayerNorm rows wider than 8192,
 float64).  The choice is logged once per (op, backend, reason).
 
@@ -17,6 +20,7 @@ import os
 from typing import Iterator, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import valor_fast.kernels.add_layer_norm as _k_aln
@@ -25,7 +29,7 @@ import valor_fast.kernels.lm_head_ce as _k_lm
 from valor_fast.utils.deps import HAS_TRITON, INSTALL_HINTS
 from valor_fast.utils.log import log_once
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "eager")
 _ENV = "VALOR_FAST_FUSED"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _forced: Optional[str] = None
@@ -70,9 +74,17 @@ def _log(op: str, backend: str, reason: str) -> None:
         log_once(f"fused:{op}:{backend}:{reason}", f"fused {op}: {backend} backend ({reason})")
 
 
+def fused_enabled() -> bool:
+    """False when the unfused "eager" baseline is forced: the model then skips these ops."""
+    return get_forced_backend() != "eager"
+
+
 def _choose(op: str, device: torch.device, unsupported: Optional[str]) -> str:
     """`unsupported`: why the Triton kernel cannot take these inputs, or None."""
     forced = get_forced_backend()
+    if forced == "eager":
+        _log(op, "eager", "forced")
+        return "eager"
     if forced == "torch":
         _log(op, "torch", "forced")
         return "torch"
@@ -135,6 +147,11 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     """Cross-entropy of hidden (N, C) @ weight (V, C)^T + bias (V,) against labels (N,), computed
     in vocabulary chunks (memory O(N * chunk_size)); fp32 loss."""
     unsupported = None if hidden.dtype in _TRITON_DTYPES else f"dtype {hidden.dtype}"
-    use_triton = _choose("lm_head_cross_entropy", hidden.device, unsupported) == "triton"
+    backend = _choose("lm_head_cross_entropy", hidden.device, unsupported)
+    if backend == "eager":  # the unfused baseline: full (N, V) logits, fp32 loss
+        logits = F.linear(hidden, weight, bias).float()
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing, reduction=reduction)
+    use_triton = backend == "triton"
     return _k_lm.lm_head_cross_entropy(hidden, weight, bias, labels, label_smoothing, reduction,
                                        ignore_index, chunk_size, use_triton=use_triton)

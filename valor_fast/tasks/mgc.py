@@ -17,9 +17,11 @@ FIRST_WORD_ID = 999  # ids below are [unused]/special tokens in bert-base-uncase
 
 def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, prob: float = 0.6, vocab: int = 30522,
                 generator: Optional[torch.Generator] = None,
-                draws: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                draws: Optional[torch.Tensor] = None,
+                eligible: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Select `prob` of the non-pad tokens (never position 0), at least one a sequence; of the
-    selected 80% -> [MASK], 10% -> a random word id, 10% unchanged.
+    selected 80% -> [MASK], 10% -> a random word id, 10% unchanged.  `eligible` (B, L) bool, if
+    given, narrows the candidates further (QA: the answer tokens only, the question is a prompt).
 
     Returns (input ids, selected (B, L) bool).  Labels are the original ids at selected positions.
     `draws` (B, >=L, 3) uniforms, if given, replace the generator: the trainer draws them per
@@ -28,7 +30,7 @@ def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, prob: float = 0.6, vocab:
     if ids.shape != mask.shape:
         raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} differ")
     dev = ids.device
-    eligible = mask.clone()
+    eligible = mask.clone() if eligible is None else (mask & eligible.to(mask.device))
     eligible[:, 0] = False
     if not bool(eligible.any(1).all()):
         raise ValueError("every caption needs at least one token after [CLS] to mask")
@@ -68,15 +70,23 @@ def group_memory_masks(groups, B: int, n_video: int, n_audio: int, has_audio: Op
 def mgc_loss(model: VALOR, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, n_video: int,
              groups: Iterable[str], prob: float = 0.6, has_audio: Optional[torch.Tensor] = None,
              label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None,
-             draws: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+             draws: Optional[torch.Tensor] = None, grouped: bool = True,
+             eligible: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Per-group masked-captioning losses.  grouped=True: one decoder pass over the G groups
+    stacked on the batch, memory K/V projected once; grouped=False: one pass per group with its
+    own K/V projection (the unfused baseline, as upstream VALOR runs it) - same losses."""
     groups = parse_groups(groups)
     B, L = ids.shape
     G = len(groups)
-    inp, sel = mask_tokens(ids, mask, prob, model.cfg.vocab_size, generator, draws)
+    inp, sel = mask_tokens(ids, mask, prob, model.cfg.vocab_size, generator, draws, eligible)
     # groups stacked along the batch: (G*B, L); the memory's K/V are projected once per layer
     # and tiled over the groups, each group seeing its own keys through `mmask`
     mmask = group_memory_masks(groups, B, n_video, memory.shape[1] - n_video, has_audio, ids.device)
-    hid = model.decode(inp.repeat(G, 1), mask.repeat(G, 1), memory, mmask, memory_repeat=G)  # (G*B, L, C)
+    if grouped:
+        hid = model.decode(inp.repeat(G, 1), mask.repeat(G, 1), memory, mmask, memory_repeat=G)  # (G*B, L, C)
+    else:
+        hid = torch.cat([model.decode(inp, mask, memory, mmask[gi * B:(gi + 1) * B])
+                         for gi in range(G)], 0)
     sel_g = sel.repeat(G, 1)
     if has_audio is not None and not bool(has_audio.all()):
         for gi, g in enumerate(groups):
@@ -84,8 +94,9 @@ def mgc_loss(model: VALOR, ids: torch.Tensor, mask: torch.Tensor, memory: torch.
                 sel_g[gi * B:(gi + 1) * B] &= has_audio[:, None]
     labels = ids.repeat(G, 1)[sel_g]
     h = hid[sel_g]                                                          # (N_sel, C): only selected rows
-    logits = model.lm_logits(h).float()                                     # (N_sel, V)
-    nll = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    # (N_sel,) fp32; the LM head + CE never holds the (N_sel, V) logits (chunked over the
+    # vocabulary) unless the unfused "eager" baseline is forced
+    nll = model.lm_loss(h, labels, label_smoothing)
     row_group = torch.arange(G, device=ids.device).repeat_interleave(B)[:, None].expand(G * B, L)[sel_g]
     # per-group mean over the selected tokens.  Under data parallelism the token counts are
     # summed over ranks, so that gradient averaging gives exactly the gradient of the global

@@ -3,7 +3,7 @@ activation checkpointing -> torch.compile per block -> FSDP2 `fully_shard` per b
 (or plain DDP for small models).  The model keeps its architecture; these only wrap it."""
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -36,13 +36,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:
     return n
 
 
-def apply_compile(model: nn.Module) -> int:
+def apply_compile(model: nn.Module, mode: Optional[str] = None) -> int:
     """torch.compile each block (repeated blocks share one compiled graph; dynamic=False keeps
-    shapes static so CUDA graphs can apply)."""
+    shapes static so CUDA graphs can apply: mode="reduce-overhead" records them).  fullgraph=True
+    makes a graph break an error rather than a silent slow path."""
     n = 0
     for blocks in transformer_blocks(model):
         for i, blk in enumerate(blocks):
-            blocks[i] = torch.compile(blk, fullgraph=True, dynamic=False)
+            blocks[i] = torch.compile(blk, fullgraph=True, dynamic=False, mode=mode)
             n += 1
     return n
 
