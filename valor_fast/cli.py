@@ -3,6 +3,11 @@
     valor-fast data synth [--root DIR] [--seed N]
     valor-fast pretrain [--config configs/tiny.yaml] [--train.lr 3e-4 ...]
     valor-fast eval --ckpt RUN/model.safetensors [--config RUN/config.yaml] [--split test]
+    valor-fast finetune --task retrieval|caption|qa --init RUN/model.safetensors [--config ...]
+    valor-fast eval --ckpt RUN/model.safetensors [--task retrieval|caption|qa]
+    valor-fast caption VIDEO [VIDEO ...] --ckpt RUN/model.safetensors [--audio WAV ...]
+    valor-fast embed --ckpt RUN/model.safetensors --split test --out feats.safetensors
+    valor-fast convert model_step_N.pt --out model.safetensors [--config configs/base.yaml]
     valor-fast info
     valor-fast bench [--quick] [--size base --batch 32 --find-max-batch]
 
@@ -68,6 +73,62 @@ def cmd_pretrain(args, over) -> int:
     return 0
 
 
+def cmd_finetune(args, over) -> int:
+    """pretrain's launcher with a task recipe: configs/finetune_<task>.yaml unless --config."""
+    if args.config is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        args.config = os.path.join(root, "configs", f"finetune_{args.task}.yaml")
+        if not os.path.exists(args.config):
+            raise SystemExit(f"no recipe {args.config}; pass --config")
+    over = dict(over)
+    over["train.task"] = args.task
+    if args.init:
+        if not os.path.exists(args.init):
+            raise SystemExit(f"--init {args.init!r} not found")
+        over["train.init"] = os.path.abspath(args.init)
+    else:
+        print("finetune without --init: starting from random / HF-initialised weights", file=sys.stderr)
+    return cmd_pretrain(args, over)
+
+
+def cmd_caption(args, over) -> int:
+    from .infer import caption_files, load_run
+    if args.audio and len(args.audio) != len(args.videos):
+        raise SystemExit(f"--audio takes one file per video: {len(args.audio)} audio for {len(args.videos)} videos")
+    cfg, model, dev = load_run(args.ckpt, args.config, over)
+    caps = caption_files(model, cfg, dev, args.videos, args.audio, beam=args.beam)
+    for path, c in caps.items():
+        print(f"{path}\t{c}")
+    return 0
+
+
+def cmd_embed(args, over) -> int:
+    from .infer import embed_split, load_run, save_features
+    from .train.trainer import prepare_data
+    cfg, model, dev = load_run(args.ckpt, args.config, over)
+    prepare_data(cfg)
+    feats = embed_split(model, cfg, dev, args.split, cfg.eval.batch_size)
+    save_features(feats, args.out)
+    print(f"{len(feats['_ids'])} clips: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feats.items() if k != "_ids")
+          + f" -> {args.out}")
+    return 0
+
+
+def cmd_convert(args, over) -> int:
+    from .config import load_config
+    from .model.convert import load_valor_checkpoint
+    from .model.valor import build_model
+    from .train.checkpoint import save_model, write_json
+    cfg = load_config(args.config, over)
+    model = build_model(cfg.model)
+    rep = load_valor_checkpoint(model, args.ckpt)
+    save_model(model, args.out, metadata={"converted_from": os.path.basename(args.ckpt), "size": cfg.model.size})
+    write_json(args.out + ".report.json", rep)
+    print(f"{rep['loaded']} tensors converted -> {args.out}; {len(rep['missing'])} of ours left at init, "
+          f"{len(rep['unused'])} upstream tensors unused (listed in {args.out}.report.json)")
+    return 0
+
+
 def cmd_eval(args, over) -> int:
     import torch
     from .config import dump
@@ -75,13 +136,19 @@ def cmd_eval(args, over) -> int:
     from .eval.evaluate import evaluate, format_table
     from .model.valor import build_model
     from .train.checkpoint import load_model, write_json
-    from .train.trainer import autocast_ctx, prepare_data, resolve_device
+    from .train.trainer import autocast_ctx, evaluate_task, prepare_data, resolve_device
     cfg_path = args.config
     if cfg_path is None and args.ckpt:
         cand = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "config.yaml")
         cfg_path = cand if os.path.exists(cand) else None
     args.config = cfg_path
+    if args.task:
+        over = dict(over, **{"train.task": args.task})
+    elif args.no_caption:
+        over = dict(over, **{"train.task": "retrieval"})
     cfg = _load(args, over)
+    if cfg.train.task == "pretrain":
+        cfg.train.task = "caption"   # pretrained models: retrieval + captioning
     device = resolve_device(cfg.train.device)
     prepare_data(cfg)
     model = build_model(cfg.model).to(device)
@@ -92,7 +159,7 @@ def cmd_eval(args, over) -> int:
         print("no --ckpt: evaluating a randomly initialised model", file=sys.stderr)
     amp, _ = autocast_ctx(cfg.train.precision, device)
     loader = build_loader(cfg.data, args.split, cfg.model.image_size, cfg.eval.batch_size, False, cfg.train.seed)
-    m = evaluate(model, loader, cfg, device, captions=not args.no_caption, autocast=amp)
+    m = evaluate_task(model, loader, cfg, device, amp)
     print(format_table(m))
     if args.out:
         write_json(args.out, m)
@@ -151,8 +218,30 @@ def main(argv=None) -> int:
     se.add_argument("--config", default=None)
     se.add_argument("--ckpt", default=None, help="model.safetensors of a run")
     se.add_argument("--split", default="test", choices=["train", "val", "test"])
-    se.add_argument("--no-caption", action="store_true", help="retrieval only")
+    se.add_argument("--no-caption", action="store_true", help="retrieval only (= --task retrieval)")
+    se.add_argument("--task", default=None, choices=["retrieval", "caption", "qa"],
+                    help="metrics to compute (default: the run's task; pretrained runs: retrieval + caption)")
     se.add_argument("--out", default=None, help="write metrics JSON here")
+    sf = sub.add_parser("finetune", help="fine-tune a checkpoint on a downstream task")
+    sf.add_argument("--task", required=True, choices=["retrieval", "caption", "qa"])
+    sf.add_argument("--init", default=None, help="our model.safetensors / run folder, or an upstream VALOR .pt")
+    sf.add_argument("--config", default=None, help="recipe (default configs/finetune_<task>.yaml)")
+    sf.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")
+    sc = sub.add_parser("caption", help="caption video files with a trained model")
+    sc.add_argument("videos", nargs="+", help="video files (or folders of frames)")
+    sc.add_argument("--ckpt", default=None, help="model.safetensors (config.yaml beside it is used)")
+    sc.add_argument("--config", default=None)
+    sc.add_argument("--audio", nargs="*", default=None, help="one WAV/FLAC per video (default: the video's track)")
+    sc.add_argument("--beam", type=int, default=None)
+    sm = sub.add_parser("embed", help="text/video/audio embeddings of a split to .safetensors / .npz")
+    sm.add_argument("--ckpt", default=None)
+    sm.add_argument("--config", default=None)
+    sm.add_argument("--split", default="test", choices=["train", "val", "test"])
+    sm.add_argument("--out", required=True, help="features file (.safetensors or .npz)")
+    sv = sub.add_parser("convert", help="upstream VALOR checkpoint -> our safetensors, with a key report")
+    sv.add_argument("ckpt", help="upstream model_step_N.pt (read with weights_only=True)")
+    sv.add_argument("--config", default=None, help="recipe of the matching size (configs/base.yaml, ...)")
+    sv.add_argument("--out", required=True)
     sd = sub.add_parser("data", help="dataset tools")
     sd.add_argument("action", choices=["synth"])
     sd.add_argument("--root", default="data_cache/synth")
@@ -164,6 +253,7 @@ def main(argv=None) -> int:
     sb.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = p.parse_args(rest)
     return {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "info": cmd_info,
+            "finetune": cmd_finetune, "caption": cmd_caption, "embed": cmd_embed, "convert": cmd_convert,
             "bench": cmd_bench}[args.cmd](args, over)
 
 

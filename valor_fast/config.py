@@ -78,7 +78,9 @@ class DataConfig:
     synth_clips_per_combo: int = 4
     """Training clips per (video, audio) attribute combination of the synthetic set."""
     train_ann: str = "train.jsonl"
-    """Training annotations (JSONL {video_id, captions[, qa]} or VALOR ids JSON + txt_mapper)."""
+    """Training annotations: JSONL {video_id, captions[, qa]}, VALOR ids JSON + txt_mapper, or
+    <format>:<file> for a benchmark's own files (msrvtt, msrvtt_1ka, vatex, audiocaps, valor32k,
+    msrvtt_qa; see valor_fast/data/adapters.py)."""
     val_ann: str = "val.jsonl"
     """Validation annotations (model selection / periodic eval)."""
     test_ann: str = "test.jsonl"
@@ -196,6 +198,13 @@ class TrainConfig:
     """Testing aid: seconds to sleep after each step (lets a test kill a run mid-way)."""
     final_eval: bool = True
     """Evaluate on the test split at the end of training."""
+    task: str = "pretrain"
+    """pretrain (MGA + MGC) | retrieval (MGA on loss.groups) | caption (MGC on loss.groups) | qa
+    (answer generation, MGC on the answer tokens); the recipes configs/finetune_*.yaml set the
+    matching loss weights and groups."""
+    init: str = ""
+    """Checkpoint to start from: our model.safetensors (or its run folder), or an upstream VALOR
+    checkpoint (converted on load, unmatched keys reported).  '' = random / HF init."""
 
 
 @dataclass
@@ -212,6 +221,11 @@ class EvalConfig:
     """Group the captioner is conditioned on at eval."""
     retrieval_mode: str = ""
     """Similarity used for retrieval scoring ('' = the training mga_mode)."""
+    retrieval_captions: str = "first"
+    """Text queries of retrieval: first (one caption a clip, MSRVTT-1kA style) or all (every
+    caption is a query; a clip is found by its best-ranked caption: VATEX, AudioCaps)."""
+    qa_max_answer_len: int = 8
+    """Max generated answer tokens in QA evaluation."""
 
 
 @dataclass

@@ -53,7 +53,15 @@ def read_valor(ids_path: str, txt_mapper: str, qa_mapper: Optional[str] = None) 
 
 
 def read_annotations(root: str, name: str) -> List[dict]:
-    """`name` is a JSONL file, or a VALOR ids JSON with txt_mapper.json beside it."""
+    """`name` is a JSONL file, a VALOR ids JSON with txt_mapper.json beside it, or
+    `<format>:<file>` for a benchmark's own annotations (data/adapters.py: msrvtt, msrvtt_1ka,
+    vatex, audiocaps, valor32k, msrvtt_qa), e.g. `vatex:annotations/vatex_training_v1.0.json`."""
+    fmt, sep, rest = name.partition(":")
+    if sep and not os.path.isabs(name):
+        from .adapters import FORMATS, read_benchmark
+        if fmt not in FORMATS:
+            raise ValueError(f"annotations {name!r}: unknown format {fmt!r}; choose one of {FORMATS}")
+        return read_benchmark(fmt, rest if os.path.isabs(rest) else os.path.join(root, rest))
     path = name if os.path.isabs(name) else os.path.join(root, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"annotations {path!r} not found")

@@ -36,8 +36,10 @@ class _Stepper:
                 c["k"], c["v"] = c["k"][idx], c["v"][idx]
                 # beams of one clip share its memory, so the memory K/V need no reordering
 
-    def start(self, n: int, device) -> torch.Tensor:
-        self.prefix = torch.full((n, 1), CLS_ID, dtype=torch.long, device=device)
+    def start(self, n: int, device, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # prompt (n, P): `[CLS] question [SEP]` for QA; captions start from [CLS] alone
+        self.prefix = (torch.full((n, 1), CLS_ID, dtype=torch.long, device=device) if prompt is None
+                       else prompt.to(device))
         if self.use_cache:
             # first pass: projects the memory K/V into the caches once per clip
             self.model.decode(self.prefix, None, self.memory, self.mmask, caches=self.caches, offset=0)
@@ -67,8 +69,11 @@ class _Stepper:
 @torch.no_grad()
 def beam_search(model: VALOR, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
                 beam: int = 3, max_len: int = 30, length_penalty: float = 1.0,
-                use_cache: bool = True) -> List[List[int]]:
+                use_cache: bool = True, prompt: Optional[torch.Tensor] = None) -> List[List[int]]:
     """memory (B, Lm, C) -> best token ids (without [CLS]/[SEP]) for each clip.
+
+    prompt (B, P), optional: a prefix every hypothesis of a clip starts from (QA: `[CLS] question
+    [SEP]`, all rows of one length: bucket questions by length); the prefix is not returned.
 
     Hypothesis score = sum log p / len ** length_penalty, len counting [SEP]; a hypothesis ends
     at [SEP] or at max_len tokens.  beam=1 is greedy search.
@@ -79,7 +84,10 @@ def beam_search(model: VALOR, memory: torch.Tensor, memory_mask: Optional[torch.
     mem = _expand(memory, beam)                                      # (B*K, Lm, C)
     mmask = None if memory_mask is None else _expand(memory_mask, beam)
     st = _Stepper(model, mem, mmask, use_cache)
-    logp = st.start(B * beam, dev)                                   # (B*K, V)
+    if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != B):
+        raise ValueError(f"prompt must be (B={B}, P), got {tuple(prompt.shape)}")
+    P = 1 if prompt is None else prompt.shape[1]
+    logp = st.start(B * beam, dev, None if prompt is None else _expand(prompt, beam))  # (B*K, V)
     V = logp.shape[-1]
     scores = torch.zeros(B, beam, device=dev)
     scores[:, 1:] = float("-inf")                                    # all beams start equal: keep one
@@ -100,7 +108,7 @@ def beam_search(model: VALOR, memory: torch.Tensor, memory_mask: Optional[torch.
                 if s == float("-inf"):
                     break
                 if tok == SEP_ID or t == max_len - 1:
-                    seq = st.prefix[b * beam + src, 1:].tolist() + ([] if tok == SEP_ID else [tok])
+                    seq = st.prefix[b * beam + src, P:].tolist() + ([] if tok == SEP_ID else [tok])
                     length = t + 1
                     finished[b].append((s / (length ** length_penalty), seq))
                 else:

@@ -38,8 +38,14 @@ def _pad_text(feats, masks):
 @torch.no_grad()
 def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
              max_caption_clips: Optional[int] = None, autocast=None) -> Dict[str, float]:
-    """Retrieval over the split's canonical caption (first caption) of every clip, and
-    captioning of every clip (ground truth = all its captions).  Returns flat metrics."""
+    """Retrieval with the split's first caption of every clip as the query (eval.retrieval_captions
+    = first, MSRVTT-1kA style) or every caption (= all: VATEX / AudioCaps; clip->text counts the
+    best-ranked of its captions), and captioning of every clip (ground truth = all its captions).
+    Returns flat metrics."""
+    if cfg.eval.retrieval_captions not in ("first", "all"):
+        raise ValueError(f"eval.retrieval_captions must be first or all, got {cfg.eval.retrieval_captions!r}")
+    all_caps = cfg.eval.retrieval_captions == "all"
+    text_to_clip = []
     was_training = model.training
     model.eval()
     t0 = time.time()
@@ -52,9 +58,17 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
         b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with ctx():
             vt, at = model.encode_video(b["video"]), model.encode_audio(b["audio"])
-            th = model.encode_text(b["text_ids"], b["text_mask"])
-            tf.append(model.text_features(th, b["text_mask"]))
-            tmask.append(b["text_mask"])
+            if all_caps:   # every caption of every clip in this batch is a query
+                from ..data.tokenizer import tokenize
+                flat = [c for caps in b["captions"] for c in caps]
+                t_ids, t_mask = (x.to(device) for x in tokenize(flat, cfg.data.max_text_len))
+                text_to_clip.extend(len(ids) + i for i, caps in enumerate(b["captions"]) for _ in caps)
+            else:
+                t_ids, t_mask = b["text_ids"], b["text_mask"]
+                text_to_clip.extend(range(len(ids), len(ids) + len(b["video_id"])))
+            th = model.encode_text(t_ids, t_mask)
+            tf.append(model.text_features(th, t_mask))
+            tmask.append(t_mask)
             vf.append(model.video_features(vt))
             af.append(model.audio_features(at))
             ids.extend(b["video_id"])
@@ -75,7 +89,7 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
     n = len(ids)
     for g, name in (("tv", "v"), ("ta", "a"), ("tav", "av")):
         sim = similarity_matrix(model, t, v, a, g, mode)
-        metrics.update(retrieval_metrics(sim, list(range(n)), name))
+        metrics.update(retrieval_metrics(sim, text_to_clip, name))
     if captions and preds:
         metrics.update(caption_metrics(preds, refs))
         metrics["caption/n_clips"] = float(len(preds))
@@ -83,6 +97,7 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
         for k in first:
             log.info("caption %s: %r (ref: %r)", k, preds[k], refs[k][0])
     metrics["eval/clips"] = float(n)
+    metrics["eval/queries"] = float(len(text_to_clip))
     metrics["eval/seconds"] = time.time() - t0
     model.train(was_training)
     return metrics
@@ -109,4 +124,7 @@ def format_table(metrics: Dict[str, float]) -> str:
     cap = [f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("caption/") and k != "caption/n_clips"]
     if cap:
         rows.append("  caption " + "  ".join(cap))
+    qa = [f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("qa/") and k != "qa/seconds"]
+    if qa:
+        rows.append("  qa " + "  ".join(qa))
     return "\n".join(rows)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +185,221 @@ def ast_to_ours(sd: Dict[str, torch.Tensor], grid_old: Optional[Tuple[int, int]]
         else:
             unused.append(k)   # distillation token, ...
     return out, unused
+
+
+# ----------------------------------------------------------------------------------------------
+# upstream VALOR checkpoints (TXH-mercury/VALOR `model_step_N.pt`: a plain state dict)
+# ----------------------------------------------------------------------------------------------
+_VALOR_BERT_CROSS = {   # va_concate cross-attention of upstream model/bert.py
+    "cross_attn.cross.query": "cross.q", "cross_attn.cross.key": "cross.k", "cross_attn.cross.value": "cross.v",
+    "cross_attn.output.dense": "cross.o", "cross_attn.output.LayerNorm": "ln_cross",
+}
+_CLIP_BLOCK = {"attn.out_proj": "attn.o", "ln_1": "ln1", "ln_2": "ln2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_AST_BLOCK = {"attention.linears.0": "attn.q", "attention.linears.1": "attn.k", "attention.linears.2": "attn.v",
+              "attention.linears.3": "attn.o", "ff_layer.linear1": "mlp.fc1", "ff_layer.linear2": "mlp.fc2",
+              "layernorm1": "ln1", "layernorm2": "ln2"}
+UPSTREAM_MARKERS = ("multimodal_encoder.", "txt_encoder.", "clip_model.", "audio_encoder.", "audio_embeddings.",
+                    "video_encoder.", "contra_head_", "contra_temp")
+
+
+def is_upstream_valor(sd: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(UPSTREAM_MARKERS) for k in sd)
+
+
+def _valor_bert(sd: Dict[str, torch.Tensor], prefix: str) -> Tuple[dict, list]:
+    sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    cross, rest = {}, {}
+    for k, v in sub.items():
+        m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m and m.group(2) in _VALOR_BERT_CROSS:
+            cross[f"layers.{m.group(1)}.{_VALOR_BERT_CROSS[m.group(2)]}.{m.group(3)}"] = v
+        else:
+            rest[k] = v
+    out, unused = bert_to_ours(rest)
+    out.update(cross)
+    return out, [prefix + k for k in unused]
+
+
+def valor_to_ours(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Upstream VALOR state dict -> our VALOR keys.  Returns (mapped, unused upstream keys).
+
+    text/decoder  multimodal_encoder.* (BERT with va_concate cross-attention; upstream shares it
+                  with the text encoder, so txt_encoder.* is the same weights when both appear),
+                  cls.{dense, layernorm, decoder.bias} -> the LM head (decoder.weight is tied)
+    vision        clip_model.visual.* or visual.* (OpenAI CLIP layout: in_proj split into q/k/v)
+    audio         audio_embeddings.{cls_token, first_conv, position_embeddings} and
+                  audio_encoder.layer.N.{attention.linears.0-3, ff_layer, layernorm1/2},
+                  audio_encoder.last_layernorm; the distillation token is dropped (129 tokens)
+    heads         contra_head_{t,v,a}.linear, {text,video,audio}_fine_weight.{0,2}, va_fusion,
+                  contra_temp, video/audio_frame_embedding (1, 32, d), video/audio_type_embeddings,
+                  hidden_trans_{video,audio}_multimodal.{0,1}
+    """
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    out: Dict[str, torch.Tensor] = {}
+    used = set()
+
+    def take(src: str, dst: str, fn=None):
+        if src in sd:
+            out[dst] = sd[src] if fn is None else fn(sd[src])
+            used.add(src)
+            return True
+        return False
+
+    # ---- text encoder / decoder (one BERT) ----
+    txt_prefix = "multimodal_encoder." if any(k.startswith("multimodal_encoder.") for k in sd) else "txt_encoder."
+    bert, bert_unused = _valor_bert(sd, txt_prefix)
+    out.update({"text." + k: v for k, v in bert.items()})
+    used.update(k for k in sd if k.startswith(txt_prefix) and k not in set(bert_unused))
+    if txt_prefix == "multimodal_encoder.":
+        for k in sd:
+            if k.startswith("txt_encoder."):
+                twin = "multimodal_encoder." + k[len("txt_encoder."):]
+                if twin in used and torch.equal(sd[k], sd[twin]):
+                    used.add(k)   # the shared text encoder, saved twice upstream
+    take("cls.dense.weight", "text.lm_head.dense.weight")
+    take("cls.dense.bias", "text.lm_head.dense.bias")
+    take("cls.layernorm.weight", "text.lm_head.ln.weight")
+    take("cls.layernorm.bias", "text.lm_head.ln.bias")
+    take("cls.decoder.bias", "text.lm_head.bias")
+    if "cls.decoder.weight" in sd:
+        word = out.get("text.embeddings.word.weight")
+        if word is not None and sd["cls.decoder.weight"].shape == word.shape and torch.equal(sd["cls.decoder.weight"], word):
+            used.add("cls.decoder.weight")   # tied to the word embeddings: nothing to copy
+
+    # ---- vision: OpenAI CLIP visual tower ----
+    vp = "clip_model.visual." if any(k.startswith("clip_model.visual.") for k in sd) else "visual."
+    if any(k.startswith(vp) for k in sd):
+        take(vp + "conv1.weight", "vision.patch_embed.weight")
+        take(vp + "class_embedding", "vision.cls")
+        if vp + "positional_embedding" in sd:
+            pe = sd[vp + "positional_embedding"]
+            n_old = int(round(math.sqrt(pe.shape[0] - 1)))
+            n_new = cfg.image_size // cfg.patch_size
+            out["vision.pos"] = torch.cat([pe[:1], resize_grid(pe[1:], (n_old, n_old), (n_new, n_new))])
+            used.add(vp + "positional_embedding")
+        for n in ("ln_pre", "ln_post"):
+            take(f"{vp}{n}.weight", f"vision.{n}.weight")
+            take(f"{vp}{n}.bias", f"vision.{n}.bias")
+        for k, v in sd.items():
+            m = re.match(re.escape(vp) + r"transformer\.resblocks\.(\d+)\.(.+)$", k)
+            if not m:
+                continue
+            i, rest = m.group(1), m.group(2)
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = "weight" if rest.endswith("weight") else "bias"
+                for name, part in zip("qkv", v.chunk(3, dim=0)):   # packed (3C, C) / (3C,)
+                    out[f"vision.blocks.{i}.attn.{name}.{kind}"] = part
+                used.add(k)
+                continue
+            mm = re.match(r"(.+)\.(weight|bias)$", rest)
+            if mm and mm.group(1) in _CLIP_BLOCK:
+                out[f"vision.blocks.{i}.{_CLIP_BLOCK[mm.group(1)]}.{mm.group(2)}"] = v
+                used.add(k)
+        if "contra_head_v.linear.weight" not in sd and vp + "proj" in sd:
+            take(vp + "proj", "vision_proj.weight", lambda p: p.t().contiguous())   # (C, D) -> (D, C)
+    elif any(k.startswith("video_encoder.") for k in sd):
+        try:
+            from .convert_swin import swin_to_ours   # VALOR-B's Video Swin backbone
+        except ImportError:
+            swin_to_ours = None
+        if swin_to_ours is not None and getattr(cfg, "vision", "clip") == "swin":
+            sw = {k[len("video_encoder."):]: v for k, v in sd.items() if k.startswith("video_encoder.")}
+            mapped, unused_sw = swin_to_ours(sw, cfg)[:2]
+            out.update({"vision." + k: v for k, v in mapped.items()})
+            used.update("video_encoder." + k for k in sw if k not in set(unused_sw))
+
+    # ---- audio: AST ----
+    take("audio_embeddings.cls_token", "audio.cls", lambda t: t.reshape(-1))
+    take("audio_embeddings.first_conv.weight", "audio.patch_embed.weight")
+    take("audio_embeddings.first_conv.bias", "audio.patch_embed.bias")
+    if "audio_embeddings.position_embeddings.weight" in sd:
+        pe = sd["audio_embeddings.position_embeddings.weight"]
+        grid = (cfg.audio_mel_bins // 16, cfg.audio_frames // 16)
+        if pe.shape[0] - 1 != grid[0] * grid[1]:
+            raise ValueError(f"upstream AST position table has {pe.shape[0] - 1} patches; the configured "
+                             f"{cfg.audio_mel_bins} mel x {cfg.audio_frames} frames needs {grid[0] * grid[1]}")
+        out["audio.pos"] = pe
+        used.add("audio_embeddings.position_embeddings.weight")
+    for k, v in sd.items():
+        m = re.match(r"audio_encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m and m.group(2) in _AST_BLOCK:
+            out[f"audio.blocks.{m.group(1)}.{_AST_BLOCK[m.group(2)]}.{m.group(3)}"] = v
+            used.add(k)
+    take("audio_encoder.last_layernorm.weight", "audio.ln.weight")
+    take("audio_encoder.last_layernorm.bias", "audio.ln.bias")
+
+    # ---- contrastive heads, fine weights, temperature ----
+    take("contra_head_t.linear.weight", "text_proj.weight")
+    take("contra_head_v.linear.weight", "vision_proj.weight")
+    take("contra_head_a.linear.weight", "audio_proj.weight")
+    for up, ours in (("text", "text_weight"), ("video", "vision_weight"), ("audio", "audio_weight")):
+        for i, fc in (("0", "fc1"), ("2", "fc2")):
+            take(f"{up}_fine_weight.{i}.weight", f"{ours}.{fc}.weight")
+            take(f"{up}_fine_weight.{i}.bias", f"{ours}.{fc}.bias")
+    take("va_fusion.weight", "av_fusion.weight")   # upstream's bias has no counterpart: reported unused
+    take("contra_temp", "temperature", lambda t: t.reshape(1).clone())
+
+    # ---- decoder inputs ----
+    for up, ours in (("video", "video_to_text"), ("audio", "audio_to_text")):
+        for i in ("0", "1"):
+            for p in ("weight", "bias"):
+                take(f"hidden_trans_{up}_multimodal.{i}.{p}", f"{ours}.{i}.{p}")
+    take("video_frame_embedding", "frame_embed.weight", lambda t: t.reshape(t.shape[-2], t.shape[-1]))
+    take("audio_frame_embedding", "clip_embed.weight", lambda t: t.reshape(t.shape[-2], t.shape[-1]))
+    if "video_type_embeddings" in sd and "audio_type_embeddings" in sd:
+        out["type_embed.weight"] = torch.cat([sd["video_type_embeddings"].reshape(1, -1),
+                                              sd["audio_type_embeddings"].reshape(1, -1)])
+        used.update(("video_type_embeddings", "audio_type_embeddings"))
+    unused = sorted(k for k in sd if k not in used)
+    return out, unused
+
+
+def load_valor_checkpoint(model, path_or_sd, strict_shapes: bool = True) -> dict:
+    """Load an upstream VALOR checkpoint into our model.  Returns a report {loaded, missing (our
+    tensors left at init), unused (upstream tensors with no counterpart), shape_mismatch}; logs it."""
+    sd = read_state_dict(path_or_sd) if isinstance(path_or_sd, str) else dict(path_or_sd)
+    for wrap in ("model", "state_dict", "module"):
+        if wrap in sd and isinstance(sd[wrap], dict):
+            sd = sd[wrap]
+    mapped, unused = valor_to_ours(sd, model.cfg)
+    own = model.state_dict()
+    mism = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in mapped.items() if k in own and own[k].shape != v.shape}
+    if mism and strict_shapes:
+        raise ValueError(f"VALOR checkpoint does not fit the configured model (checkpoint vs model shapes): "
+                         f"{dict(list(mism.items())[:6])}; choose the matching model.size")
+    extra = sorted(k for k in mapped if k not in own)
+    mapped = {k: v for k, v in mapped.items() if k in own and k not in mism}
+    res = model.load_state_dict(mapped, strict=False)
+    report = {"loaded": len(mapped), "missing": sorted(res.missing_keys), "unused": unused + extra,
+              "shape_mismatch": {k: list(v) for k, v in mism.items()}}
+    log.info("VALOR checkpoint: %d tensors loaded, %d of ours left at init, %d upstream tensors unused",
+             report["loaded"], len(report["missing"]), len(report["unused"]))
+    if report["missing"]:
+        log.warning("not in the checkpoint (kept at init): %s", _short(report["missing"]))
+    if report["unused"]:
+        log.warning("upstream tensors without a counterpart: %s", _short(report["unused"]))
+    return report
+
+
+def _short(keys: List[str], n: int = 12) -> str:
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def load_init(model, path: str) -> dict:
+    """Initialise a model for fine-tuning from `path`: our safetensors (or a run folder holding
+    model.safetensors), or an upstream VALOR checkpoint (detected by its key names)."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.safetensors")):
+        path = os.path.join(path, "model.safetensors")
+    sd = read_state_dict(path)
+    if is_upstream_valor(sd):
+        return load_valor_checkpoint(model, sd)
+    own = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if bad or missing or unexpected:
+        raise ValueError(f"{path}: does not match the configured model (check model.size / the run's config.yaml): "
+                         f"missing {_short(missing)}; unexpected {_short(unexpected)}; shape mismatch {_short(bad)}")
+    model.load_state_dict(sd)
+    log.info("initialised from %s (%d tensors)", path, len(sd))
+    return {"loaded": len(sd), "missing": [], "unused": [], "shape_mismatch": {}}

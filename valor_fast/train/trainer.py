@@ -198,6 +198,36 @@ class _SeededDataset(torch.utils.data.Dataset):
         return self.ds.get(i, g) if hasattr(self.ds, "get") else self.ds[i]
 
 
+TASKS = ("pretrain", "retrieval", "caption", "qa")
+
+
+def build_task(model, cfg: Config) -> torch.nn.Module:
+    """The training objective of `train.task` as the module FSDP/DDP wrap."""
+    task = cfg.train.task
+    if task not in TASKS:
+        raise ValueError(f"train.task must be one of {TASKS}, got {task!r}")
+    if task == "qa":
+        from ..tasks.qa import QATask
+        return QATask(model, cfg.loss, cfg.data.max_text_len)
+    if task == "retrieval" and not cfg.loss.mga_weight:
+        raise ValueError("train.task=retrieval needs loss.mga_weight > 0 (configs/finetune_retrieval.yaml)")
+    if task == "caption" and not cfg.loss.mgc_weight:
+        raise ValueError("train.task=caption needs loss.mgc_weight > 0 (configs/finetune_caption.yaml)")
+    return PretrainTask(model, cfg.loss)
+
+
+def evaluate_task(model, loader, cfg: Config, device, amp) -> Dict[str, float]:
+    """The test metrics of the task: retrieval only, captioning (+ retrieval), or QA."""
+    from ..eval.evaluate import evaluate
+    if cfg.train.task == "qa":
+        from ..eval.qa import evaluate_qa
+        from ..data.annotations import read_annotations
+        train_answers = [str(q["answer"]) for r in read_annotations(cfg.data.root, cfg.data.train_ann) for q in r["qa"]]
+        return evaluate_qa(model, loader, cfg, device, autocast=amp, train_answers=train_answers,
+                           max_answer_len=cfg.eval.qa_max_answer_len)
+    return evaluate(model, loader, cfg, device, captions=cfg.train.task != "retrieval", autocast=amp)
+
+
 def train(cfg: Config, run_dir: Optional[str] = None) -> Dict[str, float]:
     from ..eval.evaluate import evaluate, format_table
     tc = cfg.train
@@ -230,9 +260,13 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     barrier()
 
     model = build_model(cfg.model)
+    if tc.init:
+        from ..model.convert import load_init
+        load_init(model, tc.init)   # before sharding: every rank loads the same full weights
     counts = count_parameters(model)
     model.to(device)
-    task = PretrainTask(model, cfg.loss)
+    task = build_task(model, cfg)
+    prepare = getattr(task, "prepare", None)   # host-side batch transform (QA tokenisation)
     task = parallelize(task, model, info, tc.parallel, tc.activation_checkpointing, tc.compile, precision)
     opt = build_optimizer(task, tc, device)
     ckpts = CheckpointManager(os.path.join(run_dir, "checkpoints"), tc.keep_ckpts, info.rank, info.world,
@@ -323,7 +357,7 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
 
     try:
         from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=steps, initial=start, desc=tc.task, unit="step", dynamic_ncols=True,
                    disable=not info.is_main, mininterval=2.0)
         task.train()
         while step < steps:
@@ -332,9 +366,12 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
             set_lr(opt, lr_factor(step, steps, tc.warmup))
             logs = {}
             for mi in range(tc.grad_accum):
-                batch = move_batch(next(it), device)
+                host = next(it)
                 # masking draws of the whole global micro-batch, this rank's rows
                 g = step_generator(tc.seed, step, mi)
+                if prepare is not None:
+                    host = prepare(host, g)
+                batch = move_batch(host, device)
                 draws = torch.rand(micro * info.world, cfg.data.max_text_len + 2, 3, generator=g)
                 batch["mask_rand"] = draws[info.rank * micro:(info.rank + 1) * micro]
                 sync = mi == tc.grad_accum - 1
@@ -464,7 +501,7 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     if hasattr(task, "unshard"):
         task.unshard()
     core = task.module.model if hasattr(task, "module") else task.model
-    metrics.update(evaluate(core, test_loader, cfg, device, captions=True, autocast=amp))
+    metrics.update(evaluate_task(core, test_loader, cfg, device, amp))
     if hasattr(task, "reshard"):
         task.reshard()
     metrics["train/steps"] = float(step)

@@ -1,0 +1,101 @@
+"""Open-ended video QA as conditioned generation (VALOR's protocol): the decoder reads
+`[CLS] question [SEP] answer [SEP]` under the causal mask, cross-attending to the clip's video and
+audio tokens; training is the MGC masked-token loss restricted to the answer positions (the
+question is a prompt, never predicted); inference feeds `[CLS] question [SEP]` and generates the
+answer until [SEP]; the metric is exact match after normalisation.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config import LossConfig
+from ..model.valor import VALOR
+from .mgc import CLS_ID, SEP_ID, mgc_loss
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile(r"[^a-z0-9 ]+")
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, no punctuation or articles, single spaces (the usual open-ended QA rule)."""
+    s = _PUNCT.sub(" ", s.lower())
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def encode_qa(tokenizer, question: str, answer: Optional[str], max_len: int) -> Tuple[List[int], int]:
+    """Token ids `[CLS] q [SEP] (a [SEP])` and the prompt length (through the first [SEP]).  The
+    question is truncated (from its end) so that the answer always fits in max_len."""
+    q = tokenizer(question, add_special_tokens=False)["input_ids"]
+    a = [] if answer is None else tokenizer(answer, add_special_tokens=False)["input_ids"] + [SEP_ID]
+    room = max_len - 2 - len(a)
+    if room < 1:
+        raise ValueError(f"answer {answer!r} ({len(a)} tokens with [SEP]) does not fit in {max_len} tokens")
+    q = q[:room]
+    ids = [CLS_ID] + q + [SEP_ID] + a
+    return ids, len(q) + 2
+
+
+def qa_batch(qa_lists: Sequence[Sequence[dict]], tokenizer, max_len: int,
+             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """One QA pair per clip (drawn with `generator`: a function of (seed, step) in training) ->
+    qa_ids (B, L), qa_mask (B, L) bool, answer_mask (B, L) bool (the answer and its [SEP])."""
+    rows, prompts = [], []
+    for i, qas in enumerate(qa_lists):
+        if not qas:
+            raise ValueError(f"clip {i} of the batch has no QA pairs; QA fine-tuning needs annotations "
+                             "with a 'qa' list [{'question', 'answer'}] (or qa_mapper.json)")
+        k = int(torch.randint(len(qas), (), generator=generator)) if len(qas) > 1 else 0
+        ids, p = encode_qa(tokenizer, qas[k]["question"], str(qas[k]["answer"]), max_len)
+        rows.append(ids)
+        prompts.append(p)
+    L = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    ans = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+        out[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+        ans[i, p:len(r)] = True
+    return {"qa_ids": out, "qa_mask": mask, "answer_mask": ans}
+
+
+def qa_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
+                   generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """MGC on the answer tokens, conditioned on the configured groups (default T-AV)."""
+    vt = model.encode_video(batch["video"])
+    at = model.encode_audio(batch["audio"])
+    memory, n_video = model.memory(vt, at)
+    draws = batch.get("mask_rand")
+    ids = batch["qa_ids"]
+    if draws is not None and draws.shape[1] < ids.shape[1]:
+        draws = None   # longer than the trainer's draws: fall back to the generator
+    out = mgc_loss(model, ids, batch["qa_mask"], memory, n_video, cfg.groups, cfg.mask_prob,
+                   batch.get("has_audio"), cfg.label_smoothing, generator, draws,
+                   grouped=cfg.grouped_decoder, eligible=batch["answer_mask"])
+    losses = {f"qa/{k}": v for k, v in out.items()}
+    losses["loss"] = torch.stack(list(out.values())).mean()
+    return losses
+
+
+class QATask(torch.nn.Module):
+    """QA fine-tuning objective as a module (the FSDP / DDP root, like PretrainTask).
+    `prepare` turns a host batch's QA lists into token tensors before it moves to the device."""
+
+    def __init__(self, model: VALOR, cfg: LossConfig, max_len: int):
+        super().__init__()
+        self.model, self.cfg, self.max_len = model, cfg, max_len
+        self._tok = None
+
+    def prepare(self, batch: dict, generator: Optional[torch.Generator] = None) -> dict:
+        if self._tok is None:
+            from ..data.tokenizer import get_tokenizer   # data is a sibling layer; imported lazily
+            self._tok = get_tokenizer()
+        batch = dict(batch)
+        batch.update(qa_batch(batch["qa"], self._tok, self.max_len, generator))
+        return batch
+
+    def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        return qa_step_losses(self.model, batch, self.cfg, generator)
