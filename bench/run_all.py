@@ -7,8 +7,9 @@
 1. The device's ceilings are measured first, in the same process and run as everything else:
    dense bf16 matmul TFLOP/s and copy bandwidth GB/s (bench/common.measure_peaks).
 2. Each benchmark script runs as a subprocess writing to a scratch results file: the kernels
-   (bench_contrastive.py, bench_attention.py, bench_fused.py; CUDA only) and the training step
-   (train_step.py, eager vs fast).
+   (bench_contrastive.py, bench_attention.py, bench_fused.py; CUDA only), caption decoding with and
+   without the KV cache (bench_caption.py; CUDA only) and the training step (train_step.py, eager
+   vs fast).
 3. Every row gets `peak_share` (its TFLOP/s over the measured matmul peak, or its GB/s over the
    measured copy bandwidth) and the run id, is appended to its bench/results/<name>.jsonl, and
    one table is printed.
@@ -57,6 +58,9 @@ def _commands(args, cuda: bool, scratch: str):
             for k in KERNELS:
                 cmds.append((k, [py, os.path.join(_HERE, f"bench_{k}.py"), "--out", os.path.join(scratch, f"{k}.jsonl")]
                              + (quick[k] if args.quick else [])))
+            cmds.append(("caption", [py, os.path.join(_HERE, "bench_caption.py"), "--size", args.size,
+                                     "--out", os.path.join(scratch, "caption.jsonl")]
+                         + (["--clips", "16"] if args.quick else [])))
     if args.only in ("all", "step"):
         steps = 3 if args.quick else args.steps
         cmd = [py, os.path.join(_HERE, "train_step.py"), "--size", args.size, "--batch", str(args.batch),
@@ -77,6 +81,9 @@ def summarize(name: str, row: dict, peaks: dict) -> dict:
         what = f"step {row['size']} B={row['batch']} {row['impl']}" + (" +compile" if row.get("compile") else "")
         return {"what": what, "ms": row["step_ms_median"], "rate": row["model_tflops"], "unit": "TFLOP/s",
                 "extra": f"{row['samples_per_s']:.1f} samples/s"}
+    if name == "caption":
+        return {"what": f"caption {row['size']} beam {row['beam']} kv_cache={row['kv_cache']}", "ms": row["ms"],
+                "rate": None, "unit": "", "extra": f"{row['tokens_per_s']:.0f} tokens/s"}
     if name == "attention":
         what = f"attn {row.get('shape')} {row.get('backend')} fwd+bwd"
         return {"what": what, "ms": row.get("fwd_bwd_ms"), "rate": row.get("fwd_bwd_tflops"), "unit": "TFLOP/s",
