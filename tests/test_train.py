@@ -56,3 +56,23 @@ def test_missing_data_is_a_clear_error(tmp_path):
     cfg = _cfg(str(tmp_path / "nothing"), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="data.synth"):
         prepare_data(cfg)
+
+
+def test_stale_synthetic_folder_is_regenerated(tmp_path, monkeypatch):
+    import valor_fast.data.synth as synth
+    from valor_fast.train.trainer import prepare_data
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "train.jsonl").write_text("{}\n")
+    (root / "meta.json").write_text(json.dumps({"version": synth.VERSION - 1, "seed": 0, "clips_per_combo": 4}))
+    calls = []
+    monkeypatch.setattr(synth, "generate", lambda r, **kw: calls.append((r, kw)))
+    cfg = _cfg(str(root), str(tmp_path), **{"data.synth": "true"})
+    prepare_data(cfg)
+    assert len(calls) == 1 and not (root / "train.jsonl").exists()
+    # a folder from the same generator and settings is reused
+    root.mkdir()
+    (root / "train.jsonl").write_text("{}\n")
+    (root / "meta.json").write_text(json.dumps({"version": synth.VERSION, "seed": 0, "clips_per_combo": 4}))
+    prepare_data(cfg)
+    assert len(calls) == 1 and (root / "train.jsonl").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import math
+import json
 import os
 import random
 import signal
@@ -95,6 +96,20 @@ def make_run_dir(cfg: Config) -> str:
 def prepare_data(cfg: Config) -> None:
     """Generate the synthetic dataset into data.root when it is missing and data.synth is on."""
     ann = os.path.join(cfg.data.root, cfg.data.train_ann)
+    meta = os.path.join(cfg.data.root, "meta.json")
+    if os.path.exists(ann) and cfg.data.synth and os.path.exists(meta):
+        # a synthetic folder written by another generator version or with other settings is
+        # regenerated, not silently reused
+        from ..data.synth import VERSION
+        with open(meta) as f:
+            m = json.load(f)
+        want = {"version": VERSION, "seed": cfg.data.synth_seed, "clips_per_combo": cfg.data.synth_clips_per_combo}
+        have = {k: m.get(k) for k in want}
+        if have != want:
+            log.warning("synthetic dataset in %s was generated with %s, the config asks for %s: regenerating",
+                        cfg.data.root, have, want)
+            import shutil
+            shutil.rmtree(cfg.data.root)
     if os.path.exists(ann):
         return
     if not cfg.data.synth:
