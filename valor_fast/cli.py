@@ -219,11 +219,11 @@ def main(argv=None) -> int:
     se.add_argument("--ckpt", default=None, help="model.safetensors of a run")
     se.add_argument("--split", default="test", choices=["train", "val", "test"])
     se.add_argument("--no-caption", action="store_true", help="retrieval only (= --task retrieval)")
-    se.add_argument("--task", default=None, choices=["retrieval", "caption", "qa"],
+    se.add_argument("--task", default=None, choices=["retrieval", "caption", "qa", "scst"],
                     help="metrics to compute (default: the run's task; pretrained runs: retrieval + caption)")
     se.add_argument("--out", default=None, help="write metrics JSON here")
     sf = sub.add_parser("finetune", help="fine-tune a checkpoint on a downstream task")
-    sf.add_argument("--task", required=True, choices=["retrieval", "caption", "qa"])
+    sf.add_argument("--task", required=True, choices=["retrieval", "caption", "qa", "scst"])
     sf.add_argument("--init", default=None, help="our model.safetensors / run folder, or an upstream VALOR .pt")
     sf.add_argument("--config", default=None, help="recipe (default configs/finetune_<task>.yaml)")
     sf.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")

@@ -121,6 +121,8 @@ class LossConfig:
     """MGC: share of non-pad tokens selected for prediction."""
     label_smoothing: float = 0.0
     """MGC cross-entropy label smoothing."""
+    scst_samples: int = 5
+    """train.task=scst: captions sampled a clip (the greedy caption is the reward baseline)."""
     grouped_decoder: bool = True
     """MGC: run the groups as one decoder pass stacked on the batch, memory K/V projected once
     (False: one pass per group, the unfused baseline; same losses)."""
@@ -200,8 +202,9 @@ class TrainConfig:
     """Evaluate on the test split at the end of training."""
     task: str = "pretrain"
     """pretrain (MGA + MGC) | retrieval (MGA on loss.groups) | caption (MGC on loss.groups) | qa
-    (answer generation, MGC on the answer tokens); the recipes configs/finetune_*.yaml set the
-    matching loss weights and groups."""
+    (answer generation, MGC on the answer tokens) | scst (self-critical CIDEr-reward captioning,
+    after caption fine-tuning); the recipes configs/finetune_*.yaml set the matching loss weights
+    and groups."""
     init: str = ""
     """Checkpoint to start from: our model.safetensors (or its run folder), or an upstream VALOR
     checkpoint (converted on load, unmatched keys reported).  '' = random / HF init."""

@@ -213,7 +213,7 @@ class _SeededDataset(torch.utils.data.Dataset):
         return self.ds.get(i, g) if hasattr(self.ds, "get") else self.ds[i]
 
 
-TASKS = ("pretrain", "retrieval", "caption", "qa")
+TASKS = ("pretrain", "retrieval", "caption", "qa", "scst")
 
 
 def build_task(model, cfg: Config) -> torch.nn.Module:
@@ -224,6 +224,9 @@ def build_task(model, cfg: Config) -> torch.nn.Module:
     if task == "qa":
         from ..tasks.qa import QATask
         return QATask(model, cfg.loss, cfg.data.max_text_len)
+    if task == "scst":
+        from ..tasks.scst import SCSTTask
+        return SCSTTask(model, cfg.loss, cfg.loss.scst_samples, cfg.eval.max_len)
     if task == "retrieval" and not cfg.loss.mga_weight:
         raise ValueError("train.task=retrieval needs loss.mga_weight > 0 (configs/finetune_retrieval.yaml)")
     if task == "caption" and not cfg.loss.mgc_weight:
