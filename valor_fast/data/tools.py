@@ -1,0 +1,202 @@
+"""`valor-fast data check` (scan a dataset for bad media) and `valor-fast data bench` (clips/s of
+each decoding backend)."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..utils.log import get_logger
+from .annotations import read_annotations
+from .media import find_audio, find_video, probe_audio, probe_video
+from .video import DecodeError
+
+log = get_logger(__name__)
+
+
+# -- check -----------------------------------------------------------------------------------
+
+def _check_one(job) -> dict:
+    """One clip: probe (headers/packets), then, unless `quick`, a full CPU decode."""
+    vid, video_dir, audio_dir, quick, sample_rate = job
+    row = {"video_id": vid, "video": None, "audio": None, "frames": None, "fps": None, "seconds": None,
+           "audio_seconds": None, "sample_rate": None, "error": None, "audio_error": None}
+    vpath = find_video(video_dir, vid)
+    row["video"] = vpath
+    try:
+        info = probe_video(vpath, vid)
+        row.update(frames=info.n_frames, fps=info.fps, seconds=info.seconds, width=info.width, height=info.height)
+        if not quick:
+            from .video import decode_frame_folder, decode_video
+            fr = decode_frame_folder(vpath) if info.kind == "frames" else decode_video(vpath)
+            row["frames"] = int(fr.shape[0])
+    except DecodeError as e:
+        row["error"] = str(e)
+    apath = find_audio(audio_dir, vid)
+    row["audio"] = apath
+    if apath is not None:
+        try:
+            a = probe_audio(apath)
+            row.update(audio_seconds=a.seconds, sample_rate=a.sample_rate)
+            if not quick:
+                from .dataset import load_audio
+                load_audio(apath, sample_rate)
+        except DecodeError as e:
+            row["audio_error"] = str(e)
+    return row
+
+
+def check_dataset(root: str, cfg: Optional[DataConfig] = None, quick: bool = False, workers: int = 2,
+                  progress: bool = True) -> dict:
+    """Scan every split whose annotation file exists under `root`.  Returns a report: per split the
+    clip count, bad videos / audio files (id -> error), clips without audio, and duration
+    statistics.  `quick`: headers and packets only (no pixel decoding)."""
+    cfg = replace(cfg or DataConfig(), root=root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+    report: Dict[str, dict] = {"root": os.path.abspath(root), "quick": quick, "splits": {}}
+    seen = set()
+    for split, ann in (("train", cfg.train_ann), ("val", cfg.val_ann), ("test", cfg.test_ann)):
+        spec = ann.split(":", 1)[-1].split(",")[0]
+        if not os.path.exists(os.path.join(root, spec)) or ann in seen:
+            continue
+        seen.add(ann)
+        recs = read_annotations(root, ann)
+        jobs = [(r["video_id"], os.path.join(root, cfg.video_dir), os.path.join(root, cfg.audio_dir), quick,
+                 cfg.sample_rate) for r in recs]
+        from tqdm import tqdm
+        bar = dict(total=len(jobs), desc=f"check {split}", disable=not progress, mininterval=1.0)
+        if workers <= 1:
+            rows = [_check_one(j) for j in tqdm(jobs, **bar)]
+        else:
+            # spawn, not fork: a process that already ran DALI pipelines or torch's thread pools
+            # holds locks in threads that fork does not copy, and a forked child can hang on them.
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+                rows = list(tqdm(ex.map(_check_one, jobs, chunksize=8), **bar))
+        bad_v = {r["video_id"]: r["error"] for r in rows if r["error"]}
+        bad_a = {r["video_id"]: r["audio_error"] for r in rows if r["audio_error"]}
+        no_audio = sorted(r["video_id"] for r in rows if r["audio"] is None)
+        secs = np.array([r["seconds"] for r in rows if r["seconds"]], dtype=np.float64)
+        asecs = np.array([r["audio_seconds"] for r in rows if r["audio_seconds"]], dtype=np.float64)
+        stat = (lambda a: {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())}
+                if a.size else None)
+        report["splits"][split] = {
+            "annotations": ann, "clips": len(rows), "bad_video": bad_v, "bad_audio": bad_a,
+            "missing_audio": no_audio, "video_seconds": stat(secs), "audio_seconds": stat(asecs),
+            "sample_rates": sorted({r["sample_rate"] for r in rows if r["sample_rate"]}),
+        }
+    if not report["splits"]:
+        raise FileNotFoundError(f"no annotation file of data.train_ann/val_ann/test_ann found under {root!r}")
+    report["bad"] = sum(len(s["bad_video"]) + len(s["bad_audio"]) for s in report["splits"].values())
+    return report
+
+
+def format_check(report: dict) -> str:
+    lines = [f"dataset {report['root']} ({'headers only' if report['quick'] else 'full decode'})"]
+    for split, s in report["splits"].items():
+        vs, as_ = s["video_seconds"], s["audio_seconds"]
+        lines.append(f"  {split:5s} {s['clips']:7d} clips | bad video {len(s['bad_video'])} | bad audio "
+                     f"{len(s['bad_audio'])} | no audio {len(s['missing_audio'])} | video s "
+                     + (f"{vs['min']:.1f}/{vs['median']:.1f}/{vs['max']:.1f}" if vs else "n/a")
+                     + " | audio s " + (f"{as_['min']:.1f}/{as_['median']:.1f}/{as_['max']:.1f}" if as_ else "n/a")
+                     + f" (min/median/max) | rates {s['sample_rates']}")
+        for vid, err in list(s["bad_video"].items()) + list(s["bad_audio"].items()):
+            lines.append(f"    BAD {vid}: {err}")
+        if s["missing_audio"]:
+            more = len(s["missing_audio"]) - 10
+            lines.append(f"    no audio (trains on video groups only): {', '.join(s['missing_audio'][:10])}"
+                         + (f" (+{more})" if more > 0 else ""))
+    lines.append(f"{report['bad']} bad file(s)")
+    return "\n".join(lines)
+
+
+# -- bench -----------------------------------------------------------------------------------
+
+def bench_backends(root: str, backends: List[str], batch_size: int = 32, frames: int = 4, size: int = 224,
+                   batches: int = 8, device: Optional[str] = None, workers: int = 2, slices: int = 1) -> List[dict]:
+    """Clips/s of each backend over `batches` training batches (after one warm-up batch), cache
+    off (every batch decodes).  cpu: a DataLoader with `workers` processes; dali: DaliLoader
+    on `device` (CUDA: NVDEC/nvJPEG; CPU: DALI's CPU operators)."""
+    from .dataset import VideoAudioTextDataset, collate
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = DataConfig(root=root, frames_train=frames, audio_slices=slices, num_workers=workers, cache=False)
+    rows = []
+    for backend in backends:
+        cfg = replace(base, backend=backend)
+        ds = VideoAudioTextDataset(cfg, "train", size, train=True, seed=0, cache=False)
+        n = min(len(ds) // batch_size, batches + 1)
+        if n < 2:
+            raise ValueError(f"{root!r}: {len(ds)} training clips is under two batches of {batch_size}")
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+        keys = [[(i, torch.Generator().manual_seed(i)) for i in order[b * batch_size:(b + 1) * batch_size]]
+                for b in range(n)]
+        if backend == "dali":
+            from .dali_loader import DaliLoader
+            it = iter(DaliLoader(ds, keys, device=dev, num_threads=workers))
+        elif backend == "cpu":
+            class _Keyed(torch.utils.data.Dataset):
+                def __len__(self):
+                    return len(ds)
+
+                def __getitem__(self, key):
+                    return ds.get(*key)
+            it = iter(torch.utils.data.DataLoader(_Keyed(), batch_sampler=keys, collate_fn=collate,
+                                                  num_workers=workers))
+        else:
+            raise ValueError(f"unknown backend {backend!r} (cpu | dali)")
+        first = next(it)            # warm-up: pipeline build, worker start
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        m = 0
+        for b in it:
+            b["video"].sum().item()   # the batch is complete (device work done)
+            m += 1
+        dt = time.perf_counter() - t
+        rows.append({"backend": backend, "device": str(dev) if backend == "dali" else "cpu",
+                     "workers": workers, "batch": batch_size, "frames": frames, "size": size,
+                     "video_shape": list(first["video"].shape), "audio_shape": list(first["audio"].shape),
+                     "batches": m, "seconds": dt, "clips_per_s": m * batch_size / dt})
+        log.info("data bench %s: %.1f clips/s (%d batches of %d, %d frames at %d px)", backend,
+                 rows[-1]["clips_per_s"], m, batch_size, frames, size)
+    return rows
+
+
+def write_frame_folders(src_root: str, dst_root: str, video_dir: str = "videos") -> int:
+    """VALOR's layout of pre-extracted frames: every video of `src_root` as a folder of JPEGs
+    (<dst>/<video_dir>/<id>/0000.jpg ...), the rest of the dataset copied.  Returns clips written."""
+    import shutil
+    from fractions import Fraction
+
+    import av
+
+    from .video import decode_video
+    shutil.copytree(src_root, dst_root, ignore=shutil.ignore_patterns(".cache", video_dir), dirs_exist_ok=True)
+    n = 0
+    for name in sorted(os.listdir(os.path.join(src_root, video_dir))):
+        vid, ext = os.path.splitext(name)
+        out = os.path.join(dst_root, video_dir, vid)
+        os.makedirs(out, exist_ok=True)
+        for k, fr in enumerate(decode_video(os.path.join(src_root, video_dir, name))):
+            c = av.CodecContext.create("mjpeg", "w")
+            c.width, c.height, c.pix_fmt, c.time_base = fr.shape[1], fr.shape[0], "yuvj420p", Fraction(1, 25)
+            c.options = {"qscale": "2"}
+            pk = c.encode(av.VideoFrame.from_ndarray(fr, format="rgb24").reformat(format="yuvj420p")) + c.encode(None)
+            with open(os.path.join(out, f"{k:05d}.jpg"), "wb") as f:
+                f.write(b"".join(bytes(p) for p in pk))
+        n += 1
+    return n
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
