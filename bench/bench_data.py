@@ -3,8 +3,11 @@
     python -m pytest bench/bench_data.py --benchmark-enable -q
     python bench/bench_data.py            # plain timings without pytest-benchmark
 
-Covers: synthetic generation (small), one clip's VP9 decode, resize, Kaldi fbank of 10 s, a
-cached batch (32 clips: sampling + normalisation + collate), and the first decode pass."""
+Covers: synthetic generation (small), one clip's VP9 decode, resize, Kaldi fbank of 10 s (one
+clip, and batched as the DALI path runs it), a cached batch (32 clips: sampling + normalisation +
+collate), an uncached batch through each backend (cpu in-process; dali with its CPU operators
+when no GPU is present), and the first decode pass.  Whole-loader clips/s per backend at VALOR's
+shapes: `valor-fast data bench`."""
 import os
 import sys
 import tempfile
@@ -48,6 +51,33 @@ def test_cached_batch(benchmark, root):
     ds = VideoAudioTextDataset(DataConfig(root=root), "train", 64, True)
     g = torch.Generator().manual_seed(0)
     b = benchmark(lambda: collate([ds.get(i, g) for i in range(32)]))
+    assert b["video"].shape == (32, 4, 3, 64, 64)
+
+
+def test_batched_fbank_10s(benchmark):
+    from valor_fast.data.fbank import kaldi_fbank_batched
+    w = torch.randn(32, 160000) * 0.1    # (B, samples): one batch of 10 s clips, as the DALI path runs it
+    assert benchmark(kaldi_fbank_batched, w, 16000).shape == (32, 998, 64)
+
+
+def _uncached_batch(backend, root):
+    """One training batch of 32 clips decoded from the files (no cache)."""
+    cfg = DataConfig(root=root, cache=False, backend=backend)
+    ds = VideoAudioTextDataset(cfg, "train", 64, True, cache=False)
+    keys = [(i, torch.Generator().manual_seed(i)) for i in range(32)]
+    if backend == "dali":
+        from valor_fast.data.dali_loader import DaliLoader
+        loader = DaliLoader(ds, [keys], prefetch=0)
+        return lambda: loader.make_batch(keys)
+    return lambda: collate([ds.get(i, g) for i, g in keys])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "dali"])
+def test_uncached_batch(benchmark, root, backend):
+    from valor_fast.utils import deps
+    if backend == "dali" and not deps.HAS_DALI:
+        pytest.skip("nvidia-dali not installed")
+    b = benchmark(_uncached_batch(backend, root))
     assert b["video"].shape == (32, 4, 3, 64, 64)
 
 

@@ -369,3 +369,92 @@ def test_dali_backend_trains(synth_root, tmp_path):
     hist = json.loads((tmp_path / "d" / "history.json").read_text())
     assert len(hist) == 4 and all(np.isfinite(h["loss"]) for h in hist)
     assert 0.0 <= m["retrieval/t2av/R@1"] <= 1.0
+
+
+# -- WebDataset tar shards ---------------------------------------------------------------------
+def test_tar_shards_match_folders_and_report_bad_members(planted, tmp_path):
+    """The planted set packed into tar shards (media + <id>.json captions) gives the same batches
+    as the folder layout: same ids, captions, frames and fbank, same bad ids reported; a shard
+    cut mid-member turns that member into a truncated file, not a crash."""
+    from valor_fast.data.shards import ShardIndex, expand_shards, sample_key, write_shards
+    root, kinds = planted
+    write_shards(root, os.path.join(root, "shards"), per_shard=7, prefix="train", video_dir="videos",
+                 audio_dir="audios", ann="train.jsonl")
+    assert sample_key("a/b.c.MP4") == ("a/b", ".c.mp4")
+    # media from shards, annotations from the JSONL: same batches as the folders
+    _, tr_f, folder = _run_cpu(root, cache=False)
+    hidden = os.path.join(root, "videos_off")
+    os.rename(os.path.join(root, "videos"), hidden)      # the shards must be what is read
+    try:
+        ds, tr_s, shard = _run_cpu(root, cache=False, shards="shards/train-*.tar", video_dir="none")
+        assert ds.shards is not None and all("::" in ds.paths(i)[0] for i in range(len(ds)) if i not in ds.bad)
+        _check_planted(root, kinds, ds, tr_s, shard)
+        assert set(tr_s.bad) == set(tr_f.bad)
+        for a, b in zip(folder, shard):
+            assert a["video_id"] == b["video_id"] and a["caption"] == b["caption"]
+            torch.testing.assert_close(a["video"], b["video"], atol=0, rtol=0)
+            torch.testing.assert_close(a["audio"], b["audio"], atol=0, rtol=0)
+        # captions from the shards' .json members too (annotations = shards:<glob>)
+        cfg = DataConfig(root=root, train_ann="shards:shards/train-*.tar", video_dir="none", cache=False)
+        ds2 = VideoAudioTextDataset(cfg, "train", SIZE, train=True)
+        assert [r["video_id"] for r in ds2.records] == [r["video_id"] for r in ds.records]
+        assert [r["captions"] for r in ds2.records] == [r["captions"] for r in ds.records]
+        if HAS_DALI:
+            dds, dtr, dal = _run_dali(root, shards="shards/train-*.tar", video_dir="none")
+            _check_planted(root, kinds, dds, dtr, dal)
+        # a shard cut inside its last member's data: that member reads as truncated and is
+        # reported; the members before it still decode
+        last = sorted(expand_shards(root, "shards/train-*.tar"))[0]
+        idx = ShardIndex([last])
+        name, (off, size) = max(((n, loc) for (s, n), loc in idx.members.items() if n.endswith(".wav")),
+                                key=lambda t: t[1][0])
+        cut = os.path.join(root, "cut")
+        os.makedirs(cut)
+        with open(last, "rb") as f:
+            open(os.path.join(cut, "c.tar"), "wb").write(f.read(off + size // 3))
+        cidx = ShardIndex([os.path.join(cut, "c.tar")])
+        key, ext = sample_key(name)
+        got = cidx.find(key, (ext,))
+        from valor_fast.data.media import probe_audio, probe_video
+        from valor_fast.data.video import DecodeError
+        assert got is not None and cidx.members[(os.path.join(cut, "c.tar"), name)] == (off, size // 3)
+        with pytest.raises(DecodeError, match="truncated"):
+            probe_audio(got)
+        whole = idx.find(key, (ext,))
+        assert probe_audio(whole).n_samples > 0          # the same member, whole, is fine
+    finally:
+        os.rename(hidden, os.path.join(root, "videos"))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        expand_shards(root, "nope-*.tar")
+    open(os.path.join(root, "x.tar.gz"), "wb").close()
+    with pytest.raises(ValueError, match="uncompressed"):
+        expand_shards(root, "x.tar.gz")
+    open(os.path.join(root, "junk.tar"), "wb").write(b"\x01" * 1000)
+    with pytest.raises(ValueError, match="junk.tar"):
+        ShardIndex([os.path.join(root, "junk.tar")])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uncached_path_decodes_only_planned_frames_and_matches_cache(synth_root, train, monkeypatch):
+    """cache=False probes, draws the plan and decodes only the planned frames; the batch equals
+    the cached path's (all frames decoded once, then indexed) exactly."""
+    import valor_fast.data.video as V
+    over = {"hflip": True, "crop_scale_min": 0.5} if train else {}
+    cached = VideoAudioTextDataset(DataConfig(root=synth_root, **over), "test", SIZE, train=train)
+    seen = []
+    real = V.decode_video
+    monkeypatch.setattr("valor_fast.data.dataset.decode_video",
+                        lambda p, idx=None: (seen.append(idx), real(p, idx))[1])
+    plain = VideoAudioTextDataset(DataConfig(root=synth_root, cache=False, **over), "test", SIZE, train=train)
+    idx = [0, 3, 7, len(plain) - 1]
+    a = collate([cached.get(i, _gen(i) if train else None) for i in idx])
+    b = collate([plain.get(i, _gen(i) if train else None) for i in idx])
+    assert len(seen) == len(idx) and all(s is not None and len(s) == plain.n_frames() for s in seen)
+    assert a["video_id"] == b["video_id"] and a["caption"] == b["caption"]
+    assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+    # repeated indices (a clip shorter than the frames asked) come back in order
+    path = plain.paths(0)[0]
+    full = real(path)
+    torch.testing.assert_close(torch.from_numpy(real(path, [5, 1, 5])), torch.from_numpy(full[[5, 1, 5]]))
+    with pytest.raises(V.DecodeError, match="ended after"):
+        real(path, [len(full) + 3])

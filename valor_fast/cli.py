@@ -2,6 +2,7 @@
 
     valor-fast data synth [--root DIR] [--seed N]
     valor-fast data check PATH [--quick] [--out report.json]
+    valor-fast data pack PATH --out PATH/shards [--per-shard 256]
     valor-fast data bench [PATH] [--backends cpu,dali] [--frames 4 8] [--size 224] [--jpeg] [--out F]
     valor-fast pretrain [--config configs/tiny.yaml] [--train.lr 3e-4 ...]
     valor-fast eval --ckpt RUN/model.safetensors [--config RUN/config.yaml] [--split test]
@@ -188,6 +189,17 @@ def cmd_data(args, over) -> int:
         return 1 if rep["bad"] else 0
     if args.action == "bench":
         return _data_bench(args)
+    if args.action == "pack":
+        from .data.shards import write_shards
+        if not args.path or not args.out:
+            raise SystemExit("data pack needs the dataset folder and --out SHARD_FOLDER")
+        for ann in args.ann.split(","):
+            split = os.path.splitext(os.path.basename(ann))[0]
+            paths = write_shards(args.path, args.out, per_shard=args.per_shard, prefix=split, ann=ann,
+                                 video_dir=args.video_dir, audio_dir=args.audio_dir)
+            print(f"{ann}: {len(paths)} shard(s) in {args.out} (use data.{split}_ann=shards:{os.path.basename(args.out)}/"
+                  f"{split}-*.tar with data.root={args.path}, or data.shards=... beside the annotations)")
+        return 0
     raise SystemExit(f"unknown data action {args.action!r}")
 
 
@@ -307,9 +319,10 @@ def main(argv=None) -> int:
     sv.add_argument("--config", default=None, help="recipe of the matching size (configs/base.yaml, ...)")
     sv.add_argument("--out", required=True)
     sd = sub.add_parser("data", help="dataset tools")
-    sd.add_argument("action", choices=["synth", "check", "bench"],
+    sd.add_argument("action", choices=["synth", "check", "bench", "pack"],
                     help="synth: write the synthetic set; check PATH: scan a dataset for bad media; "
-                         "bench [PATH]: clips/s of each decoding backend")
+                         "bench [PATH]: clips/s of each decoding backend; pack PATH --out DIR: WebDataset "
+                         "tar shards of each annotation file's clips (media + <id>.json captions)")
     sd.add_argument("path", nargs="?", default=None, help="dataset folder (check, bench)")
     sd.add_argument("--root", default="data_cache/synth", help="synth: where to write")
     sd.add_argument("--seed", type=int, default=0)
@@ -326,6 +339,10 @@ def main(argv=None) -> int:
     sd.add_argument("--batches", type=int, default=8, help="bench: timed batches per backend")
     sd.add_argument("--device", default=None, help="bench: DALI's device (default cuda if present)")
     sd.add_argument("--jpeg", action="store_true", help="bench: also JPEG frame folders (VALOR's layout)")
+    sd.add_argument("--ann", default="train.jsonl,val.jsonl,test.jsonl", help="pack: annotation files, comma list")
+    sd.add_argument("--per-shard", type=int, default=256, help="pack: clips per shard")
+    sd.add_argument("--video-dir", default="videos", help="pack: video folder under PATH")
+    sd.add_argument("--audio-dir", default="audios", help="pack: audio folder under PATH")
     sub.add_parser("info", help="parameter counts and available backends")
     sb = sub.add_parser("bench", help="kernel + training-step benchmarks on this device, one table "
                         "(options: python bench/run_all.py --help)")

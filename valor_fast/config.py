@@ -80,7 +80,8 @@ class DataConfig:
     train_ann: str = "train.jsonl"
     """Training annotations: JSONL {video_id, captions[, qa]}, VALOR ids JSON + txt_mapper, or
     <format>:<file> for a benchmark's own files (msrvtt, msrvtt_1ka, vatex, audiocaps, valor32k,
-    msrvtt_qa; see valor_fast/data/adapters.py)."""
+    msrvtt_qa; see valor_fast/data/adapters.py), or shards:<glob> for captions stored in
+    WebDataset tar shards as <key>.json / <key>.txt beside the media (data/shards.py)."""
     val_ann: str = "val.jsonl"
     """Validation annotations (model selection / periodic eval)."""
     test_ann: str = "test.jsonl"
@@ -89,6 +90,10 @@ class DataConfig:
     """Folder of video files (relative to root)."""
     audio_dir: str = "audios"
     """Folder of audio files (relative to root)."""
+    shards: str = ""
+    """Comma-separated globs of WebDataset tar shards (relative to root) holding media as
+    <video_id>.<ext> members; looked up before video_dir/audio_dir.  A split whose annotations
+    are shards:<glob> also finds its media in those shards."""
     frames_train: int = 4
     """Frames a clip in training (one per equal segment, random within it)."""
     frames_test: int = 4

@@ -57,6 +57,12 @@ def read_annotations(root: str, name: str) -> List[dict]:
     `<format>:<file>` for a benchmark's own annotations (data/adapters.py: msrvtt, msrvtt_1ka,
     vatex, audiocaps, valor32k, msrvtt_qa), e.g. `vatex:annotations/vatex_training_v1.0.json`."""
     fmt, sep, rest = name.partition(":")
+    if sep and fmt == "shards":
+        from .shards import ShardIndex
+        recs = ShardIndex.load(root, rest).records()
+        if not recs:
+            raise ValueError(f"annotations {name!r}: no sample in those shards has a .json or .txt caption")
+        return recs
     if sep and not os.path.isabs(name):
         from .adapters import FORMATS, read_benchmark
         if fmt not in FORMATS:

@@ -35,6 +35,7 @@ from ..utils.log import get_logger, log_once
 from .dataset import VIDEO_DTYPES, VideoAudioTextDataset
 from .fbank import resample, slice_fbank_batched, slice_windows, valor_fbank_batched
 from .media import BadMediaError, derive_generator
+from .shards import is_member, media_bytes
 from .tokenizer import pad_ids
 from .video import DecodeError, normalize, square_roi
 
@@ -126,6 +127,9 @@ class _Pipes:
 
 
 def _read(path: str) -> np.ndarray:
+    """Encoded bytes for DALI's decoders (a plain file or a tar-shard member)."""
+    if is_member(path):
+        return np.frombuffer(media_bytes(path), dtype=np.uint8)
     return np.fromfile(path, dtype=np.uint8)
 
 

@@ -30,6 +30,7 @@ from .annotations import read_annotations
 from .fbank import resample, slice_fbank, valor_fbank
 from .media import (BadMediaError, ReplacementOrder, derive_generator, find_audio, find_video, probe_audio,
                     probe_video)
+from .shards import ShardIndex, is_member, media_open, media_stat
 from .tokenizer import encode_cached, pad_ids
 from .video import (DecodeError, crop_resize, crop_window, decode_frame_folder, decode_video, normalize,
                     resize_frames, sample_indices)
@@ -45,7 +46,7 @@ def load_audio(path: str, sample_rate: int) -> torch.Tensor:
     import soundfile as sf
     probe_audio(path)
     try:
-        pcm, sr = sf.read(path, dtype="int16", always_2d=True)
+        pcm, sr = sf.read(media_open(path), dtype="int16", always_2d=True)
     except Exception as e:
         raise DecodeError(f"audio {path!r} could not be decoded: {type(e).__name__}: {e}") from e
     wave = torch.from_numpy(pcm.astype(np.float32).mean(1) / 32768.0)
@@ -74,6 +75,8 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
             raise ValueError(f"{split} annotations in {cfg.root!r} are empty")
         self.video_dir = os.path.join(cfg.root, cfg.video_dir)
         self.audio_dir = os.path.join(cfg.root, cfg.audio_dir)
+        globs = [g for g in (cfg.shards, ann[len("shards:"):] if ann.startswith("shards:") else "") if g]
+        self.shards = ShardIndex.load(cfg.root, ",".join(globs)) if globs else None
         self._cache: Dict[int, dict] = {}
         self.bad: Dict[int, str] = {}            # index -> error, as found in this process
         self.scan_bad: Dict[str, str] = {}       # video id -> error, found by a start-up scan
@@ -114,10 +117,11 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
         """(video path or frame folder, audio path or None).  Raises DecodeError when the video is
         missing, or the audio is missing and data.allow_missing_audio is off."""
         vid = self.records[i]["video_id"]
-        vpath = find_video(self.video_dir, vid)
+        vpath = find_video(self.video_dir, vid, self.shards)
         if vpath is None:
-            raise DecodeError(f"no video file or frame folder for {vid!r} in {self.video_dir!r}")
-        apath = find_audio(self.audio_dir, vid)
+            raise DecodeError(f"no video file or frame folder for {vid!r} in {self.video_dir!r}"
+                              + (" or the shards" if self.shards else ""))
+        apath = find_audio(self.audio_dir, vid, self.shards)
         if apath is None and not self.cfg.allow_missing_audio:
             raise DecodeError(f"no audio file for {vid!r} in {self.audio_dir!r} (data.allow_missing_audio=false)")
         return vpath, apath
@@ -149,14 +153,15 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
                 self.scan_bad[self.records[i]["video_id"]] = str(e)
         self.scanned = len(self.records)
 
-    def decode(self, i: int) -> dict:
+    def decode(self, i: int, indices: Optional[list] = None) -> dict:
         """CPU decode of clip i: {"frames": uint8 (F, 3, S, S), "fbank": (T, mel) fp16 or empty}.
-        Raises DecodeError (naming the file) for bad media."""
+        `indices`: only those frames, in that order (the uncached path; never cached).  Raises
+        DecodeError (naming the file) for bad media."""
         vpath, apath = self.paths(i)
         vid = self.records[i]["video_id"]
         cache_file = key = None
-        if self.use_cache:
-            stats = [(os.path.getsize(p), int(os.path.getmtime(p))) for p in (vpath, apath) if p and os.path.isfile(p)]
+        if self.use_cache and indices is None:
+            stats = [media_stat(p) for p in (vpath, apath) if p and (is_member(p) or os.path.isfile(p))]
             key = f"v{CACHE_VERSION}|{stats}|{self.cfg.sample_rate}|{self.cfg.audio_mel_bins}"
             cache_file = os.path.join(self.cfg.root, ".cache", str(self.size), vid + ".pt")
             if os.path.exists(cache_file):
@@ -166,7 +171,10 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
                         return d
                 except Exception:
                     pass   # unreadable cache entry: decode again
-        frames = decode_frame_folder(vpath) if os.path.isdir(vpath) else decode_video(vpath)
+        if os.path.isdir(vpath):
+            frames = decode_frame_folder(vpath, indices)
+        else:
+            frames = decode_video(vpath, indices)
         d = {"frames": resize_frames(frames, self.size), "key": key, "fbank": torch.zeros(0)}
         wave = load_audio(apath, self.cfg.sample_rate) if apath is not None else None
         if apath is None:
@@ -241,25 +249,38 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
         bad_media ((id, error) of every bad clip walked past)."""
         walked: List[Tuple[str, str]] = []
         for j in self.order.candidates(i):
+            g = generator if j == i else derive_generator(generator, j)
             if j not in self.bad:
                 try:
-                    d = self.clip(j)
+                    if self.use_cache or j in self._cache:
+                        d, plan = self.clip(j), None
+                    else:
+                        # uncached: the plan first (frame count from the packets, as the DALI
+                        # path does), then only the planned frames are decoded.  A clip that
+                        # fails here is replaced with a generator derived from the seed alone,
+                        # so the draws made on g do not matter then
+                        v, _ = self.probe(j)
+                        plan = self.draw_video(v.n_frames, g)
+                        d = self.decode(j, indices=plan[0])
                 except DecodeError as e:
                     self.bad[j] = str(e)
             if j in self.bad:
                 walked.append((self.records[j]["video_id"], self.bad[j]))
                 continue
-            g = generator if j == i else derive_generator(generator, j)
-            s = self._sample(j, d, g)
+            s = self._sample(j, d, g, plan)
             s["n_bad"] = int(j != i)
             s["bad_media"] = walked
             return s
         raise BadMediaError(f"{self.split} split: every one of the {len(self)} clips has bad media",
                             {"bad": {v: e for v, e in walked}})
 
-    def _sample(self, i: int, d: dict, g: Optional[torch.Generator]) -> dict:
-        idx, window, flip = self.draw_video(d["frames"].shape[0], g)
-        frames = d["frames"][idx]                                              # uint8 (n, 3, S, S)
+    def _sample(self, i: int, d: dict, g: Optional[torch.Generator], plan=None) -> dict:
+        if plan is None:
+            idx, window, flip = self.draw_video(d["frames"].shape[0], g)
+            frames = d["frames"][idx]                                          # uint8 (n, 3, S, S)
+        else:
+            _, window, flip = plan          # drawn on g before decoding: d holds those frames
+            frames = d["frames"]
         if window is not None:
             # the cached frames are the centred square already at S: the window is cut from it
             # (the DALI path cuts it from the full-resolution frame)

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..utils.log import get_logger
+from .shards import ShardIndex, is_member, media_exists, media_open, media_size
 from .video import DecodeError, check_truncated, expected_frames, image_size, list_frame_folder
 
 log = get_logger(__name__)
@@ -52,8 +53,13 @@ class BadMediaError(RuntimeError):
         self.report = report
 
 
-def find_video(video_dir: str, vid: str) -> Optional[str]:
-    """<video_dir>/<vid>.<ext> for the known video extensions, or the frame folder <vid>/."""
+def find_video(video_dir: str, vid: str, shards: Optional["ShardIndex"] = None) -> Optional[str]:
+    """<video_dir>/<vid>.<ext> for the known video extensions, or the frame folder <vid>/; a
+    member of `shards` first when given."""
+    if shards is not None:
+        hit = shards.find(vid, VIDEO_EXTS)
+        if hit:
+            return hit
     for e in VIDEO_EXTS:
         p = os.path.join(video_dir, vid + e)
         if os.path.exists(p):
@@ -62,7 +68,11 @@ def find_video(video_dir: str, vid: str) -> Optional[str]:
     return p if os.path.isdir(p) else None
 
 
-def find_audio(audio_dir: str, vid: str) -> Optional[str]:
+def find_audio(audio_dir: str, vid: str, shards: Optional["ShardIndex"] = None) -> Optional[str]:
+    if shards is not None:
+        hit = shards.find(vid, AUDIO_EXTS)
+        if hit:
+            return hit
     for e in AUDIO_EXTS:
         p = os.path.join(audio_dir, vid + e)
         if os.path.exists(p):
@@ -110,13 +120,13 @@ def probe_video(path: Optional[str], vid: str = "") -> VideoInfo:
             raise DecodeError(f"frame folder {path!r}: {len(empty)} empty image(s), e.g. {empty[0]!r}")
         h, w = image_size(os.path.join(path, names[0]))   # a folder's frames share one size
         return VideoInfo(path, "frames", len(names), width=w, height=h, files=names)
-    if not os.path.exists(path):
+    if not media_exists(path):
         raise DecodeError(f"video {path!r} does not exist")
-    if os.path.getsize(path) == 0:
+    if media_size(path) == 0:
         raise DecodeError(f"video {path!r} is empty (0 bytes)")
     try:
         import av
-        with av.open(path) as c:
+        with av.open(media_open(path)) as c:
             if not c.streams.video:
                 raise DecodeError(f"{path!r} has no video stream")
             st = c.streams.video[0]
@@ -140,8 +150,8 @@ def _wav_data_shortfall(path: str) -> Optional[Tuple[int, int]]:
     """(declared, present) bytes of a RIFF/WAVE file's data chunk when fewer are present than
     the header declares; None when complete or not a plain RIFF file.  libsndfile silently
     reads what is there, so a cut WAV would pass as a short clip."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = media_size(path)
+    with (open(path, "rb") if not is_member(path) else media_open(path)) as f:
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
@@ -162,13 +172,13 @@ def _wav_data_shortfall(path: str) -> Optional[Tuple[int, int]]:
 def probe_audio(path: str) -> AudioInfo:
     """Sample count and rate from the header.  Raises DecodeError for an empty, truncated or
     undecodable file (a missing file is the caller's decision: see allow_missing_audio)."""
-    if not os.path.exists(path):
+    if not media_exists(path):
         raise DecodeError(f"audio {path!r} does not exist")
-    if os.path.getsize(path) == 0:
+    if media_size(path) == 0:
         raise DecodeError(f"audio {path!r} is empty (0 bytes)")
     try:
         import soundfile as sf
-        info = sf.info(path)
+        info = sf.info(media_open(path))
     except Exception as e:
         raise DecodeError(f"audio {path!r} could not be decoded: {type(e).__name__}: {e}") from e
     short = _wav_data_shortfall(path)

@@ -17,6 +17,7 @@ from ..config import DataConfig
 from ..utils.log import get_logger
 from .annotations import read_annotations
 from .media import find_audio, find_video, probe_audio, probe_video
+from .shards import ShardIndex, expand_shards
 from .video import DecodeError
 
 log = get_logger(__name__)
@@ -26,11 +27,9 @@ log = get_logger(__name__)
 
 def _check_one(job) -> dict:
     """One clip: probe (headers/packets), then, unless `quick`, a full CPU decode."""
-    vid, video_dir, audio_dir, quick, sample_rate = job
-    row = {"video_id": vid, "video": None, "audio": None, "frames": None, "fps": None, "seconds": None,
+    vid, vpath, apath, quick, sample_rate = job
+    row = {"video_id": vid, "video": vpath, "audio": apath, "frames": None, "fps": None, "seconds": None,
            "audio_seconds": None, "sample_rate": None, "error": None, "audio_error": None}
-    vpath = find_video(video_dir, vid)
-    row["video"] = vpath
     try:
         info = probe_video(vpath, vid)
         row.update(frames=info.n_frames, fps=info.fps, seconds=info.seconds, width=info.width, height=info.height)
@@ -40,8 +39,6 @@ def _check_one(job) -> dict:
             row["frames"] = int(fr.shape[0])
     except DecodeError as e:
         row["error"] = str(e)
-    apath = find_audio(audio_dir, vid)
-    row["audio"] = apath
     if apath is not None:
         try:
             a = probe_audio(apath)
@@ -65,13 +62,23 @@ def check_dataset(root: str, cfg: Optional[DataConfig] = None, quick: bool = Fal
     report: Dict[str, dict] = {"root": os.path.abspath(root), "quick": quick, "splits": {}}
     seen = set()
     for split, ann in (("train", cfg.train_ann), ("val", cfg.val_ann), ("test", cfg.test_ann)):
-        spec = ann.split(":", 1)[-1].split(",")[0]
-        if not os.path.exists(os.path.join(root, spec)) or ann in seen:
+        fmt, _, rest = ann.partition(":")
+        if ann in seen:
+            continue
+        if fmt == "shards":
+            try:
+                expand_shards(root, rest)
+            except FileNotFoundError:
+                continue
+        elif not os.path.exists(os.path.join(root, ann.split(":", 1)[-1].split(",")[0])):
             continue
         seen.add(ann)
         recs = read_annotations(root, ann)
-        jobs = [(r["video_id"], os.path.join(root, cfg.video_dir), os.path.join(root, cfg.audio_dir), quick,
-                 cfg.sample_rate) for r in recs]
+        globs = [g for g in (cfg.shards, rest if fmt == "shards" else "") if g]
+        shards = ShardIndex.load(root, ",".join(globs)) if globs else None
+        vdir, adir = os.path.join(root, cfg.video_dir), os.path.join(root, cfg.audio_dir)
+        jobs = [(r["video_id"], find_video(vdir, r["video_id"], shards), find_audio(adir, r["video_id"], shards),
+                 quick, cfg.sample_rate) for r in recs]
         from tqdm import tqdm
         bar = dict(total=len(jobs), desc=f"check {split}", disable=not progress, mininterval=1.0)
         if workers <= 1:

@@ -96,6 +96,15 @@ def make_run_dir(cfg: Config) -> str:
 def prepare_data(cfg: Config) -> None:
     """Generate the synthetic dataset into data.root when it is missing and data.synth is on."""
     ann = os.path.join(cfg.data.root, cfg.data.train_ann)
+    fmt, sep, rest = cfg.data.train_ann.partition(":")
+    if sep and not os.path.isabs(cfg.data.train_ann):
+        # <format>:<file>[,<file>] (a benchmark's own annotations) or shards:<glob>
+        import glob as _glob
+        first = rest.split(",")[0]
+        hits = _glob.glob(first if os.path.isabs(first) else os.path.join(cfg.data.root, first))
+        if hits:
+            return
+        ann = os.path.join(cfg.data.root, first)
     meta = os.path.join(cfg.data.root, "meta.json")
     if os.path.exists(ann) and cfg.data.synth and os.path.exists(meta):
         # a synthetic folder written by another generator version or with other settings is
