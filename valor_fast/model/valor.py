@@ -1,4 +1,4 @@
-"""VALOR: text (BERT), vision (CLIP ViT per frame), audio (AST) encoders and the multimodal
+"""VALOR: text (BERT), vision (CLIP ViT per frame, or Video Swin over the clip), audio (AST) encoders and the multimodal
 decoder (the same BERT layers, causal, + one cross-attention per layer over video and audio
 tokens concatenated).  Architecture only: losses live in valor_fast.tasks."""
 from __future__ import annotations
@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ModelConfig, swin_size_of
 from .audio import AST
 from .layers import init_weights
 from .text import BertText
+from .swin import VideoSwin, swin_arch
 from .vision import ClipViT
 
 
@@ -48,17 +49,24 @@ class Features:
 class VALOR(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.vision != "clip":
-            raise ValueError(f"model.vision={cfg.vision!r} is not available yet (only 'clip')")
         self.cfg = cfg
         tw, C = cfg.text_width, cfg.contra_dim
         self.text = BertText(cfg.vocab_size, tw, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
                              max_pos=max(512, cfg.max_text_len))
-        self.vision = ClipViT(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads)
+        if cfg.vision == "clip":
+            self.vision = ClipViT(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                  cfg.vision_heads)
+            vw = cfg.vision_width
+        elif cfg.vision == "swin":
+            self.vision = VideoSwin(**swin_arch(swin_size_of(cfg), cfg.swin_drop_path))
+            vw = self.vision.out_dim  # (B: 1024) the encoder's, whatever vision_width says
+        else:
+            raise ValueError(f"model.vision must be clip or swin, got {cfg.vision!r}")
+        self.vision_dim = vw
         self.audio = AST(cfg.audio_mel_bins, cfg.audio_frames, cfg.audio_width, cfg.audio_layers, cfg.audio_heads)
         # contrastive heads (bias-free) and fine-similarity token weights
         self.text_proj = nn.Linear(tw, C, bias=False)
-        self.vision_proj = nn.Linear(cfg.vision_width, C, bias=False)
+        self.vision_proj = nn.Linear(vw, C, bias=False)
         self.audio_proj = nn.Linear(cfg.audio_width, C, bias=False)
         self.text_weight = WeightMLP(C)
         self.vision_weight = WeightMLP(C)
@@ -66,7 +74,7 @@ class VALOR(nn.Module):
         # coarse AV = normalise(W [v; a]): a learned fusion of the global V and A features
         self.av_fusion = nn.Linear(2 * C, C, bias=False)
         # decoder inputs: project to the text width, add frame/clip and modality embeddings
-        self.video_to_text = _to_text(cfg.vision_width, tw)
+        self.video_to_text = _to_text(vw, tw)
         self.audio_to_text = _to_text(cfg.audio_width, tw)
         self.frame_embed = nn.Embedding(cfg.max_frames, tw)
         self.clip_embed = nn.Embedding(cfg.max_frames, tw)
@@ -74,6 +82,10 @@ class VALOR(nn.Module):
         # shape (1,), not a scalar: FSDP2 shards parameters along dim 0
         self.temperature = nn.Parameter(torch.tensor([float(cfg.temperature)]))
         init_weights(self)
+        if cfg.vision == "swin":  # Swin's own init of the position-bias tables (trunc normal 0.02)
+            for m in self.vision.modules():
+                if hasattr(m, "relative_position_bias_table"):
+                    nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
         with torch.no_grad():  # start the fusion as v + a
             self.av_fusion.weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], dim=1))
         self.gradient_checkpointing = cfg.gradient_checkpointing
@@ -107,8 +119,10 @@ class VALOR(nn.Module):
         return Features(tok, self.text_weight(tok), mask, pooled)
 
     def video_features(self, tokens: torch.Tensor) -> Features:
-        # one feature per frame, no temporal pooling
-        f = F.normalize(self.vision_proj(self._pool(tokens)).float(), dim=-1)  # (B, n, C)
+        # one feature per frame, no temporal pooling; Swin has no CLS: VALOR takes the spatial
+        # mean of each frame's tokens (B, T, h*w, 1024) -> (B, T, 1024)
+        per_frame = tokens.mean(2) if self.cfg.vision == "swin" else self._pool(tokens)
+        f = F.normalize(self.vision_proj(per_frame).float(), dim=-1)  # (B, n, C)
         return Features(f, self.vision_weight(f), None, F.normalize(f.mean(1), dim=-1))
 
     def audio_features(self, tokens: torch.Tensor) -> Features:
@@ -149,6 +163,12 @@ def build_model(cfg: ModelConfig) -> VALOR:
     if cfg.init_text:
         from .convert import load_hf_bert
         load_hf_bert(model, cfg.init_text)
+    if cfg.init_vision:
+        if cfg.vision != "swin":
+            raise ValueError("model.init_vision loads Video Swin weights: it needs model.vision=swin "
+                             "(CLIP towers load through `valor-fast convert` / train.init)")
+        from .convert_swin import load_swin
+        load_swin(model, cfg.init_vision)
     return model
 
 

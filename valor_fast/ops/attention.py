@@ -1,15 +1,18 @@
 """Attention entry point and backend dispatcher.
 
-`attention(q, k, v, key_padding_mask=None, causal=False, scale=None)`: q (B, H, Lq, Dh), k/v
-(B, H, Lk, Dh), key_padding_mask (B, Lk) bool True = attend, causal only with Lq == Lk; returns
-(B, H, Lq, Dh) in q's dtype.  Every backend gives the same answer, including for rows with nothing
+`attention(q, k, v, key_padding_mask=None, causal=False, scale=None, bias=None)`: q (B, H, Lq, Dh),
+k/v (B, H, Lk, Dh), key_padding_mask (B, Lk) bool True = attend, causal only with Lq == Lk; returns
+(B, H, Lq, Dh) in q's dtype.  bias: an additive score bias (Swin's relative position bias plus the
+shifted-window mask), (H, Lq, Lk) for every batch item or (nB, H, Lq, Lk) with B % nB == 0, batch
+item b using bias[b % nB]; differentiable (the relative position table learns through it).  Every backend gives the same answer, including for rows with nothing
 to attend to (all keys padded, or causal with only padded keys before the query): zeros, with
 zero gradients, never NaN.
 
 Backends:
   flash_attn  flash-attn 2 (CUDA, fp16/bf16, Dh <= 256): `flash_attn_func`, or the varlen API
               over the unpadded keys when there is a key-padding mask (not with causal: varlen
-              causal aligns bottom-right per sequence, which is not a padded causal mask).
+              causal aligns bottom-right per sequence, which is not a padded causal mask).  Takes
+              no arbitrary bias: skipped by auto when one is given, an error when forced.
   xformers    `xformers.ops.memory_efficient_attention` (CUDA), masks as an additive bias.
   sdpa        `torch.nn.functional.scaled_dot_product_attention`; without a mask it reaches
               torch's flash / cuDNN kernels, with one the memory-efficient or math kernels.
@@ -21,7 +24,8 @@ Choice, per call:
   2. else the env var VALOR_FAST_ATTN=flash_attn|xformers|sdpa|triton|math|auto (read per call),
   3. else auto: CPU tensors -> sdpa (Triton cannot run there; the interpreter is for tests only);
      CUDA fp16/bf16 -> flash_attn when installed and the input fits, else sdpa when there is no
-     mask (its flash/cuDNN kernels need none), else triton, else xformers, else sdpa;
+     mask (its flash/cuDNN kernels need none), else triton, else xformers, else sdpa; with a bias
+     (Swin windows): triton, else xformers, else sdpa;
      CUDA fp32 / fp64 -> sdpa.  The order is a default to be revised by bench/bench_attention.py.
 A forced backend is strict: if it is not available or cannot take the inputs, the call raises
 and says why, rather than silently measuring something else.  Availability is probed once and
@@ -125,7 +129,7 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 # validation and choice
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                  causal: bool, scale: Optional[float]) -> None:
+                  causal: bool, scale: Optional[float], bias: Optional[Tensor] = None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -156,6 +160,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
             raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, q on {q.device}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if bias is not None:
+        _k_fa.check_bias(bias, B, H, Lq, Lk, who="attention")
+        if bias.device != q.device:
+            raise ValueError(f"attention: bias on {bias.device}, q on {q.device}")
 
 
 def _interpreting() -> bool:
@@ -163,8 +171,10 @@ def _interpreting() -> bool:
 
 
 def unsupported_reason(backend: str, q: Tensor, key_padding_mask: Optional[Tensor],
-                       causal: bool) -> Optional[str]:
+                       causal: bool, bias: Optional[Tensor] = None) -> Optional[str]:
     """Why `backend` cannot take these inputs here, or None if it can."""
+    if bias is not None and backend == "flash_attn":  # first: true wherever flash-attn is installed
+        return "an additive attention bias (flash-attn takes none; use triton, xformers or sdpa)"
     ok, why = _AVAILABLE[backend]
     if not ok:
         return why
@@ -198,12 +208,13 @@ def _log_choice(backend: str, reason: str) -> None:
         log_once(f"attn:{backend}:{reason}", f"attention: {backend} backend ({reason})")
 
 
-def choose_backend(q: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False) -> str:
+def choose_backend(q: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                   bias: Optional[Tensor] = None) -> str:
     """The backend `attention` would use for these inputs (raises if a forced one cannot)."""
     _log_probe()
     forced = get_forced_backend()
     if forced is not None:
-        why = unsupported_reason(forced, q, key_padding_mask, causal)
+        why = unsupported_reason(forced, q, key_padding_mask, causal, bias)
         if why is not None:
             raise RuntimeError(f"attention: backend {forced!r} forced (use_backend / {_ENV}) but "
                                f"unusable: {why}")
@@ -211,6 +222,15 @@ def choose_backend(q: Tensor, key_padding_mask: Optional[Tensor] = None, causal:
         return forced
     if q.device.type != "cuda":
         _log_choice("sdpa", f"auto: {q.device.type} tensors")
+        return "sdpa"
+    if bias is not None:
+        # flash-attn takes no bias; SDPA with a float mask leaves its flash / cuDNN kernels, so our
+        # kernel (bias tiles loaded next to the scores, never an expanded (B, H, L, L) mask) first
+        for b in ("triton", "xformers"):
+            if q.dtype in _HALF and unsupported_reason(b, q, key_padding_mask, causal, bias) is None:
+                _log_choice(b, "auto: CUDA fp16/bf16 with an attention bias")
+                return b
+        _log_choice("sdpa", f"auto: CUDA {q.dtype} with an attention bias")
         return "sdpa"
     if q.dtype in _HALF:
         if unsupported_reason("flash_attn", q, key_padding_mask, causal) is None:
@@ -242,7 +262,39 @@ def _allowed_and_alive(key_padding_mask: Tensor, causal: bool, lq: int, lk: int)
     return allowed | ~alive, alive
 
 
-def _sdpa(q, k, v, key_padding_mask, causal, scale):
+def expand_bias(bias: Tensor, B: int) -> Tensor:
+    """(H, Lq, Lk) or (nB, H, Lq, Lk) -> a (B, H, Lq, Lk) view or copy, item b = bias[b % nB]
+    (for the backends that take a per-item mask; differentiable)."""
+    if bias.dim() == 3:
+        return bias.unsqueeze(0).expand(B, *bias.shape)
+    nb = bias.shape[0]
+    if nb == B:
+        return bias
+    return bias.unsqueeze(0).expand(B // nb, *bias.shape).reshape(B, *bias.shape[1:])
+
+
+def _sdpa_bias(q, k, v, key_padding_mask, causal, scale, bias):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if key_padding_mask is None and not causal:
+        if bias.dim() == 4 and bias.shape[0] not in (1, B):
+            # (B/nB, nB, H, L, Dh) against the (nB, H, L, L) bias: SDPA broadcasts the leading
+            # dims, so the bias is never copied out per batch item
+            nb = bias.shape[0]
+            out = F.scaled_dot_product_attention(*(t.reshape(B // nb, nb, *t.shape[1:]) for t in (q, k, v)),
+                                                 attn_mask=bias.to(q.dtype), scale=scale)
+            return out.reshape(B, H, Lq, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    kpm = key_padding_mask if key_padding_mask is not None else torch.ones(B, Lk, dtype=torch.bool, device=q.device)
+    allowed, alive = _allowed_and_alive(kpm, causal, Lq, Lk)
+    mask = expand_bias(bias, B).to(q.dtype).masked_fill(~allowed, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.masked_fill(~alive, 0.0)
+
+
+def _sdpa(q, k, v, key_padding_mask, causal, scale, bias=None):
+    if bias is not None:
+        return _sdpa_bias(q, k, v, key_padding_mask, causal, scale, bias)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     # SDPA turns a row whose boolean mask is all False into NaN: see _allowed_and_alive
@@ -251,11 +303,24 @@ def _sdpa(q, k, v, key_padding_mask, causal, scale):
     return out.masked_fill(~alive, 0.0)
 
 
-def _xformers(q, k, v, key_padding_mask, causal, scale):
+def _xformers(q, k, v, key_padding_mask, causal, scale, bias=None):
     import xformers.ops as xops
 
     qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, Dh): xformers' layout
     alive = None
+    if bias is not None:
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        lk_pad = (Lk + 7) // 8 * 8  # 16-byte aligned rows, as below
+        full = torch.zeros((B, H, Lq, lk_pad), dtype=q.dtype, device=q.device)[..., :Lk]
+        full = full + expand_bias(bias, B).to(q.dtype)  # differentiable: dbias flows back
+        if key_padding_mask is not None or causal:
+            kpm = key_padding_mask if key_padding_mask is not None else torch.ones(B, Lk, dtype=torch.bool,
+                                                                                    device=q.device)
+            allowed, alive = _allowed_and_alive(kpm, causal, Lq, Lk)
+            full = full.masked_fill(~allowed, float("-inf"))
+        out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=full, scale=scale).transpose(1, 2)
+        return out if alive is None else out.masked_fill(~alive, 0.0)
     if key_padding_mask is None:
         bias = xops.LowerTriangularMask() if causal else None
     else:
@@ -270,7 +335,7 @@ def _xformers(q, k, v, key_padding_mask, causal, scale):
     return out if alive is None else out.masked_fill(~alive, 0.0)
 
 
-def _flash_attn(q, k, v, key_padding_mask, causal, scale):
+def _flash_attn(q, k, v, key_padding_mask, causal, scale, bias=None):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     B, H, Lq, D = q.shape
@@ -294,31 +359,49 @@ def _flash_attn(q, k, v, key_padding_mask, causal, scale):
     return out.masked_fill((seqlens == 0)[:, None, None, None], 0.0)
 
 
-def _triton(q, k, v, key_padding_mask, causal, scale):
-    return _k_fa.flash_attention(q, k, v, key_padding_mask, causal, scale)
+def _triton(q, k, v, key_padding_mask, causal, scale, bias=None):
+    return _k_fa.flash_attention(q, k, v, key_padding_mask, causal, scale, bias=bias)
 
 
-def _math(q, k, v, key_padding_mask, causal, scale):
-    return _k_fa.attention_ref(q, k, v, key_padding_mask, causal, scale)
+def _math(q, k, v, key_padding_mask, causal, scale, bias=None):
+    return _k_fa.attention_ref(q, k, v, key_padding_mask, causal, scale, bias=bias)
+
+
+def attention_bias_ref(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                       scale: Optional[float] = None) -> Tensor:
+    """Plain PyTorch windowed attention with an additive bias, written out step by step (the
+    eager Swin baseline of bench/bench_swin.py and an independent check of the kernels):
+    softmax(q k^T * scale + bias[b % nB]) v, in q's dtype."""
+    B, H, Lq, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, Lq, Lk)
+    if bias is not None:
+        nb = 1 if bias.dim() == 3 else bias.shape[0]
+        s = (s.view(B // nb, nb, H, Lq, -1) + bias.to(s.dtype)).view(B, H, Lq, -1)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
 _IMPLS = {"flash_attn": _flash_attn, "xformers": _xformers, "sdpa": _sdpa, "triton": _triton,
           "math": _math}
 
 
-def attention(q, k, v, key_padding_mask=None, causal=False, scale=None):
-    """softmax(q k^T * scale, masked) v.  q (B, H, Lq, Dh), k/v (B, H, Lk, Dh) -> (B, H, Lq, Dh).
+def attention(q, k, v, key_padding_mask=None, causal=False, scale=None, bias=None):
+    """softmax(q k^T * scale + bias, masked) v.  q (B, H, Lq, Dh), k/v (B, H, Lk, Dh) -> (B, H, Lq, Dh).
 
     key_padding_mask (B, Lk) bool, True = attend; causal=True needs Lq == Lk; scale defaults to
-    Dh ** -0.5.  Rows with nothing to attend to give zeros.  The backend is chosen per call (see
-    the module docstring); `use_backend(name)` / VALOR_FAST_ATTN force one."""
+    Dh ** -0.5; bias (H, Lq, Lk) or (nB, H, Lq, Lk) with B % nB == 0 (item b uses bias[b % nB]).
+    Rows with nothing to attend to give zeros.  The backend is chosen per call (see the module
+    docstring); `use_backend(name)` / VALOR_FAST_ATTN force one."""
     causal = bool(causal)
-    _check_inputs(q, k, v, key_padding_mask, causal, scale)
-    backend = choose_backend(q, key_padding_mask, causal)
-    return _IMPLS[backend](q, k, v, key_padding_mask, causal, None if scale is None else float(scale))
+    _check_inputs(q, k, v, key_padding_mask, causal, scale, bias)
+    backend = choose_backend(q, key_padding_mask, causal, bias)
+    scale = None if scale is None else float(scale)
+    if bias is None:
+        return _IMPLS[backend](q, k, v, key_padding_mask, causal, scale)
+    return _IMPLS[backend](q, k, v, key_padding_mask, causal, scale, bias)
 
 
-__all__ = ["attention", "BACKENDS", "available_backends", "choose_backend", "get_forced_backend",
+__all__ = ["attention", "attention_bias_ref", "expand_bias", "BACKENDS", "available_backends", "choose_backend", "get_forced_backend",
            "set_backend", "use_backend", "unsupported_reason"]
 
 # `valor_fast.ops.attention` is this function (the package re-exports it over the submodule's

@@ -15,14 +15,38 @@ def _encoder_flops(tokens: int, seqs: int, width: int, layers: int, ffn: int, se
     return f
 
 
+def swin_flops(size: str, frames: int, image_size: int) -> tuple:
+    """(forward FLOPs, tokens a frame at the output) of a Video Swin over one clip: patch
+    embedding, per block qkv/proj/MLP on every token plus QK^T and PV over its (clipped) window,
+    and the patch mergings.  Window padding is ignored (none at 224 px / 7x7 windows)."""
+    from ..model.swin import SWIN_SIZES, clip_window
+    a = SWIN_SIZES[size]
+    C, side = a["embed_dim"], -(-image_size // 4)
+    f = frames * side * side * 2 * (3 * 2 * 4 * 4) * C            # Conv3d (2, 4, 4)
+    for i, (depth, _) in enumerate(zip(a["depths"], a["heads"])):
+        tokens = frames * side * side
+        ws, _ = clip_window((frames, side, side), a["window"], (0, 0, 0))
+        n = ws[0] * ws[1] * ws[2]
+        f += depth * tokens * (2 * (4 * C * C + 8 * C * C) + 2 * 2 * n * C)
+        if i < len(a["depths"]) - 1:
+            side = -(-side // 2)
+            f += frames * side * side * 2 * (4 * C) * (2 * C)     # merge: Linear(4C, 2C)
+            C *= 2
+    return f, side * side
+
+
 def training_flops_per_sample(cfg: ModelConfig, frames: int, text_len: int, audio_slices: int = 1,
                               groups: int = 3, mask_prob: float = 0.6) -> float:
     """FLOPs (forward + backward = 3x forward) of one sample: encoders, three caption passes
     (the decoder re-runs the BERT layers with cross-attention), and the LM head at the masked
     positions."""
-    v_len = (cfg.image_size // cfg.patch_size) ** 2 + 1
     a_len = (cfg.audio_mel_bins // 16) * (cfg.audio_frames // 16) + 1
-    vis = frames * _encoder_flops(v_len, 1, cfg.vision_width, cfg.vision_layers, 4 * cfg.vision_width, v_len)
+    if cfg.vision == "swin":
+        from ..config import swin_size_of
+        vis, v_len = swin_flops(swin_size_of(cfg), frames, cfg.image_size)
+    else:
+        v_len = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        vis = frames * _encoder_flops(v_len, 1, cfg.vision_width, cfg.vision_layers, 4 * cfg.vision_width, v_len)
     aud = audio_slices * _encoder_flops(a_len, 1, cfg.audio_width, cfg.audio_layers, 4 * cfg.audio_width, a_len)
     txt = _encoder_flops(text_len, 1, cfg.text_width, cfg.text_layers, cfg.text_ffn, text_len)
     mem = frames * v_len + audio_slices * a_len
