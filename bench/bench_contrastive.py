@@ -129,7 +129,6 @@ def _measure(loss_fn, grads):
 def _check(case, backend, dtype):
     """Max |loss - eager loss| and max relative grad error at a small batch (not a test; a guard
     against timing something wrong)."""
-    import torch
     if case == "coarse":
         ins = _coarse_inputs(256, dtype, seed=1)
         run = lambda be: _coarse_fn(be)(*ins)  # noqa: E731

@@ -1,10 +1,9 @@
 """Our encoders reproduce Hugging Face's on converted weights (real MiniLM BERT; random CLIP)."""
 import torch
-from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, ASTConfig, ASTModel
+from transformers import BertModel, CLIPVisionConfig, CLIPVisionModel, ASTConfig, ASTModel
 
 from valor_fast.config import model_config
-from valor_fast.model.convert import (ast_to_ours, bert_to_ours, clip_vision_to_ours, load_hf_bert,
-                                      minilm_path, read_state_dict)
+from valor_fast.model.convert import (ast_to_ours, clip_vision_to_ours, minilm_path)
 from valor_fast.model.valor import VALOR
 
 

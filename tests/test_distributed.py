@@ -78,7 +78,6 @@ def test_two_rank_ddp_with_checkpointing_matches_one_rank(data_root, tmp_path):
     """DDP, activation checkpointing and an asynchronous checkpoint change nothing numerically;
     launched through `valor-fast pretrain --nproc 2`."""
     _run(_args(data_root, tmp_path, "one"))
-    from valor_fast.cli import split_overrides
     args = _args(data_root, tmp_path, "ddp", **{"train.parallel": "ddp", "train.activation_checkpointing": "full",
                                                  "train.ckpt_every": 2, "train.async_ckpt": "true"})
     p = subprocess.run([sys.executable, "-m", "valor_fast", "pretrain", "--nproc", "2"] + args,

@@ -3,7 +3,6 @@ prompting/masking/metrics, and (slow) the finetune -> eval flow of each task plu
 embed commands on a small synthetic set."""
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ import torch
 
 from valor_fast.config import DataConfig
 from valor_fast.data.dataset import VideoAudioTextDataset, collate
-from valor_fast.data.fbank import (kaldi_fbank, kaldi_fbank_batched, slice_fbank, slice_fbank_batched,
+from valor_fast.data.fbank import (kaldi_fbank_batched, slice_fbank, slice_fbank_batched,
                                    slice_windows, valor_fbank, valor_fbank_batched)
 from valor_fast.data.media import BadMediaError, BadMediaTracker, ReplacementOrder
 from valor_fast.utils import deps
@@ -415,7 +415,7 @@ def test_tar_shards_match_folders_and_report_bad_members(planted, tmp_path):
         cidx = ShardIndex([os.path.join(cut, "c.tar")])
         key, ext = sample_key(name)
         got = cidx.find(key, (ext,))
-        from valor_fast.data.media import probe_audio, probe_video
+        from valor_fast.data.media import probe_audio
         from valor_fast.data.video import DecodeError
         assert got is not None and cidx.members[(os.path.join(cut, "c.tar"), name)] == (off, size // 3)
         with pytest.raises(DecodeError, match="truncated"):

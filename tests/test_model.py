@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from valor_fast.config import Config, LossConfig, load_config, model_config
+from valor_fast.config import LossConfig, load_config, model_config
 from valor_fast.eval.caption import beam_search
 from valor_fast.model.valor import VALOR, count_parameters
 from valor_fast.tasks.pretrain import pretrain_step_losses

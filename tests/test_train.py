@@ -1,10 +1,8 @@
 """End-to-end: a short pretraining run on a small synthetic set — the loss falls, the run
 folder holds config, weights, history and metrics, and eval reloads the checkpoint."""
 import json
-import os
 
 import pytest
-import torch
 
 from valor_fast.config import load_config
 

@@ -133,10 +133,8 @@ def cmd_convert(args, over) -> int:
 
 
 def cmd_eval(args, over) -> int:
-    import torch
-    from .config import dump
     from .data import build_loader
-    from .eval.evaluate import evaluate, format_table
+    from .eval.evaluate import format_table
     from .model.valor import build_model
     from .train.checkpoint import load_model, write_json
     from .train.trainer import autocast_ctx, evaluate_task, prepare_data, resolve_device
@@ -156,7 +154,7 @@ def cmd_eval(args, over) -> int:
     prepare_data(cfg)
     model = build_model(cfg.model).to(device)
     if args.ckpt:
-        res = load_model(model, args.ckpt)
+        load_model(model, args.ckpt)   # strict: a mismatch raises, naming the keys
         print(f"loaded {args.ckpt}", file=sys.stderr)
     else:
         print("no --ckpt: evaluating a randomly initialised model", file=sys.stderr)

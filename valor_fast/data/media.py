@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..utils.log import get_logger
-from .shards import ShardIndex, is_member, media_exists, media_open, media_size
+from .shards import ShardIndex, is_member, media_open, media_size, require_media
 from .video import DecodeError, check_truncated, expected_frames, image_size, list_frame_folder
 
 log = get_logger(__name__)
@@ -120,10 +120,7 @@ def probe_video(path: Optional[str], vid: str = "") -> VideoInfo:
             raise DecodeError(f"frame folder {path!r}: {len(empty)} empty image(s), e.g. {empty[0]!r}")
         h, w = image_size(os.path.join(path, names[0]))   # a folder's frames share one size
         return VideoInfo(path, "frames", len(names), width=w, height=h, files=names)
-    if not media_exists(path):
-        raise DecodeError(f"video {path!r} does not exist")
-    if media_size(path) == 0:
-        raise DecodeError(f"video {path!r} is empty (0 bytes)")
+    require_media(path, "video")
     try:
         import av
         with av.open(media_open(path)) as c:
@@ -172,10 +169,7 @@ def _wav_data_shortfall(path: str) -> Optional[Tuple[int, int]]:
 def probe_audio(path: str) -> AudioInfo:
     """Sample count and rate from the header.  Raises DecodeError for an empty, truncated or
     undecodable file (a missing file is the caller's decision: see allow_missing_audio)."""
-    if not media_exists(path):
-        raise DecodeError(f"audio {path!r} does not exist")
-    if media_size(path) == 0:
-        raise DecodeError(f"audio {path!r} is empty (0 bytes)")
+    require_media(path, "audio")
     try:
         import soundfile as sf
         info = sf.info(media_open(path))

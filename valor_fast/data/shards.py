@@ -82,6 +82,15 @@ def media_open(path: str) -> Union[str, io.BytesIO]:
     return io.BytesIO(media_bytes(path)) if is_member(path) else path
 
 
+def require_media(path: str, what: str) -> None:
+    """Raise DecodeError naming `path` when it (file or member) is missing or has 0 bytes."""
+    from .video import DecodeError
+    if not media_exists(path):
+        raise DecodeError(f"{what} {path!r} does not exist")
+    if media_size(path) == 0:
+        raise DecodeError(f"{what} {path!r} is empty (0 bytes)")
+
+
 def media_stat(path: str) -> Tuple[int, int]:
     """(size, mtime) for cache keys: a member's own size with its shard's mtime."""
     if not is_member(path):

@@ -15,7 +15,6 @@ atomic (written to root.tmp, then renamed).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time

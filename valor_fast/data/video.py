@@ -92,11 +92,8 @@ def decode_video(path: str, indices: Optional[list] = None) -> np.ndarray:
     allowed): decoding stops after the last one asked and only those are converted to RGB, which
     for 4 of a 10 s clip's 250 frames is most of the cost.  Raises DecodeError (naming the file)
     for a missing, empty, undecodable or truncated file."""
-    from .shards import media_exists, media_open, media_size
-    if not media_exists(path):
-        raise DecodeError(f"video {path!r} does not exist")
-    if media_size(path) == 0:
-        raise DecodeError(f"video {path!r} is empty (0 bytes)")
+    from .shards import media_open, require_media
+    require_media(path, "video")
     try:
         import av
         with av.open(media_open(path)) as c:

@@ -8,7 +8,6 @@ blocks take their plain nn.Linear / F.gelu / nn.LayerNorm path instead.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch

@@ -4,7 +4,7 @@ tokens concatenated).  Architecture only: losses live in valor_fast.tasks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn

@@ -17,7 +17,7 @@ scale the loss by N, and do not gather when gradients are summed (not averaged) 
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist

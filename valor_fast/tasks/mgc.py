@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..model.valor import VALOR
 from .mga import parse_groups

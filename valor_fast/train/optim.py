@@ -1,7 +1,6 @@
 """AdamW with VALOR's parameter groups and the warmup + linear-decay schedule."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

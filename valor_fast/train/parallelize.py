@@ -3,7 +3,7 @@ activation checkpointing -> torch.compile per block -> FSDP2 `fully_shard` per b
 (or plain DDP for small models).  The model keeps its architecture; these only wrap it."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import math
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from ..model.valor import build_model, count_parameters
 from ..tasks.pretrain import PretrainTask, move_batch
 from ..utils.flops import device_peak_tflops, training_flops_per_sample
 from ..utils.log import get_logger, log_once
-from .checkpoint import CheckpointManager, save_model, set_rng_state, write_json
+from .checkpoint import CheckpointManager, set_rng_state, write_json
 from .dist import DistInfo, all_reduce_, barrier, broadcast_object, init_distributed, shutdown
 from .optim import build_optimizer, lr_factor, set_lr
 from .parallelize import parallelize
@@ -273,7 +272,6 @@ def evaluate_task(model, loader, cfg: Config, device, amp) -> Dict[str, float]:
 
 
 def train(cfg: Config, run_dir: Optional[str] = None) -> Dict[str, float]:
-    from ..eval.evaluate import evaluate, format_table
     tc = cfg.train
     info = init_distributed(tc.device, tc.hsdp_replicas)
     try:
@@ -283,7 +281,7 @@ def train(cfg: Config, run_dir: Optional[str] = None) -> Dict[str, float]:
 
 
 def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, float]:
-    from ..eval.evaluate import evaluate, format_table
+    from ..eval.evaluate import format_table
     tc = cfg.train
     if tc.batch_size % (info.world * tc.grad_accum):
         raise ValueError(f"train.batch_size={tc.batch_size} must divide by world ({info.world}) x "
@@ -391,6 +389,16 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     def save_ckpt(s):
         nonlocal last_good_ckpt
         last_good_ckpt = ckpts.save(s, _app_state(task, opt), {"step": s})
+
+    def save_on_stop():
+        """A stop whose weights are sound (preemption, too much bad media): log what is pending,
+        checkpoint the step reached, wait for the write, keep the history."""
+        if pending:
+            flush(list(logs.keys()) + ["grad_norm"])
+        save_ckpt(step)
+        ckpts.wait()
+        if info.is_main:
+            write_json(os.path.join(run_dir, "history.json"), history)
 
     def check_finite():
         flag = all_reduce_(bad.clone())
@@ -509,24 +517,16 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
         raise
     except BadMediaError as e:
         # too much bad data: the weights are fine, so the step reached is checkpointed first
-        if pending:
-            flush(list(logs.keys()) + ["grad_norm"])
-        save_ckpt(step)
-        ckpts.wait()
+        save_on_stop()
         if info.is_main:
-            write_json(os.path.join(run_dir, "history.json"), history)
             write_json(os.path.join(run_dir, f"bad_media_rank{info.rank}.json"), e.report)
             print(f"\nSTOPPED at step {step}: {e}\ncheckpoint {last_good_ckpt}; report "
                   f"{os.path.join(run_dir, f'bad_media_rank{info.rank}.json')}", file=sys.stderr, flush=True)
         raise
     except (KeyboardInterrupt, Preempted) as e:
         # preemption / Ctrl-C: write a resumable checkpoint of the step reached, then exit
-        if pending:
-            flush(list(logs.keys()) + ["grad_norm"])
-        save_ckpt(step)
-        ckpts.wait()
+        save_on_stop()
         if info.is_main:
-            write_json(os.path.join(run_dir, "history.json"), history)
             print(f"\ninterrupted at step {step} ({e}); checkpoint {last_good_ckpt}; "
                   f"resume with --train.resume auto --train.run_name {os.path.basename(run_dir)}",
                   file=sys.stderr, flush=True)
