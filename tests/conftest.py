@@ -13,3 +13,18 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+# Kernel tests run on the CPU (under the interpreter) by default.  On a GPU machine,
+#   VALOR_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest tests/test_attention*.py ...
+# makes the modules that opt in (pytestmark = usefixtures("kernel_device")) create their tensors
+# on that device, so the compiled kernels are what is checked against the float64 references.
+KERNEL_TEST_DEVICE = os.environ.get("VALOR_FAST_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def kernel_device():
+    if KERNEL_TEST_DEVICE != "cpu" and not torch.cuda.is_available():
+        pytest.fail(f"VALOR_FAST_TEST_DEVICE={KERNEL_TEST_DEVICE} but torch sees no CUDA device")
+    with torch.device(KERNEL_TEST_DEVICE):
+        yield torch.device(KERNEL_TEST_DEVICE)

@@ -17,6 +17,8 @@ import torch  # noqa: E402
 
 from valor_fast.kernels.flash_attention import attention_ref, flash_attention  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("kernel_device")   # VALOR_FAST_TEST_DEVICE=cuda: on the GPU
+
 A = importlib.import_module("valor_fast.ops.attention")  # the module (valor_fast.ops.attention is the function)
 
 # Absolute floor, relative to max |reference|.  16-bit: two units in the last place, since two

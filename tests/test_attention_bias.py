@@ -19,6 +19,8 @@ import torch  # noqa: E402
 from valor_fast.kernels.flash_attention import (  # noqa: E402
     _flash_attention_op, attention_ref, flash_attention, flash_attention_bwd, flash_attention_fwd)
 
+pytestmark = pytest.mark.usefixtures("kernel_device")   # VALOR_FAST_TEST_DEVICE=cuda: on the GPU
+
 A = importlib.import_module("valor_fast.ops.attention")
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2 * torch.finfo(torch.bfloat16).eps}

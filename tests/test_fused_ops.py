@@ -16,6 +16,8 @@ from valor_fast.ops import fused  # noqa: E402
 from valor_fast.utils.deps import HAS_TRITON  # noqa: E402
 from valor_fast.utils.log import _ONCE  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("kernel_device")   # VALOR_FAST_TEST_DEVICE=cuda: on the GPU
+
 needs_interp = pytest.mark.skipif(
     not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton on CPU needs triton installed and TRITON_INTERPRET=1")
