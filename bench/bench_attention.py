@@ -30,7 +30,14 @@ SHAPES = {
     "bert_causal": (40, 40, 12, 64, True, True),
     "cross_325": (40, 325, 12, 64, False, True),
     "cross_643": (40, 643, 12, 64, False, True),
+    # Video Swin-B windows at 4 frames x 224 px: window (4, 7, 7) = 196 tokens, head dim 32, with
+    # the additive bias (relative position + shift mask) shared by window index: stage 1 has
+    # 8 x 8 = 64 windows a clip at 4 heads, stage 3 2 x 2 = 4 windows at 16 heads
+    "swin_s1": (196, 196, 4, 32, False, False),
+    "swin_s3": (196, 196, 16, 32, False, False),
 }
+# shapes run with a learnable (nB, H, L, L) bias, batch item b using slice b % nB
+BIAS_WINDOWS = {"swin_s1": 64, "swin_s3": 4}
 
 
 def _parse(argv=None):
@@ -83,21 +90,25 @@ def _inputs(B, Lq, Lk, H, D, pad, dtype, seed=0):
     return q, k, v, kpm
 
 
-def _accuracy(A, backend, q, k, v, kpm, causal, n):
-    """Max |err| of out, dq, dk, dv on the first n batch entries vs the fp32 math reference."""
+def _accuracy(A, backend, q, k, v, kpm, causal, n, bias=None):
+    """Max |err| of out, dq, dk, dv (and dbias) on the first n batch entries (a multiple of the
+    bias's window count) vs the fp32 math reference."""
     import torch
     from valor_fast.kernels.flash_attention import attention_ref
     q, k, v = (t[:n].detach().clone().requires_grad_() for t in (q, k, v))
     m = None if kpm is None else kpm[:n]
+    b16 = None if bias is None else bias.detach().clone().requires_grad_()
     do = torch.randn_like(q)
     with A.use_backend(backend):
-        out = A.attention(q, k, v, m, causal)
+        out = A.attention(q, k, v, m, causal, bias=b16)
     out.backward(do)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = attention_ref(q32, k32, v32, m, causal)
+    b32 = None if bias is None else bias.detach().float().requires_grad_()
+    ref = attention_ref(q32, k32, v32, m, causal, bias=b32)
     ref.backward(do.float())
     errs = {"out": (out.float() - ref).abs().max().item()}
-    for name, a, b in (("dq", q, q32), ("dk", k, k32), ("dv", v, v32)):
+    pairs = [("dq", q, q32), ("dk", k, k32), ("dv", v, v32)] + ([("dbias", b16, b32)] if bias is not None else [])
+    for name, a, b in pairs:
         errs[name] = (a.grad.float() - b.grad).abs().max().item()
     return errs
 
@@ -124,15 +135,20 @@ def main(argv=None):
     try:
         for name in args.shapes:
             Lq, Lk, H, D, causal, pad = SHAPES[name]
+            nb = BIAS_WINDOWS.get(name)
             B = max(1, args.tokens // Lq)
+            bias = None
+            if nb:
+                B = max(nb, B // nb * nb)   # whole clips: every window index once a clip
+                bias = torch.randn(nb, H, Lq, Lk, device="cuda", dtype=dtype, requires_grad=True)
             q, k, v, kpm = _inputs(B, Lq, Lk, H, D, pad, dtype)
-            auto = A.choose_backend(q, kpm, causal)
+            auto = A.choose_backend(q, kpm, causal, bias=bias)
             flops_fwd = 4.0 * B * H * Lq * Lk * D * (0.5 if causal else 1.0)
             for b in backends:
                 row = dict(env, bench="attention", shape=name, B=B, Lq=Lq, Lk=Lk, H=H, Dh=D, causal=causal,
-                           key_padding=pad, dtype=args.dtype, backend=b, auto_choice=(b == auto),
+                           key_padding=pad, bias_windows=nb, dtype=args.dtype, backend=b, auto_choice=(b == auto),
                            flops_fwd=flops_fwd, flops_fwd_bwd=3.5 * flops_fwd)
-                why = A.unsupported_reason(b, q, kpm, causal)
+                why = A.unsupported_reason(b, q, kpm, causal, bias=bias)
                 if why is not None:
                     row["skipped"] = why
                     append_result(args.out, row)
@@ -142,19 +158,21 @@ def main(argv=None):
                     with A.use_backend(b):
                         if "fwd" in args.modes:
                             with torch.no_grad():
-                                ms = do_bench(lambda: A.attention(q, k, v, kpm, causal), args.warmup, args.rep)
+                                ms = do_bench(lambda: A.attention(q, k, v, kpm, causal, bias=bias), args.warmup, args.rep)
                             row.update(fwd_ms=ms, fwd_tflops=flops_fwd / ms * 1e-9)
                         if "fwd_bwd" in args.modes:
                             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
                             do = torch.randn_like(q)
 
                             def step():
-                                A.attention(qg, kg, vg, kpm, causal).backward(do)
-                            ms = do_bench(step, args.warmup, args.rep, grad_to_none=[qg, kg, vg])
+                                A.attention(qg, kg, vg, kpm, causal, bias=bias).backward(do)
+                            ms = do_bench(step, args.warmup, args.rep,
+                                          grad_to_none=[qg, kg, vg] + ([bias] if bias is not None else []))
                             row.update(fwd_bwd_ms=ms, fwd_bwd_tflops=3.5 * flops_fwd / ms * 1e-9)
                             del qg, kg, vg, do
                     if args.check_batch > 0:
-                        row["max_err_vs_fp32"] = _accuracy(A, b, q, k, v, kpm, causal, min(B, args.check_batch))
+                        n = min(B, args.check_batch) if nb is None else nb
+                        row["max_err_vs_fp32"] = _accuracy(A, b, q, k, v, kpm, causal, n, bias)
                 except Exception as e:  # noqa: BLE001 - record an OOM / kernel failure and go on
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                     torch.cuda.empty_cache()
@@ -166,7 +184,7 @@ def main(argv=None):
                       f"{row.get('fwd_bwd_tflops', float('nan')):>6.1f}  "
                       f"{err.get('out', float('nan')):.2e}/{err.get('dq', float('nan')):.2e}"
                       + (f"  ERROR {row['error']}" if "error" in row else ""))
-            del q, k, v, kpm
+            del q, k, v, kpm, bias
             torch.cuda.empty_cache()
     finally:
         if env_var is not None:

@@ -18,6 +18,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .video import sample_indices
+
 AUDIO_MEAN, AUDIO_STD = -4.2677393, 4.5689974   # AudioSet fbank statistics VALOR normalises with
 SLICE_FRAMES = 512
 PAD_VALUE = (0.0 - AUDIO_MEAN) / (AUDIO_STD * 2)   # a zero fbank, normalised: what slices are padded with
@@ -148,17 +150,9 @@ def slice_windows(n_frames: int, n_slices: int = 1, train: bool = False,
     """The 512-frame windows `slice_fbank` takes from a clip of `n_frames` fbank frames (padded
     to a multiple of 512): n_slices windows spread evenly, a random one of each region in
     training (drawn from `generator`), the middle one at test.  Shared by the CPU and the
-    batched (device) path so both draw the same windows from the same generator."""
-    n_win = max(1, math.ceil(n_frames / SLICE_FRAMES))
-    out = []
-    for s in range(n_slices):
-        lo, hi = s * n_win // n_slices, max(s * n_win // n_slices + 1, (s + 1) * n_win // n_slices)
-        if train:
-            w = int(torch.randint(lo, hi, (), generator=generator))
-        else:
-            w = (lo + hi - 1) // 2
-        out.append(min(w, n_win - 1))
-    return out
+    batched (device) path so both draw the same windows from the same generator.  The rule is
+    the video's frame sampling (one pick per equal segment) over the clip's windows."""
+    return sample_indices(max(1, math.ceil(n_frames / SLICE_FRAMES)), n_slices, train, generator)
 
 
 def slice_fbank(fb: torch.Tensor, n_slices: int = 1, train: bool = False,

@@ -34,7 +34,7 @@ import torch
 
 from ..utils.log import get_logger
 from .shards import ShardIndex, is_member, media_open, media_size, require_media
-from .video import DecodeError, check_truncated, expected_frames, image_size, list_frame_folder
+from .video import DecodeError, check_truncated, image_size, list_frame_folder, open_video
 
 log = get_logger(__name__)
 
@@ -53,31 +53,30 @@ class BadMediaError(RuntimeError):
         self.report = report
 
 
+def _find(folder: str, vid: str, exts, shards: Optional["ShardIndex"]) -> Optional[str]:
+    """A member <vid>.<ext> of `shards` first, then <folder>/<vid>.<ext>, for exts in order."""
+    hit = shards.find(vid, exts) if shards is not None else None
+    if hit:
+        return hit
+    for e in exts:
+        p = os.path.join(folder, vid + e)
+        if os.path.exists(p):
+            return p
+    return None
+
+
 def find_video(video_dir: str, vid: str, shards: Optional["ShardIndex"] = None) -> Optional[str]:
     """<video_dir>/<vid>.<ext> for the known video extensions, or the frame folder <vid>/; a
     member of `shards` first when given."""
-    if shards is not None:
-        hit = shards.find(vid, VIDEO_EXTS)
-        if hit:
-            return hit
-    for e in VIDEO_EXTS:
-        p = os.path.join(video_dir, vid + e)
-        if os.path.exists(p):
-            return p
+    hit = _find(video_dir, vid, VIDEO_EXTS, shards)
+    if hit:
+        return hit
     p = os.path.join(video_dir, vid)
     return p if os.path.isdir(p) else None
 
 
 def find_audio(audio_dir: str, vid: str, shards: Optional["ShardIndex"] = None) -> Optional[str]:
-    if shards is not None:
-        hit = shards.find(vid, AUDIO_EXTS)
-        if hit:
-            return hit
-    for e in AUDIO_EXTS:
-        p = os.path.join(audio_dir, vid + e)
-        if os.path.exists(p):
-            return p
-    return None
+    return _find(audio_dir, vid, AUDIO_EXTS, shards)
 
 
 @dataclass
@@ -120,14 +119,8 @@ def probe_video(path: Optional[str], vid: str = "") -> VideoInfo:
             raise DecodeError(f"frame folder {path!r}: {len(empty)} empty image(s), e.g. {empty[0]!r}")
         h, w = image_size(os.path.join(path, names[0]))   # a folder's frames share one size
         return VideoInfo(path, "frames", len(names), width=w, height=h, files=names)
-    require_media(path, "video")
     try:
-        import av
-        with av.open(media_open(path)) as c:
-            if not c.streams.video:
-                raise DecodeError(f"{path!r} has no video stream")
-            st = c.streams.video[0]
-            expected = expected_frames(c, st)
+        with open_video(path) as (c, st, expected):
             # one packet a shown frame for VP8/VP9 (WebM superframes carry hidden frames inside
             # one packet), H.264 and HEVC; the decoder's frame count is what the index uses
             n = sum(1 for pk in c.demux(st) if pk.size > 0)

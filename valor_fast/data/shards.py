@@ -17,6 +17,8 @@ import io
 import json
 import os
 import tarfile
+import threading
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
 
 from ..utils.log import get_logger
@@ -64,16 +66,34 @@ def media_size(path: str) -> int:
     return _locate(path)[2]
 
 
+# A clip's members are read several times in a row (probe, then decode; the audio header check,
+# then the samples): the last few members read stay in memory so each is read from disk once.
+_RECENT: "OrderedDict[Tuple[str, int, int], bytes]" = OrderedDict()
+_RECENT_MAX = 8
+_RECENT_LOCK = threading.Lock()
+
+
 def media_bytes(path: str) -> bytes:
     """The whole file (or member).  A member shorter on disk than its header says (a cut shard)
     comes back short, so the decoders see it as the truncated file it is."""
     if not is_member(path):
         with open(path, "rb") as f:
             return f.read()
-    shard, off, size = _locate(path)
+    key = _locate(path)
+    with _RECENT_LOCK:
+        data = _RECENT.get(key)
+        if data is not None:
+            _RECENT.move_to_end(key)
+            return data
+    shard, off, size = key
     with open(shard, "rb") as f:
         f.seek(off)
-        return f.read(size)
+        data = f.read(size)
+    with _RECENT_LOCK:
+        _RECENT[key] = data
+        while len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
+    return data
 
 
 def media_open(path: str) -> Union[str, io.BytesIO]:

@@ -1,6 +1,7 @@
 """CPU video decoding (PyAV) and VALOR's frame sampling / transforms."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -87,20 +88,27 @@ def frames_to_rgb(frames: list) -> np.ndarray:
     return np.stack([f.to_ndarray(format="rgb24") for f in frames])
 
 
+@contextlib.contextmanager
+def open_video(path: str):
+    """(container, first video stream, frames the header promises) of a file or shard member;
+    DecodeError naming the file when it is missing, empty or has no video stream."""
+    from .shards import media_open, require_media
+    require_media(path, "video")
+    import av
+    with av.open(media_open(path)) as c:
+        if not c.streams.video:
+            raise DecodeError(f"{path!r} has no video stream")
+        st = c.streams.video[0]
+        yield c, st, expected_frames(c, st)
+
+
 def decode_video(path: str, indices: Optional[list] = None) -> np.ndarray:
     """All frames as uint8 (F, H, W, 3), or only those at `indices` (in that order, repeats
     allowed): decoding stops after the last one asked and only those are converted to RGB, which
     for 4 of a 10 s clip's 250 frames is most of the cost.  Raises DecodeError (naming the file)
     for a missing, empty, undecodable or truncated file."""
-    from .shards import media_open, require_media
-    require_media(path, "video")
     try:
-        import av
-        with av.open(media_open(path)) as c:
-            if not c.streams.video:
-                raise DecodeError(f"{path!r} has no video stream")
-            st = c.streams.video[0]
-            expected = expected_frames(c, st)
+        with open_video(path) as (c, st, expected):
             if indices is None:
                 frames = frames_to_rgb(list(c.decode(st)))
             else:

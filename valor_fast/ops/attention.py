@@ -367,20 +367,6 @@ def _math(q, k, v, key_padding_mask, causal, scale, bias=None):
     return _k_fa.attention_ref(q, k, v, key_padding_mask, causal, scale, bias=bias)
 
 
-def attention_bias_ref(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-                       scale: Optional[float] = None) -> Tensor:
-    """Plain PyTorch windowed attention with an additive bias, written out step by step (the
-    eager Swin baseline of bench/bench_swin.py and an independent check of the kernels):
-    softmax(q k^T * scale + bias[b % nB]) v, in q's dtype."""
-    B, H, Lq, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
-    s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, Lq, Lk)
-    if bias is not None:
-        nb = 1 if bias.dim() == 3 else bias.shape[0]
-        s = (s.view(B // nb, nb, H, Lq, -1) + bias.to(s.dtype)).view(B, H, Lq, -1)
-    return torch.matmul(torch.softmax(s, dim=-1), v)
-
-
 _IMPLS = {"flash_attn": _flash_attn, "xformers": _xformers, "sdpa": _sdpa, "triton": _triton,
           "math": _math}
 
@@ -401,7 +387,7 @@ def attention(q, k, v, key_padding_mask=None, causal=False, scale=None, bias=Non
     return _IMPLS[backend](q, k, v, key_padding_mask, causal, scale, bias)
 
 
-__all__ = ["attention", "attention_bias_ref", "expand_bias", "BACKENDS", "available_backends", "choose_backend", "get_forced_backend",
+__all__ = ["attention", "expand_bias", "BACKENDS", "available_backends", "choose_backend", "get_forced_backend",
            "set_backend", "use_backend", "unsupported_reason"]
 
 # `valor_fast.ops.attention` is this function (the package re-exports it over the submodule's
