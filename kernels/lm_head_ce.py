@@ -316,6 +316,23 @@ _lm_head_ce_fwd_op.register_autograd(_lm_backward, setup_context=_lm_setup_conte
 # ----------------------------------------------------------------------------------------------
 # functional entry point
 # ----------------------------------------------------------------------------------------------
+def _autocast_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Under autocast, cast like F.linear does: every fp32/fp16/bf16 operand to the autocast dtype
+    (float64 is left alone).  A custom op is opaque to autocast, so without this a bf16 hidden
+    state from the autocast decoder meets the fp32 tied embedding (one GPU or DDP, no FSDP
+    mixed-precision params).  `.to` is differentiable: the fp32 master weight gets its gradient."""
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dt):
+            return t
+        return t.to(dt)
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                           label_smoothing: float = 0.0, reduction: str = "mean",
                           ignore_index: int = -100, chunk_size: int = DEFAULT_CHUNK,
@@ -327,6 +344,7 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         raise ValueError(f"lm_head_cross_entropy: reduction must be mean|sum|none, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"lm_head_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     if torch.compiler.is_compiling():
         rows, _ = _lm_head_ce_fwd_op(hidden, weight, bias, labels, float(label_smoothing),
                                      int(ignore_index), int(chunk_size), bool(use_triton))

@@ -388,3 +388,37 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
     for a, b in zip(comp_in, eager_in):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_head_ce_bf16_autocast_fp32_weight(backend):
+    """Issue #17's first single-GPU crash: under bf16 autocast without FSDP the decoder's hidden
+    state is bf16 and the tied embedding an fp32 master.  The op casts like F.linear under
+    autocast (every operand to bf16) and the fp32 weight / bias receive fp32 gradients; error
+    vs float64 (on the bf16-rounded operands autocast computes with) within 2x eager autocast."""
+    bf = torch.bfloat16
+    h0 = torch.randn(N, C).to(bf)
+    w0, b0 = torch.randn(V, C) / C ** 0.5 * 2, torch.randn(V)
+    labels = _lm_make(True)(torch.float32)[3]
+    up = torch.randn(())
+
+    def run(fn, h, w, b, autocast):
+        h, w, b = (t.detach().clone().requires_grad_() for t in (h, w, b))
+        with torch.autocast(h.device.type, dtype=bf, enabled=autocast):
+            loss = fn(h, w, b)
+        (loss.double() * up).backward()  # backward outside autocast, as the trainer runs it
+        return loss.detach(), h.grad, w.grad, b.grad
+
+    def ours(h, w, b):
+        with fused.use_backend(backend):
+            return fused.lm_head_cross_entropy(h, w, b, labels, chunk_size=CHUNK)
+
+    ref = lambda h, w, b: k_lm.lm_head_ce_ref(h, w, b, labels)  # noqa: E731
+    ref64 = run(ref, h0.double(), w0.to(bf).double(), b0.to(bf).double(), False)
+    eager = run(ref, h0, w0, b0, True)
+    got = run(ours, h0, w0, b0, True)
+    assert got[0].dtype == torch.float32
+    assert (got[1].dtype, got[2].dtype, got[3].dtype) == (bf, torch.float32, torch.float32)
+    _check_all(["loss", "dhidden", "dweight", "dbias"], got, eager, ref64, bf)
+    with pytest.raises(TypeError, match="weight dtype"):  # without autocast a mismatch is an error
+        fused.lm_head_cross_entropy(h0, w0, b0, labels)
