@@ -19,9 +19,9 @@ forward, so reduction="none" with an arbitrary upstream gradient works and eval 
 
 The matmuls are torch (cuBLAS); the per-chunk softmax statistics and the gradient are a Triton
 kernel (one row per program) or, with use_triton=False, the same algorithm in torch (CPU and
-fallback).  Contents: `lm_head_ce_ref`, the Triton kernels, the chunked launchers,
-`LMHeadCEFn`, the custom ops `valor_fast::lm_head_ce_fwd` / `_bwd` and the functional entry point
-`lm_head_cross_entropy`.
+fallback).  Contents: `lm_head_ce_ref`, the Triton kernels, the chunked launchers, the custom ops
+`valor_fast::lm_head_ce_fwd` / `_bwd` (fake impls + register_autograd: the one autograd path) and
+the functional entry point `lm_head_cross_entropy`.
 """
 from typing import Optional, Tuple
 
@@ -247,28 +247,7 @@ def lm_head_ce_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function (eager path)
-# ----------------------------------------------------------------------------------------------
-class LMHeadCEFn(torch.autograd.Function):
-    """Per-row losses (N,) fp32; the reduction is ordinary torch on top."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, label_smoothing, ignore_index, chunk_size, use_triton):
-        loss, lse = lm_head_ce_fwd(hidden, weight, bias, labels, label_smoothing, ignore_index,
-                                   chunk_size, use_triton)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.args = (label_smoothing, ignore_index, chunk_size, use_triton)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        d_h, d_w, d_b = lm_head_ce_bwd(grad_rows, hidden, weight, bias, labels, lse, *ctx.args)
-        return d_h, d_w, (d_b.to(bias.dtype) if bias is not None else None), None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------------------------
-# custom ops (torch.compile path)
+# custom ops + autograd (the one path, eager and torch.compile)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("valor_fast::lm_head_ce_fwd", mutates_args=())
 def _lm_head_ce_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -345,12 +324,8 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"lm_head_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    if torch.compiler.is_compiling():
-        rows, _ = _lm_head_ce_fwd_op(hidden, weight, bias, labels, float(label_smoothing),
-                                     int(ignore_index), int(chunk_size), bool(use_triton))
-    else:
-        rows = LMHeadCEFn.apply(hidden, weight, bias, labels, float(label_smoothing),
-                                int(ignore_index), int(chunk_size), bool(use_triton))
+    rows, _ = _lm_head_ce_fwd_op(hidden, weight, bias, labels, float(label_smoothing),
+                                 int(ignore_index), int(chunk_size), bool(use_triton))
     if reduction == "none":
         return rows
     if reduction == "sum":
