@@ -452,3 +452,24 @@ def test_valid_masks_never_sync_with_the_host(backend):
         coarse = C.contrastive_loss(pt, pa, x["temperature"], valid=va)
         (sum(fine.values()) + coarse).backward()
     assert not c.hits, f"host syncs on the masked path: {c.hits}"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_torch_compile_traces_the_masked_kernels():
+    """valid masks enter the custom op as tensors: fullgraph traces them, no graph break."""
+    if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    B = 7
+    xs = [torch.randn(B, 16, device=DEV, requires_grad=True) for _ in range(2)]
+    tau = torch.tensor(0.3, device=DEV, requires_grad=True)
+    valid = _valid(B, "random")
+
+    def f(t, m, tau, valid):
+        return C.grouped_contrastive_loss(t, {"v": m, "a": m}, tau, mode="coarse", valid={"a": valid})
+    with C.use_backend("triton"):
+        eager = f(*xs, tau, valid)
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*xs, tau, valid)
+        sum(compiled.values()).backward()
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k])
+    assert all(x.grad is not None for x in xs) and tau.grad is not None
