@@ -111,6 +111,7 @@ def _worker(rank, init, seed, out_dir):
         for case in CASES:
             backend, mode, local = case
             results[case] = _run(x, backend, mode, "local" if local else "gather")
+        results["count"] = D.all_reduce_sum(torch.tensor([rank + 1.0], requires_grad=True))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -157,3 +158,13 @@ def test_distributed_equals_single_process(dist_results, backend, mode, local):
                 want = want[:, :T_RANK[k]]
             torch.testing.assert_close(grads[k][name] / N, want, **tol,
                                        msg=lambda m: f"seed {seed}, rank {k} grad {name}: {m}")
+
+
+def test_all_reduce_sum_counts_over_ranks(dist_results):
+    """MGC's token counts: the same sum on every rank, outside autograd."""
+    _, per_rank = dist_results
+    for k in range(N):
+        got = per_rank[k]["count"]
+        assert float(got) == N * (N + 1) / 2 and not got.requires_grad
+    one = torch.tensor([2.0, 3.0])
+    assert torch.equal(D.all_reduce_sum(one), one)  # identity in one process
