@@ -173,8 +173,7 @@ def _auto(q: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = F
     return "sdpa", f"CUDA {q.dtype}"
 
 
-SWITCH = BackendSwitch("attention", _ENV, BACKENDS, _probe, _auto, _check)
-SWITCH.available()  # probe now, outside any torch.compile trace
+SWITCH = BackendSwitch("attention", _ENV, BACKENDS, _probe, _auto, _check)  # probes now, at import
 set_backend = SWITCH.set_backend
 use_backend = SWITCH.use_backend
 get_forced_backend = SWITCH.forced

@@ -8,9 +8,11 @@ Per call, `BackendSwitch.choose(what, **ctx)` picks:
 A forced backend is strict: if `why_not(backend, **ctx)` has a reason (the family's `check` for
 devices / inputs, then the availability probe, whose reasons carry the install hint), the call
 raises RuntimeError naming the backend, where it was forced and why, rather than silently running
-something else.  Availability is probed once (`probe() -> {backend: (usable, why)}`, lazily on
-first use or eagerly via `available()`), logged once, and each (what, backend, reason) choice is
-logged once.  Nothing here is traced by torch.compile: logging is skipped while compiling.
+something else.  Availability is probed once, when the switch is made (`probe() -> {backend:
+(usable, why)}`: cheap, import-time facts; a check that needs the device, such as loading the CUDA
+C++ library, belongs in `check`, which runs only for the backend being asked about), logged once
+on the first choice, and each (what, backend, reason) choice is logged once.  Logging is skipped
+while torch.compile traces, so a compiled first call traces nothing but dictionary look-ups.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ Probe = Callable[[], Dict[str, Tuple[bool, str]]]
 class BackendSwitch:
     """op: the family's name in messages and log keys ("attention", "contrastive", "fused").
     env_var: the override read per call (e.g. VALOR_FAST_ATTN).  backends: the names accepted.
-    probe: () -> {backend: (usable, why)}, run once.  auto_rule: (**ctx) -> (backend, reason).
+    probe: () -> {backend: (usable, why)}, run once, here.  auto_rule: (**ctx) -> (backend, reason).
     check: (backend, **ctx) -> why `backend` cannot take this call, or None (consulted before the
     probe, so input-level reasons come first)."""
 
@@ -38,8 +40,8 @@ class BackendSwitch:
         self.op = op
         self.env_var = env_var
         self.backends = tuple(backends)
-        self._probe = probe
-        self._available: Optional[Dict[str, Tuple[bool, str]]] = None
+        # probed now, at import of the family's module: never inside a torch.compile trace
+        self._available: Dict[str, Tuple[bool, str]] = dict(probe())
         self._auto_rule = auto_rule
         self._check = check
         self._forced: Optional[str] = None
@@ -76,9 +78,7 @@ class BackendSwitch:
 
     # ---- availability and choice ------------------------------------------------------------
     def available(self) -> Dict[str, Tuple[bool, str]]:
-        """{backend: (usable, why)}, probed on the first call only."""
-        if self._available is None:
-            self._available = dict(self._probe())
+        """{backend: (usable, why)}, as probed once when the switch was made."""
         return self._available
 
     def why_not(self, backend: str, **ctx) -> Optional[str]:

@@ -48,9 +48,10 @@ _ENV = "VALOR_FAST_CONTRASTIVE"
 # ---- backend switch --------------------------------------------------------------------------
 
 def _probe() -> Dict[str, Tuple[bool, str]]:
-    cuda_ok = _cuda.available()
+    # the CUDA C++ library is loaded (and its runtime probed) on the first call that asks for it,
+    # in _check: loading it at import would initialise CUDA in every process that imports ops
     return {"triton": (True, "installed") if HAS_TRITON else (False, f"triton not installed ({INSTALL_HINTS['triton']})"),
-            "cuda": (cuda_ok, "built" if cuda_ok else _cuda.why_unavailable()), "torch": (True, "torch")}
+            "cuda": (True, "libvalor_fast_cuda.so, loaded on first use"), "torch": (True, "torch")}
 
 
 def _check(backend: str, device: torch.device, unsupported: Optional[str] = None) -> Optional[str]:
@@ -58,8 +59,11 @@ def _check(backend: str, device: torch.device, unsupported: Optional[str] = None
     # left to the kernel's own error, which names it
     if backend == "triton":
         return triton_device_reason(device)
-    if backend == "cuda" and device.type != "cuda":
-        return f"{device.type} tensors (the CUDA C++ backend needs CUDA tensors)"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"{device.type} tensors (the CUDA C++ backend needs CUDA tensors)"
+        if not _cuda.available():
+            return _cuda.why_unavailable()
     return None
 
 
@@ -70,7 +74,7 @@ def _auto(device: torch.device, unsupported: Optional[str] = None) -> Tuple[str,
         return "torch", unsupported
     if HAS_TRITON:
         return "triton", "CUDA"
-    if SWITCH.available()["cuda"][0]:
+    if _cuda.available():
         return "cuda", f"CUDA, triton not installed ({INSTALL_HINTS['triton']})"
     return "torch", f"triton not installed ({INSTALL_HINTS['triton']}) and csrc not built"
 
