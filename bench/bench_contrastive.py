@@ -7,7 +7,7 @@ coarse: symmetric InfoNCE, B in {1k, 4k, 16k, 64k} x D=512.
 fine:   T-V, T-A, T-AV grouped loss at global batch 512 and 4096, T=40 text tokens, 4 frame
         tokens + 1 audio token per clip, D=512 (the three groups from one call).
 Backends: triton (valor_fast.kernels.contrastive), cuda (csrc/, when built), torch (= the eager
-reference in valor_fast.ops.contrastive, which materialises B x B, and for fine B x B x T x M).
+reference in valor_fast.kernels.contrastive, which materialises B x B, and for fine B x B x T x M).
 Per row: forward and forward+backward medians (triton.testing.do_bench, ms), peak memory allocated
 above the inputs during one fwd+bwd (MB), and a correctness check against the reference at a small
 batch.  An eager OOM is caught and recorded as status "oom".  Rows are appended as JSON lines to
@@ -74,24 +74,26 @@ def _fine_inputs(B, dtype, seed=0):
 
 
 def _coarse_fn(backend):
+    import valor_fast.kernels.contrastive as K
     from valor_fast.ops import contrastive as C
 
     def f(t, m, tau):
         if backend == "torch":
-            return C.contrastive_loss_ref(t, m, tau, mode="coarse")
+            return K.contrastive_loss_ref(t, m, tau, mode="coarse")
         with C.use_backend(backend):
             return C.contrastive_loss(t, m, tau, mode="coarse")
     return f
 
 
 def _fine_fn(backend):
+    import valor_fast.kernels.contrastive as K
     from valor_fast.ops import contrastive as C
 
     def f(x):
         groups = {"v": (x["v"], x["wv"], None), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
         kw = dict(mode="fine", text_weight=x["tw"], text_mask=x["tm"])
         if backend == "torch":
-            res = C.grouped_contrastive_loss_ref(x["text"], groups, x["tau"], **kw)
+            res = K.grouped_contrastive_loss_ref(x["text"], groups, x["tau"], **kw)
         else:
             with C.use_backend(backend):
                 res = C.grouped_contrastive_loss(x["text"], groups, x["tau"], **kw)

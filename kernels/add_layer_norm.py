@@ -5,9 +5,9 @@ LayerNorm input); fusing saves one read and one write of the (rows, width) activ
 forward and the separate add/LN passes in the backward.
 
 Contents: `add_layer_norm_ref` (plain torch, any dtype incl. float64), the Triton forward and
-backward kernels, the launchers, `AddLayerNormFn` (autograd.Function, eager path), the custom ops
-`valor_fast::add_layer_norm_fwd` / `_bwd` (fake impls + register_autograd so torch.compile traces
-them as opaque nodes) and the functional entry point `add_layer_norm`.
+backward kernels, the launchers, the custom ops `valor_fast::add_layer_norm_fwd` / `_bwd` (fake
+impls + register_autograd: the one autograd path, eager and under torch.compile, which traces them
+as opaque nodes) and the functional entry point `add_layer_norm`.
 
 Numerics: the sum is rounded to the new_residual storage dtype before the statistics are taken, so
 the forward, the backward and the returned new_residual all see the same values (eager semantics);
@@ -229,34 +229,7 @@ def add_layer_norm_bwd(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Te
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function (eager path: no dispatcher overhead)
-# ----------------------------------------------------------------------------------------------
-class AddLayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        out, s, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, eps)
-        has_res = residual is not None
-        ctx.save_for_backward(s if has_res else x, weight, mean, rstd)
-        ctx.has_res, ctx.has_bias = has_res, bias is not None
-        ctx.x_dtype = x.dtype
-        ctx.res_dtype = residual.dtype if has_res else None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        if not has_res:
-            ctx.mark_non_differentiable(s)  # an empty placeholder; the functional returns x instead
-        return out, s
-
-    @staticmethod
-    def backward(ctx, dout, ds_out):
-        s, weight, mean, rstd = ctx.saved_tensors
-        dso = ds_out if ctx.has_res else None
-        dx, dw, db = add_layer_norm_bwd(dout, s, weight, mean, rstd, dso, ctx.has_bias, ctx.x_dtype)
-        dres = dx.to(ctx.res_dtype) if ctx.has_res else None
-        return (dx, dres, dw if weight is not None else None,
-                db.to(ctx.bias_dtype) if ctx.has_bias else None, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# custom ops (torch.compile path: opaque nodes with fake impls)
+# custom ops + autograd (the one path, eager and torch.compile: opaque nodes with fake impls)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("valor_fast::add_layer_norm_fwd", mutates_args=())
 def _add_ln_fwd_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -317,8 +290,5 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
                    bias: Optional[Tensor], eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
     """Triton add + LayerNorm over the last dim.  Returns (out, new_residual); without a residual,
     new_residual is x itself (so a gradient into it reaches x through ordinary autograd)."""
-    if torch.compiler.is_compiling():
-        out, s, _, _ = _add_ln_fwd_op(x, residual, weight, bias, eps)
-    else:
-        out, s = AddLayerNormFn.apply(x, residual, weight, bias, eps)
+    out, s, _, _ = _add_ln_fwd_op(x, residual, weight, bias, float(eps))
     return out, (s if residual is not None else x)

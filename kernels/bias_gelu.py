@@ -7,9 +7,9 @@ the forward reads x once and writes y once, and the backward reads x and dy once
 reduces dbias in the same pass.  The pre-activation `x + bias` is recomputed in fp32, never stored.
 
 Contents: `bias_gelu_ref` (plain torch, any dtype incl. float64), the Triton forward and backward
-kernels, the launchers, `BiasGeluFn` (autograd.Function, eager path), the custom ops
-`valor_fast::bias_gelu_fwd` / `_bwd` (fake impls + register_autograd for torch.compile) and the
-functional entry points `bias_gelu` and `quick_gelu`.
+kernels, the launchers, the custom ops `valor_fast::bias_gelu_fwd` / `_bwd` (fake impls +
+register_autograd: the one autograd path, eager and under torch.compile) and the functional entry
+points `bias_gelu` and `quick_gelu`.
 """
 from typing import Optional, Tuple
 
@@ -197,25 +197,7 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: st
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function (eager path)
-# ----------------------------------------------------------------------------------------------
-class BiasGeluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, approximate):
-        y = bias_gelu_fwd(x, bias, approximate)
-        ctx.save_for_backward(x, bias)
-        ctx.approximate = approximate
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        dx, db = bias_gelu_bwd(dy, x, bias, ctx.approximate)
-        return dx, (db.to(bias.dtype) if bias is not None else None), None
-
-
-# ----------------------------------------------------------------------------------------------
-# custom ops (torch.compile path)
+# custom ops + autograd (the one path, eager and torch.compile)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("valor_fast::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd_op(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
@@ -260,9 +242,7 @@ _bias_gelu_fwd_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gel
 def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
     """Triton gelu(x + bias) over (..., N) with bias (N,) (or None); approximate "none" | "tanh"."""
     _act_code(approximate)
-    if torch.compiler.is_compiling():
-        return _bias_gelu_fwd_op(x, bias, approximate)
-    return BiasGeluFn.apply(x, bias, approximate)
+    return _bias_gelu_fwd_op(x, bias, approximate)
 
 
 def quick_gelu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:

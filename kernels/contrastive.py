@@ -1,22 +1,33 @@
 """Fused contrastive (MGA) losses: tiled symmetric InfoNCE and grouped fine similarity.
 
-Reference: the eager implementation in `valor_fast.ops.contrastive` (`contrastive_loss_ref`,
-`fine_similarity_ref`, `grouped_contrastive_loss_ref`, re-exported here) is the one spec shared by
-the tests and the benchmark.
+Contents, in order: the plain-PyTorch references (`fine_similarity_ref`, `info_nce_ref`,
+`contrastive_loss_ref`, `grouped_contrastive_loss_ref`: the one spec shared by the tests and the
+benchmark), the kernel limits (`MAX_D`, `MAX_T`, `MAX_SLOTS`, `DTYPES`: read by the dispatcher,
+never copied), the Triton kernels, and the launcher API that valor_fast.ops composes into custom
+ops (the same four functions, same signatures, as the CUDA C++ backend in valor_fast.ops._cuda):
+    coarse_lse(a, b, temp, lab_off, valid_b)            -> (lse, label logit)   per row of a
+    coarse_grad(a, b, temp, scale, lse_a, lse_b, lab_off, lab_coef, tsum, valid_a, valid_b)
+                                                          -> (d a, row sums of P * z)
+    fine_fwd(text, wt, tmask, x, y, mw, mmask)           -> S (G, Bt, Bm)
+    fine_bwd(dS, text, wt, tmask, x, y, mw, mmask)       -> (d text, d wt, d x, d y, d mw)
+plus `check_coarse_args` / `prepare_fine_args` (validation and layout, shared by both backends).
 
 coarse  text (B, D) x modal (B, D), z = text @ modal^T / tau.  The (B, B) logits are never stored:
-        forward: one kernel streams column tiles of the other side and keeps an online
-                 log-sum-exp per row; it is launched twice (text rows vs modal columns, modal rows
-                 vs text columns), so only lse_t (B,) and lse_m (B,) and the label logits are
-                 saved.  A second pass instead of column atomics keeps it deterministic.
-        backward: FlashAttention style: the grad kernel recomputes z tiles and forms
+        forward: `coarse_lse` streams column tiles of the other side and keeps an online
+                 log-sum-exp per row; it runs twice (text rows vs modal columns, modal rows vs
+                 text columns), so only lse_t (B,) and lse_m (B,) and the label logits are saved.
+                 A second pass instead of column atomics keeps it deterministic.
+        backward: FlashAttention style: `coarse_grad` recomputes z tiles and forms
                  P = exp(z - lse_row) + exp(z - lse_col) - 2 * onehot(label), then dA = P @ B.
                  The same kernel gives d_modal with the roles swapped (z^T, lse swapped), and the
                  temperature gradient from sum(P * z).  D (up to 1024) is split over the grid's
                  second axis (BD columns of dA per program) so the fp32 accumulator fits in
                  registers; the price is recomputing z once per D block.
-        local_loss: rows are this rank's B, columns all ranks' N*B (labels offset by rank*B);
-                 the same two kernels run on the rectangles, with the label diagonal shifted.
+        valid:   (B,) masks of the samples that take part: excluded columns leave every
+                 log-sum-exp, excluded rows and columns get P = 0 (uint8 loads next to the
+                 tiles, a constexpr switch, so unmasked calls compile as before).
+        local:   rows are this rank's B, columns all ranks' N*B (labels offset by rank*B); the
+                 same two kernels run on the rectangles, with the label diagonal shifted.
 
 fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D).  Each clip's
         tokens are laid out in P = next_pow2(Mx + My) "slots" (x tokens, then y tokens), and one
@@ -31,58 +42,201 @@ fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D)
                  Stored int8 indices would be Bt*Bm*(T + Mx + My) bytes: 755 MB at B=4096,
                  T=40, 4 frames + 1 audio (3 GB at B=8192), read back D/BD times; recompute
                  costs no memory and one extra token-sim matmul per D block (4 at D=512 with
-                 BD=128 on CUDA; BD is the knob to tune against register pressure).  Two kernels: d_text (+ text weight grads) per (text, D block)
-                 looping over clip blocks, d_modal (+ modal weight grads) per (clip block,
-                 D block) looping over texts; both build the same sparse d_sim tile (two nonzeros
-                 per text token and group, one per modal token) and multiply it by the features.
+                 BD=128 on CUDA; BD is the knob to tune against register pressure).  Two kernels:
+                 d_text (+ text weight grads) per (text, D block) looping over clip blocks,
+                 d_modal (+ modal weight grads) per (clip block, D block) looping over texts;
+                 both build the same sparse d_sim tile (two nonzeros per text token and group,
+                 one per modal token) and multiply it by the features.
         The InfoNCE on the (Bt, Bm) S matrices is torch (B <= ~8k: a B x B matrix per group is
-        fine; it is the T x M factor that had to go).
+        fine; it is the T x M factor that had to go), so valid masks need nothing here.
 
 Numerics: 16-bit inputs go to tl.dot as-is (exact products, fp32 accumulation); fp32 inputs use
 tf32 when torch allows it for matmuls, else tf32x3.  The gradient products (fp32 P / d_sim times
 features) use tf32x3 (tf32 when allowed for fp32 inputs), so bf16/fp16 gradients are within an
 output rounding of eager's fp32 math.  Under TRITON_INTERPRET (CPU) everything is upcast to fp32
-IEEE (the interpreter's bf16 dot is wrong, see kernels/flash_attention.py).
-
-Custom ops (fake impls + register_autograd, so torch.compile traces them):
-valor_fast::contrastive_coarse_fwd/_bwd, valor_fast::fine_sim_fwd/_bwd.
+IEEE (the interpreter's bf16 dot is wrong: `mma` in kernels/_common.py).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from valor_fast.ops.contrastive import (  # noqa: F401  (the shared reference)
-    _masked_softmax,
-    contrastive_loss_ref,
-    fine_similarity_ref,
-    grouped_contrastive_loss_ref,
-    info_nce,
-)
-
+from ._common import mma
 from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
 
-MAX_D = 1024
-MAX_T = 128
-MAX_SLOTS = 128  # Mx + My
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NEG = float("-inf")
 
 
 # ----------------------------------------------------------------------------------------------
-# shared device helpers
+# references (plain PyTorch, any dtype incl. float64; host syncs allowed: they are the spec)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    # PREC: "native" (16-bit operands, fp32 accumulate), "upcast" (CPU interpreter), or an fp32
-    # input_precision ("ieee", "tf32", "tf32x3") applied to fp32-cast operands.
-    if PREC == "native":
-        return tl.dot(a, b)
-    elif PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+def acc_dtype(x: Tensor) -> Tensor:
+    """x in fp32 at least; float64 stays float64 (the tests' reference precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def check_fine_inputs(text, text_weight, text_mask, modal, modal_weight, modal_mask) -> None:
+    if text.dim() != 3 or modal.dim() != 3:
+        raise ValueError(f"fine similarity needs text (B, T, D) and modal (B, M, D); got "
+                         f"text {tuple(text.shape)}, modal {tuple(modal.shape)}")
+    if text.shape[-1] != modal.shape[-1]:
+        raise ValueError(f"feature sizes differ: text D={text.shape[-1]}, modal D={modal.shape[-1]}")
+    for name, t, ref in (("text_weight", text_weight, text), ("text_mask", text_mask, text),
+                         ("modal_weight", modal_weight, modal), ("modal_mask", modal_mask, modal)):
+        if t is not None and tuple(t.shape) != tuple(ref.shape[:2]):
+            raise ValueError(f"{name} must be {tuple(ref.shape[:2])}, got {tuple(t.shape)}")
+
+
+def masked_softmax(w: Optional[Tensor], mask: Optional[Tensor], like: Tensor) -> Tensor:
+    """(B, N) weight logits -> softmax over the real tokens (mask True); uniform without weights."""
+    if w is None:
+        w = torch.zeros(like.shape[:2], dtype=torch.float32, device=like.device)
+    w = acc_dtype(w)
+    if mask is not None:
+        w = w.masked_fill(~mask, NEG)
+    return torch.softmax(w, dim=-1)
+
+
+def fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask) -> Tensor:
+    """VALOR's weighted token-wise max-similarity, eager: materialises (Bt, Bm, T, M).
+
+    S(a, b) = 1/2 [ sum_i softmax(w_a)_i max_j <a_i, b_j> + sum_j softmax(w_b)_j max_i <a_i, b_j> ]
+    with padded tokens excluded from the max and the softmax.
+    """
+    check_fine_inputs(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+    sim = torch.einsum("atd,bmd->abtm", acc_dtype(text), acc_dtype(modal))  # (Bt, Bm, T, M)
+    if modal_mask is not None:
+        sim_t = sim.masked_fill(~modal_mask[None, :, None, :], NEG)
     else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+        sim_t = sim
+    if text_mask is not None:
+        sim_m = sim.masked_fill(~text_mask[:, None, :, None], NEG)
+    else:
+        sim_m = sim
+    t2m = sim_t.max(dim=-1).values  # (Bt, Bm, T): best modal token for each text token
+    m2t = sim_m.max(dim=-2).values  # (Bt, Bm, M): best text token for each modal token
+    wt = masked_softmax(text_weight, text_mask, text)    # (Bt, T)
+    wm = masked_softmax(modal_weight, modal_mask, modal)  # (Bm, M)
+    # padded rows hold -inf maxima but zero weight: zero them so 0 * -inf does not give nan
+    t2m = torch.where(wt[:, None, :] > 0, t2m, torch.zeros_like(t2m))
+    m2t = torch.where(wm[None, :, :] > 0, m2t, torch.zeros_like(m2t))
+    s_t = (t2m * wt[:, None, :]).sum(-1)
+    s_m = (m2t * wm[None, :, :]).sum(-1)
+    return 0.5 * (s_t + s_m)
+
+
+def check_valid(valid: Optional[Tensor], B: int, name: str = "valid") -> None:
+    """valid: None or a (B,) bool mask of the samples that take part."""
+    if valid is None:
+        return
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (B,):
+        got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, Tensor) else type(valid).__name__
+        raise ValueError(f"{name} must be a ({B},) bool tensor (True = sample takes part), got {got}")
+
+
+def check_valid_groups(valid: Optional[Dict[str, Tensor]], groups: dict, B: int) -> None:
+    """valid: None or a dict group name -> (B,) bool mask, every name one of `groups`."""
+    if valid is None:
+        return
+    if not isinstance(valid, dict):
+        raise ValueError(f"valid must be a dict group name -> (B,) bool mask, got {type(valid).__name__}")
+    for name, v in valid.items():
+        if name not in groups:
+            raise ValueError(f"valid names group {name!r}, which is not among the groups {sorted(groups)}")
+        check_valid(v, B, f"valid[{name!r}]")
+
+
+def info_nce_ref(sim: Tensor, temperature: Tensor) -> Tensor:
+    """Symmetric InfoNCE over a (B, B) similarity with matches on the diagonal."""
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"InfoNCE needs a square (B, B) similarity, got {tuple(sim.shape)}")
+    logits = acc_dtype(sim) / acc_dtype(temperature)
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def contrastive_loss_ref(text, modal, temperature, *, mode="coarse", text_weight=None, text_mask=None,
+                         modal_weight=None, modal_mask=None, valid=None) -> Tensor:
+    """Symmetric InfoNCE between text and one modality, eager (materialises B x B, and for fine
+    B x B x T x M).  valid (B,) bool: the loss of the valid samples' sub-batch, exactly 0 below 2
+    of them (selected by indexing, a host sync: the dispatched ops mask without one)."""
+    if valid is not None:
+        check_valid(valid, text.shape[0])
+        idx = valid.nonzero().squeeze(1)
+        if idx.numel() < 2:  # zero, still connected to every input (their gradients are zeros)
+            return 0.0 * contrastive_loss_ref(text, modal, temperature, mode=mode, text_weight=text_weight,
+                                              text_mask=text_mask, modal_weight=modal_weight, modal_mask=modal_mask)
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return contrastive_loss_ref(pick(text), pick(modal), temperature, mode=mode, text_weight=pick(text_weight),
+                                    text_mask=pick(text_mask), modal_weight=pick(modal_weight),
+                                    modal_mask=pick(modal_mask))
+    if mode == "coarse":
+        if text.dim() != 2 or modal.dim() != 2 or text.shape != modal.shape:
+            raise ValueError(f"coarse mode needs text and modal of equal shape (B, D); got "
+                             f"{tuple(text.shape)} and {tuple(modal.shape)}")
+        sim = acc_dtype(text) @ acc_dtype(modal).t()
+    elif mode == "fine":
+        sim = fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+    else:
+        raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")
+    return info_nce_ref(sim, temperature)
+
+
+GroupSpec = Union[Tensor, Tuple]
+
+
+def is_concat(spec) -> bool:
+    """A fine-mode group that concatenates other groups: a tuple of group names."""
+    return isinstance(spec, tuple) and len(spec) > 0 and all(isinstance(s, str) for s in spec)
+
+
+def resolve_groups(groups: Dict[str, GroupSpec], mode: str) -> Dict[str, GroupSpec]:
+    """Expand a fine-mode ("v", "a") concatenation spec into (modal, weight, mask)."""
+    out = {}
+    for name, spec in groups.items():
+        if mode == "fine" and is_concat(spec):
+            parts = []
+            for s in spec:
+                if s not in groups or is_concat(groups[s]):
+                    raise ValueError(f"group {name!r} concatenates {spec}, but {s!r} is not a plain group")
+                parts.append(groups[s])
+            modal = torch.cat([p[0] for p in parts], dim=1)
+            ws = [p[1] if p[1] is not None else torch.zeros(p[0].shape[:2], device=p[0].device) for p in parts]
+            ms = [p[2] if p[2] is not None else torch.ones(p[0].shape[:2], dtype=torch.bool, device=p[0].device)
+                  for p in parts]
+            out[name] = (modal, torch.cat(ws, dim=1), torch.cat(ms, dim=1))
+        else:
+            out[name] = spec
+    return out
+
+
+def grouped_contrastive_loss_ref(text, groups, temperature, *, mode, text_weight=None, text_mask=None,
+                                 valid=None) -> Dict[str, Tensor]:
+    """Loss per group (see valor_fast.ops.grouped_contrastive_loss for the group specs)."""
+    check_valid_groups(valid, groups, text.shape[0])
+    valid = valid or {}
+    res = {}
+    for name, spec in resolve_groups(groups, mode).items():
+        if mode == "fine":
+            modal, mw, mm = spec
+            res[name] = contrastive_loss_ref(text, modal, temperature, mode="fine", text_weight=text_weight,
+                                             text_mask=text_mask, modal_weight=mw, modal_mask=mm,
+                                             valid=valid.get(name))
+        else:
+            res[name] = contrastive_loss_ref(text, spec, temperature, mode="coarse", valid=valid.get(name))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel limits (the dispatcher reads these; the CUDA C++ kernels enforce the same ones)
+# ----------------------------------------------------------------------------------------------
+MAX_D = 1024       # feature size: the D loop of the z tiles, BD-wide gradient blocks
+MAX_T = 128        # text tokens (TP rows of the fine tile)
+MAX_SLOTS = 128    # modal tokens per clip, Mx + My (P slots of the fine tile)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,17 +252,18 @@ def _coarse_z_tile(A, Bp, rows, cols, rmask, cmask, D, sa, sb,
         km = ks < D
         a = tl.load(A + rows[:, None] * sa + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
         b = tl.load(Bp + cols[None, :] * sb + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
-        acc += _dot(a, b, PREC)  # (BM, BK) @ (BK, BN)
+        acc += mma(a, b, PREC)  # (BM, BK) @ (BK, BN)
     return acc
 
 
 @triton.jit
 def _coarse_lse_kernel(
-    A, Bp, Temp, LSE, ZL,  # A (Ra, D) rows, Bp (Rb, D) columns; LSE / ZL (Ra,) fp32 out
+    A, Bp, Temp, VB, LSE, ZL,  # A (Ra, D) rows, Bp (Rb, D) columns; VB (Rb,) uint8; LSE / ZL (Ra,) fp32 out
     Ra, Rb, D, sa, sb, lab_off,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per row i of A: logsumexp_j z_ij and the label logit z_{i, i + lab_off}."""
+    """Per row i of A: logsumexp_j z_ij over the (valid) columns and the label logit
+    z_{i, i + lab_off}.  A row with no valid column stores lse = +inf (its P is then 0)."""
     pid = tl.program_id(0)
     rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < Ra
@@ -121,25 +276,38 @@ def _coarse_lse_kernel(
         cmask = cols < Rb
         z = _coarse_z_tile(A, Bp, rows, cols, rmask, cmask, D, sa, sb, BM, BN, BK, PREC) * inv_t
         zl += tl.sum(tl.where(cols[None, :] == rows[:, None] + lab_off, z, 0.0), axis=1)
-        z = tl.where(cmask[None, :], z, float("-inf"))
-        # every tile holds >= 1 live column, so m_new is finite and exp(m_i - m_new) never sees inf - inf
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        if HAS_VALID:
+            live = cmask & (tl.load(VB + cols, mask=cmask, other=0) != 0)
+            z = tl.where(live[None, :], z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            # a tile of excluded columns can leave m_new = -inf: shift by 0 there (exp(-inf) = 0)
+            m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            z = tl.where(cmask[None, :], z, float("-inf"))
+            # every tile holds >= 1 live column, so m_new is finite and exp(m_i - m_new) never sees inf - inf
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            m_sh = m_new
+        s_i = s_i * tl.exp(m_i - m_sh) + tl.sum(tl.exp(z - m_sh[:, None]), axis=1)
         m_i = m_new
-    tl.store(LSE + rows, m_i + tl.log(s_i), mask=rmask)
+    if HAS_VALID:
+        lse = tl.where(s_i > 0, m_i + tl.log(tl.where(s_i > 0, s_i, 1.0)), float("inf"))
+    else:
+        lse = m_i + tl.log(s_i)
+    tl.store(LSE + rows, lse, mask=rmask)
     tl.store(ZL + rows, zl, mask=rmask)
 
 
 @triton.jit
 def _coarse_grad_kernel(
-    A, Bp, Temp, Scale, LSE_A, LSE_B, DA, TSUM,  # DA (Ra, D) out (A's dtype); TSUM (Ra,) fp32 out
+    A, Bp, Temp, Scale, LSE_A, LSE_B, VA, VB, DA, TSUM,  # VA (Ra,) / VB (Rb,) uint8; DA (Ra, D) out (A's dtype); TSUM (Ra,) fp32 out
     Ra, Rb, D, sa, sb, sda, lab_off, lab_coef,
-    HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, COMPUTE_TSUM: tl.constexpr,
+    HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, HAS_VALID: tl.constexpr, COMPUTE_TSUM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr, GPREC: tl.constexpr,
 ):
     """dA[i, dblock] = scale * sum_j P_ij B[j, dblock] with
-    P_ij = exp(z_ij - lse_a_i) [HAS_LSE_A] + exp(z_ij - lse_b_j) [HAS_LSE_B] - lab_coef [j == i + lab_off];
+    P_ij = exp(z_ij - lse_a_i) [HAS_LSE_A] + exp(z_ij - lse_b_j) [HAS_LSE_B] - lab_coef [j == i + lab_off],
+    and P_ij = 0 where row i or column j is excluded [HAS_VALID];
     TSUM_i = sum_j P_ij z_ij (the temperature gradient, up to a factor), written by D block 0."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -151,6 +319,9 @@ def _coarse_grad_kernel(
     scale = tl.load(Scale)
     if HAS_LSE_A:
         lse_a = tl.load(LSE_A + rows, mask=rmask, other=0.0)
+    rlive = rmask
+    if HAS_VALID:
+        rlive = rmask & (tl.load(VA + rows, mask=rmask, other=0) != 0)
     acc = tl.zeros((BM, BD), dtype=tl.float32)
     tacc = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, Rb, BN):
@@ -163,11 +334,14 @@ def _coarse_grad_kernel(
         if HAS_LSE_B:
             lse_b = tl.load(LSE_B + cols, mask=cmask, other=0.0)
             p += tl.exp(z - lse_b[None, :])
-        p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
+        clive = cmask
+        if HAS_VALID:
+            clive = cmask & (tl.load(VB + cols, mask=cmask, other=0) != 0)
+        p = tl.where(rlive[:, None] & clive[None, :], p, 0.0)
         if COMPUTE_TSUM:
             tacc += tl.sum(p * z, axis=1)
         b = tl.load(Bp + cols[:, None] * sb + dcols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc += _dot(p, b, GPREC)  # (BM, BN) @ (BN, BD)
+        acc += mma(p, b, GPREC)  # (BM, BN) @ (BN, BD)
     acc = acc * scale
     tl.store(DA + rows[:, None] * sda + dcols[None, :], acc.to(DA.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
@@ -201,7 +375,7 @@ def _fine_sim_tile(Text, a, st_b, st_t, Xp, Yp, sx_b, sx_m, sy_b, sy_m, b0, Bm, 
                      mask=(t < T)[:, None] & km[None, :], other=0.0)  # (TP, BK)
         xv = tl.load(Xp + xoff[None, :] + ks[:, None], mask=(live & isx)[None, :] & km[:, None], other=0.0)
         yv = tl.load(Yp + yoff[None, :] + ks[:, None], mask=(live & ~isx)[None, :] & km[:, None], other=0.0)
-        acc += _dot(ta, xv + yv, PREC)  # (TP, BK) @ (BK, BB*P)
+        acc += mma(ta, xv + yv, PREC)  # (TP, BK) @ (BK, BB*P)
     return acc
 
 
@@ -344,7 +518,7 @@ def _fine_bwd_text_kernel(
                      mask=(live & isx)[:, None] & dmask[None, :], other=0.0)
         yv = tl.load(Yp + (bc * sy_b + (s - Mx) * sy_m)[:, None] + dcols[None, :],
                      mask=(live & ~isx)[:, None] & dmask[None, :], other=0.0)
-        acc += _dot(tl.reshape(dsim, (TP, BB * P)), xv + yv, GPREC)
+        acc += mma(tl.reshape(dsim, (TP, BB * P)), xv + yv, GPREC)
     tl.store(DText + a * sdt_b + t[:, None] * sdt_t + dcols[None, :], acc.to(DText.dtype.element_ty),
              mask=(t < T)[:, None] & dmask[None, :])
     if pid_d == 0:
@@ -382,7 +556,7 @@ def _fine_bwd_modal_kernel(
             gxy += 0.5 * dsxy[:, None] * fm
         ta = tl.load(Text + a * st_b + t[:, None] * st_t + dcols[None, :],
                      mask=(t < T)[:, None] & dmask[None, :], other=0.0)  # (TP, BD)
-        acc += _dot(tl.trans(tl.reshape(dsim, (TP, BB * P))), ta, GPREC)  # (BB*P, TP) @ (TP, BD)
+        acc += mma(tl.trans(tl.reshape(dsim, (TP, BB * P))), ta, GPREC)  # (BB*P, TP) @ (TP, BD)
     c = tl.arange(0, BB * P)
     s = c % P
     bc = (b0 + c // P).to(tl.int64)
@@ -458,12 +632,15 @@ def _fine_config(T: int, S_: int, D: int, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------
 # coarse: launchers
 # ----------------------------------------------------------------------------------------------
-def _check_coarse(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor],
-                  modal_cols: Optional[Tensor], offset: int) -> None:
+def check_coarse_args(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor],
+                      modal_cols: Optional[Tensor], offset: int, valid: Optional[Tensor] = None,
+                      valid_cols: Optional[Tensor] = None) -> None:
+    """The coarse op's arguments: square (cols None) or local (this rank's rows vs the gathered
+    cols, labels at offset + i); valid (B,) / valid_cols (N,) bool, valid_cols only when local."""
     if text.dim() != 2 or modal.dim() != 2 or text.shape != modal.shape:
         raise ValueError(f"contrastive coarse: text and modal must be equal (B, D); got "
                          f"{tuple(text.shape)} and {tuple(modal.shape)}")
-    if text.dtype not in _DTYPES or modal.dtype != text.dtype:
+    if text.dtype not in DTYPES or modal.dtype != text.dtype:
         raise ValueError(f"contrastive coarse: text/modal dtype must be one of fp16/bf16/fp32 and equal; "
                          f"got {text.dtype} and {modal.dtype}")
     if text.shape[1] > MAX_D:
@@ -472,6 +649,7 @@ def _check_coarse(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: O
         raise ValueError(f"contrastive: temperature must hold one value, got shape {tuple(temperature.shape)}")
     if (text_cols is None) != (modal_cols is None):
         raise ValueError("contrastive coarse: text_cols and modal_cols go together (local loss)")
+    check_valid(valid, text.shape[0])
     if text_cols is not None:
         for name, c in (("text_cols", text_cols), ("modal_cols", modal_cols)):
             if c.dim() != 2 or c.shape[1] != text.shape[1] or c.dtype != text.dtype:
@@ -480,22 +658,43 @@ def _check_coarse(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: O
         if text_cols.shape[0] != modal_cols.shape[0] or not 0 <= offset <= text_cols.shape[0] - text.shape[0]:
             raise ValueError(f"contrastive coarse: offset {offset} + B {text.shape[0]} outside the "
                              f"{text_cols.shape[0]} gathered columns")
+        if (valid is None) != (valid_cols is None):
+            raise ValueError("contrastive coarse: valid and valid_cols go together (local loss)")
+        check_valid(valid_cols, text_cols.shape[0], "valid_cols")
+    elif valid_cols is not None:
+        raise ValueError("contrastive coarse: valid_cols is for the local loss (text_cols / modal_cols) only")
 
 
-def _lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int) -> Tuple[Tensor, Tensor]:
+def _mask_arg(valid: Optional[Tensor], dummy: Tensor) -> Tensor:
+    return dummy if valid is None else valid.to(torch.uint8).contiguous()
+
+
+def coarse_lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int = 0,
+               valid_b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Rows of a (Ra, D) vs columns b (Rb, D), both contiguous in one dtype; temp (1,).  ->
+    (lse (Ra,) fp32 over the valid columns, +inf for a row with none; label logit z_{i, i+lab_off}
+    (Ra,) fp32).  valid_b: (Rb,) bool or None (every column)."""
     Ra, D = a.shape
     lse = torch.empty(Ra, dtype=torch.float32, device=a.device)
     zl = torch.empty(Ra, dtype=torch.float32, device=a.device)
     cfg = _coarse_config(D, a.device)
     prec, _ = _precisions(a.dtype, a.device)
     _coarse_lse_kernel[(triton.cdiv(Ra, cfg["BM"]),)](
-        a, b, temp, lse, zl, Ra, b.shape[0], D, a.stride(0), b.stride(0), lab_off,
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PREC=prec, num_warps=cfg["num_warps"])
+        a, b, temp, _mask_arg(valid_b, lse), lse, zl, Ra, b.shape[0], D, a.stride(0), b.stride(0), lab_off,
+        HAS_VALID=valid_b is not None, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PREC=prec,
+        num_warps=cfg["num_warps"])
     return lse, zl
 
 
-def _grad_triton(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor], lse_b: Optional[Tensor],
-          lab_off: int, lab_coef: float, tsum: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def coarse_grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor],
+                lse_b: Optional[Tensor], lab_off: int, lab_coef: float, tsum: bool,
+                valid_a: Optional[Tensor] = None, valid_b: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+    """d a (Ra, D) in a's dtype = scale * P @ b (see `_coarse_grad_kernel` for P), and with tsum
+    the (Ra,) fp32 row sums of P * z; temp / scale (1,) fp32; valid_a (Ra,) and valid_b (Rb,)
+    bool, both or neither."""
+    if (valid_a is None) != (valid_b is None):
+        raise ValueError("coarse_grad: valid_a and valid_b go together")
     Ra, D = a.shape
     da = _grad_buffer(a)
     ts = torch.empty(Ra, dtype=torch.float32, device=a.device) if tsum else None
@@ -504,66 +703,19 @@ def _grad_triton(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optio
     grid = (triton.cdiv(Ra, cfg["BM"]), triton.cdiv(D, cfg["BD"]))
     _coarse_grad_kernel[grid](
         a, b, temp, scale, lse_a if lse_a is not None else scale, lse_b if lse_b is not None else scale,
-        da, ts if ts is not None else scale,
+        _mask_arg(valid_a, scale), _mask_arg(valid_b, scale), da, ts if ts is not None else scale,
         Ra, b.shape[0], D, a.stride(0), b.stride(0), da.stride(0), lab_off, float(lab_coef),
-        HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, COMPUTE_TSUM=tsum,
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PREC=prec, GPREC=gprec,
+        HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_VALID=valid_a is not None,
+        COMPUTE_TSUM=tsum, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PREC=prec, GPREC=gprec,
         num_warps=cfg["num_warps"])
     return da.to(a.dtype), ts
-
-
-def coarse_fwd(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor] = None,
-               modal_cols: Optional[Tensor] = None, offset: int = 0, lse_fn=None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Symmetric InfoNCE of text rows vs modal columns and modal rows vs text columns.
-    Square (cols None): B x B, labels on the diagonal.  Local: rows (B, D) vs cols (N, D), the
-    label of row i is column offset + i.  Returns (loss () fp32, lse_t (B,), lse_m (B,))."""
-    _check_coarse(text, modal, temperature, text_cols, modal_cols, offset)
-    text, modal = text.contiguous(), modal.contiguous()
-    temp = temperature.detach().reshape(1).contiguous()
-    mc = modal if modal_cols is None else modal_cols.contiguous()
-    tc = text if text_cols is None else text_cols.contiguous()
-    B = text.shape[0]
-    lse_fn = lse_fn or _lse  # the CUDA C++ backend passes its own launcher
-    lse_t, zl_t = lse_fn(text, mc, temp, offset)  # text row i vs all modal columns
-    lse_m, zl_m = lse_fn(modal, tc, temp, offset)  # modal row j vs all text columns
-    loss = ((lse_t - zl_t).sum() + (lse_m - zl_m).sum()) / (2 * B)
-    return loss, lse_t, lse_m
-
-
-def coarse_bwd(g: Tensor, text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor],
-               modal_cols: Optional[Tensor], offset: int, lse_t: Tensor, lse_m: Tensor, grad_fn=None):
-    """-> (d_text, d_modal, d_temperature, d_text_cols, d_modal_cols); the cols grads are empty
-    (0,) tensors in the square case."""
-    _grad = grad_fn or _grad_triton  # the CUDA C++ backend passes its own launcher
-    text, modal = text.contiguous(), modal.contiguous()
-    temp = temperature.detach().reshape(1).contiguous().float()
-    B = text.shape[0]
-    # dL/dz = g / (2B) * P; dz/dfeature carries 1/tau
-    scale = (g.float().reshape(1) / (2 * B * temp)).contiguous()  # (1,)
-    if text_cols is None:
-        # P_ij = p_row + p_col - 2 delta_ij, once per side (roles swapped for modal)
-        d_text, ts = _grad(text, modal, temp, scale, lse_t, lse_m, 0, 2.0, True)
-        d_modal, _ = _grad(modal, text, temp, scale, lse_m, lse_t, 0, 2.0, False)
-        tsum = ts.sum()
-        d_tc, d_mc = text.new_empty((0,)), text.new_empty((0,))  # distinct: custom ops forbid aliased outputs
-    else:
-        tc, mc = text_cols.contiguous(), modal_cols.contiguous()
-        # term 1: text rows vs modal columns; term 2: modal rows vs text columns
-        d_text, ts1 = _grad(text, mc, temp, scale, lse_t, None, offset, 1.0, True)
-        d_mc, _ = _grad(mc, text, temp, scale, None, lse_t, -offset, 1.0, False)
-        d_modal, ts2 = _grad(modal, tc, temp, scale, lse_m, None, offset, 1.0, True)
-        d_tc, _ = _grad(tc, modal, temp, scale, None, lse_m, -offset, 1.0, False)
-        tsum = ts1.sum() + ts2.sum()
-    # z = S / tau: dL/dtau = -(1/tau) sum dL/dz * z
-    d_temp = (-(scale * tsum)).to(temperature.dtype).reshape(temperature.shape)
-    return d_text, d_modal, d_temp, d_tc, d_mc
 
 
 # ----------------------------------------------------------------------------------------------
 # fine: launchers
 # ----------------------------------------------------------------------------------------------
-def _check_fine_args(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-                     mmask: Tensor) -> None:
+def check_fine_args(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
+                    mmask: Tensor) -> None:
     if text.dim() != 3 or x.dim() != 3 or (y is not None and y.dim() != 3):
         raise ValueError(f"fine similarity: text (Bt, T, D) and modal (Bm, M, D) expected, got text "
                          f"{tuple(text.shape)}, modal {tuple(x.shape)}"
@@ -574,7 +726,7 @@ def _check_fine_args(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Opti
     if x.shape[2] != D or (y is not None and (y.shape[0] != Bm or y.shape[2] != D)):
         raise ValueError(f"fine similarity: modal features must be (Bm, M, {D}); got {tuple(x.shape)}"
                          + ("" if y is None else f" and {tuple(y.shape)}"))
-    if text.dtype not in _DTYPES or x.dtype != text.dtype or (y is not None and y.dtype != text.dtype):
+    if text.dtype not in DTYPES or x.dtype != text.dtype or (y is not None and y.dtype != text.dtype):
         raise ValueError(f"fine similarity: features must share one of fp16/bf16/fp32, got text {text.dtype}, "
                          f"modal {x.dtype}" + ("" if y is None else f", {y.dtype}"))
     if D > MAX_D or T > MAX_T or Mx + My > MAX_SLOTS or T == 0 or Mx == 0:
@@ -589,10 +741,12 @@ def _check_fine_args(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Opti
                          f"got {tuple(mw.shape)} / {tuple(mmask.shape)}")
 
 
-def _fine_prep(text, wt, tmask, x, y, mw, mmask):
-    _check_fine_args(text, wt, tmask, x, y, mw, mmask)
+def prepare_fine_args(text, wt, tmask, x, y, mw, mmask):
+    """Validate and lay out the fine launchers' arguments (both backends): contiguous features,
+    fp32 weights, uint8 masks (y stays None without a second group).  Idempotent."""
+    check_fine_args(text, wt, tmask, x, y, mw, mmask)
     text, x = text.contiguous(), x.contiguous()
-    y = x if y is None else y.contiguous()  # dummy pointer when there is no second group
+    y = None if y is None else y.contiguous()
     wt = wt.float().contiguous()
     mw = mw.float().contiguous()
     tmask = tmask.to(torch.uint8).contiguous()
@@ -609,7 +763,8 @@ def fine_fwd(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Ten
     (G = 1: x; G = 3: x, y, concatenation), each zero outside its group's slots; mmask (Bm, Mx+My).
     Returns S (G, Bt, Bm) fp32."""
     has_y = y is not None
-    text, wt, tmask, x, y, mw, mmask = _fine_prep(text, wt, tmask, x, y, mw, mmask)
+    text, wt, tmask, x, y, mw, mmask = prepare_fine_args(text, wt, tmask, x, y, mw, mmask)
+    y = x if y is None else y  # a dummy pointer when there is no second group (HAS_Y=False)
     Bt, T, D = text.shape
     Bm, Mx, _ = x.shape
     My = y.shape[1] if has_y else 0
@@ -633,7 +788,8 @@ def fine_bwd(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: 
     """-> (d_text, g_wt (Bt, T) fp32, d_x, d_y (empty when y is None), g_mw (G, Bm, Mx+My) fp32);
     g_wt / g_mw are gradients w.r.t. the softmaxed weights."""
     has_y = y is not None
-    text, wt, tmask, x, y, mw, mmask = _fine_prep(text, wt, tmask, x, y, mw, mmask)
+    text, wt, tmask, x, y, mw, mmask = prepare_fine_args(text, wt, tmask, x, y, mw, mmask)
+    y = x if y is None else y  # a dummy pointer when there is no second group (HAS_Y=False)
     dS = dS.float().contiguous()
     Bt, T, D = text.shape
     Bm, Mx, _ = x.shape
@@ -663,112 +819,3 @@ def fine_bwd(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: 
     return d_text.to(text.dtype), g_wt, d_x.to(x.dtype), d_y.to(y.dtype) if has_y else d_y, g_mw
 
 
-# ----------------------------------------------------------------------------------------------
-# custom ops + autograd
-# ----------------------------------------------------------------------------------------------
-def make_ops(prefix: str, coarse_fwd_impl, coarse_bwd_impl, fine_fwd_impl, fine_bwd_impl):
-    """Register valor_fast::{prefix}contrastive_coarse_fwd/_bwd and {prefix}fine_sim_fwd/_bwd
-    around the given launchers (fake impls + autograd); returns (coarse_fwd_op, fine_fwd_op).
-    Shared by this Triton backend (prefix "") and the CUDA C++ one (prefix "cuda_")."""
-
-    @torch.library.custom_op(f"valor_fast::{prefix}contrastive_coarse_fwd", mutates_args=())
-    def coarse_fwd_op(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor],
-                      modal_cols: Optional[Tensor], offset: int) -> Tuple[Tensor, Tensor, Tensor]:
-        return coarse_fwd_impl(text, modal, temperature, text_cols, modal_cols, offset)
-
-    @coarse_fwd_op.register_fake
-    def _(text, modal, temperature, text_cols, modal_cols, offset):
-        B = text.shape[0]
-        f = dict(dtype=torch.float32, device=text.device)
-        return text.new_empty((), **f), text.new_empty((B,), **f), text.new_empty((B,), **f)
-
-    @torch.library.custom_op(f"valor_fast::{prefix}contrastive_coarse_bwd", mutates_args=())
-    def coarse_bwd_op(g: Tensor, text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor],
-                      modal_cols: Optional[Tensor], offset: int, lse_t: Tensor, lse_m: Tensor
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return coarse_bwd_impl(g, text, modal, temperature, text_cols, modal_cols, offset, lse_t, lse_m)
-
-    @coarse_bwd_op.register_fake
-    def _(g, text, modal, temperature, text_cols, modal_cols, offset, lse_t, lse_m):
-        return (torch.empty_like(text), torch.empty_like(modal), torch.empty_like(temperature),
-                text.new_empty((0,)) if text_cols is None else torch.empty_like(text_cols),
-                text.new_empty((0,)) if modal_cols is None else torch.empty_like(modal_cols))
-
-    def coarse_setup(ctx, inputs, output):
-        text, modal, temperature, text_cols, modal_cols, offset = inputs
-        _, lse_t, lse_m = output
-        ctx.offset = offset
-        ctx.local = text_cols is not None
-        ctx.save_for_backward(text, modal, temperature, text_cols, modal_cols, lse_t, lse_m)
-
-    def coarse_backward(ctx, g, _g_lse_t, _g_lse_m):
-        text, modal, temperature, text_cols, modal_cols, lse_t, lse_m = ctx.saved_tensors
-        d_t, d_m, d_temp, d_tc, d_mc = coarse_bwd_op(g, text, modal, temperature, text_cols, modal_cols,
-                                                     ctx.offset, lse_t, lse_m)
-        if not ctx.local:
-            d_tc = d_mc = None
-        return d_t, d_m, d_temp, d_tc, d_mc, None
-
-    coarse_fwd_op.register_autograd(coarse_backward, setup_context=coarse_setup)
-
-    @torch.library.custom_op(f"valor_fast::{prefix}fine_sim_fwd", mutates_args=())
-    def fine_fwd_op(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-                    mmask: Tensor) -> Tensor:
-        return fine_fwd_impl(text, wt, tmask, x, y, mw, mmask)
-
-    @fine_fwd_op.register_fake
-    def _(text, wt, tmask, x, y, mw, mmask):
-        return text.new_empty((mw.shape[0], text.shape[0], x.shape[0]), dtype=torch.float32)
-
-    @torch.library.custom_op(f"valor_fast::{prefix}fine_sim_bwd", mutates_args=())
-    def fine_bwd_op(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor],
-                    mw: Tensor, mmask: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return fine_bwd_impl(dS, text, wt, tmask, x, y, mw, mmask)
-
-    @fine_bwd_op.register_fake
-    def _(dS, text, wt, tmask, x, y, mw, mmask):
-        f32 = dict(dtype=torch.float32)
-        return (torch.empty_like(text), text.new_empty(tuple(wt.shape), **f32), torch.empty_like(x),
-                text.new_empty((0,)) if y is None else torch.empty_like(y), text.new_empty(tuple(mw.shape), **f32))
-
-    def fine_setup(ctx, inputs, output):
-        text, wt, tmask, x, y, mw, mmask = inputs
-        ctx.has_y = y is not None
-        ctx.save_for_backward(text, wt, tmask, x, y, mw, mmask)
-
-    def fine_backward(ctx, dS):
-        text, wt, tmask, x, y, mw, mmask = ctx.saved_tensors
-        d_text, g_wt, d_x, d_y, g_mw = fine_bwd_op(dS, text, wt, tmask, x, y, mw, mmask)
-        return (d_text, g_wt.to(wt.dtype), None, d_x, d_y if ctx.has_y else None, g_mw.to(mw.dtype), None)
-
-    fine_fwd_op.register_autograd(fine_backward, setup_context=fine_setup)
-    return coarse_fwd_op, fine_fwd_op
-
-
-_coarse_fwd_op, _fine_fwd_op = make_ops("", coarse_fwd, coarse_bwd, fine_fwd, fine_bwd)
-
-
-# ----------------------------------------------------------------------------------------------
-# functional entry points (the backend-neutral glue lives in valor_fast.ops.contrastive)
-# ----------------------------------------------------------------------------------------------
-def _same_dtype(*xs):
-    dts = [x.dtype for x in xs if x is not None]
-    dt = dts[0]
-    for d in dts[1:]:
-        dt = torch.promote_types(dt, d)
-    return [None if x is None else x.to(dt) for x in xs]
-
-
-def coarse_loss(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor] = None,
-                modal_cols: Optional[Tensor] = None, offset: int = 0, _op=None) -> Tensor:
-    """Symmetric InfoNCE, () fp32, differentiable in all feature inputs and the temperature.
-    Square when the cols are None; else this rank's rows vs the gathered cols (label offset)."""
-    text, modal, text_cols, modal_cols = _same_dtype(text, modal, text_cols, modal_cols)
-    return (_op or _coarse_fwd_op)(text, modal, temperature, text_cols, modal_cols, int(offset))[0]
-
-
-def fine_sim_groups(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-                    mmask: Tensor, _op=None) -> Tensor:
-    """Differentiable (G, Bt, Bm) similarity; see `fine_fwd` for the arguments."""
-    text, x, y = _same_dtype(text, x, y)
-    return (_op or _fine_fwd_op)(text, wt, tmask, x, y, mw, mmask)

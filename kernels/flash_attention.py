@@ -4,10 +4,10 @@ score matrix, forward and backward.
 Contents: `attention_ref` (eager PyTorch, any dtype incl. float64: the ground truth), the Triton
 forward kernel (online softmax over key tiles, stores the log-sum-exp), the backward kernels
 (preprocess delta = rowsum(dO * O); dK/dV per key tile and dQ per query tile, both recomputing the
-probability tiles from the stored log-sum-exp), the launchers, `FlashAttentionFn`
-(autograd.Function, eager path), the custom ops `valor_fast::flash_attention` /
-`valor_fast::flash_attention_bwd` (fake impls + register_autograd, so torch.compile traces them as
-opaque nodes) and the functional entry point `flash_attention`.
+probability tiles from the stored log-sum-exp), the launchers, the custom ops
+`valor_fast::flash_attention` / `valor_fast::flash_attention_bwd` (fake impls + register_autograd:
+the one autograd path, eager and under torch.compile, which traces them as opaque nodes) and the
+functional entry point `flash_attention`.
 
 Layout: q (B, H, Lq, Dh), k / v (B, H, Lk, Dh), any strides with a unit stride on Dh (other
 layouts are copied).  key_padding_mask (B, Lk) bool, True = attend.  causal needs Lq == Lk
@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._common import mma
 from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
 
 MAX_HEAD_DIM = 128
@@ -78,20 +79,6 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _mma(a, b, PRECISION: tl.constexpr):
-    # "default": 16-bit operands on tensor cores (fp32 accumulate).  "ieee" / "tf32": fp32 operands.
-    # "upcast": bf16 under TRITON_INTERPRET, whose numpy dot multiplies bf16 bit patterns as
-    # integers (triton 3.x interpreter); bf16 -> fp32 is exact, so the product is what a tensor
-    # core computes.
-    if PRECISION == "default":
-        return tl.dot(a, b)
-    elif PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
-
-
 @triton.jit
 def _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn):
     # (BLOCK_M, BLOCK_N) additive bias in fp32, scaled to the kernels' base-2 score units.  Out of
@@ -142,7 +129,7 @@ def _fwd_kernel(
         n_ok = offs_n < Lk
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = _mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        s = mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
         if HAS_BIAS:
             s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
         valid = n_ok[None, :]
@@ -160,7 +147,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
         m_i = m_new
 
     alive = l_i > 0.0
@@ -243,17 +230,17 @@ def _bwd_dkdv_kernel(
         do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :], mask=qd_mask, other=0.0)
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-        s = _mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
             s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
         valid = m_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dv += _mma(tl.trans(p.to(do.dtype)), do, PRECISION)
-        dp = _mma(do, tl.trans(v), PRECISION)  # (BLOCK_M, BLOCK_N)
+        dv += mma(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dp = mma(do, tl.trans(v), PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dk += _mma(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        dk += mma(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -305,7 +292,7 @@ def _bwd_dq_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), PRECISION) * qk_scale
+        s = mma(q, tl.trans(k), PRECISION) * qk_scale
         if HAS_BIAS:
             s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
         valid = m_ok[:, None] & n_ok[None, :]
@@ -315,7 +302,7 @@ def _bwd_dq_kernel(
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _mma(do, tl.trans(v), PRECISION)
+        dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
         if DBIAS_MODE != 0:
             db_ptrs = DBIAS + offs_m[:, None] * sdbm + offs_n[None, :] * sdbn
@@ -324,7 +311,7 @@ def _bwd_dq_kernel(
                 tl.store(db_ptrs, ds, mask=db_mask)
             else:
                 tl.atomic_add(db_ptrs, ds, mask=db_mask)
-        dq += _mma(ds.to(k.dtype), k, PRECISION)
+        dq += mma(ds.to(k.dtype), k, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -381,13 +368,13 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], 
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    """The dot flavour for `_mma`.  fp32 inputs follow torch's own matmul policy (IEEE unless TF32
+    """The dot flavour for `mma`.  fp32 inputs follow torch's own matmul policy (IEEE unless TF32
     is allowed), so the kernel is as accurate as the eager fp32 attention it replaces."""
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     if dtype == torch.bfloat16 and device.type != "cuda":  # only reachable under TRITON_INTERPRET
         return "upcast"
-    return "default"
+    return "native"
 
 
 def _config(d_block: int, device: torch.device, bwd: bool) -> dict:
@@ -520,26 +507,7 @@ def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function (eager path: no dispatcher overhead)
-# ----------------------------------------------------------------------------------------------
-class FlashAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale, bias):
-        out, lse = flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, bias)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bias)
-        ctx.causal, ctx.scale = causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, kpm, bias = ctx.saved_tensors
-        dq, dk, dv, dbias = flash_attention_bwd(dout, q, k, v, out, lse, kpm, ctx.causal, ctx.scale,
-                                                bias, bias_grad=ctx.needs_input_grad[6])
-        return dq, dk, dv, None, None, None, dbias
-
-
-# ----------------------------------------------------------------------------------------------
-# custom ops (torch.compile path: opaque nodes with fake impls)
+# custom ops + autograd (the one path, eager and torch.compile: opaque nodes with fake impls)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("valor_fast::flash_attention", mutates_args=())
 def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
@@ -604,11 +572,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[
         raise TypeError(f"flash_attention: key_padding_mask must be bool (True = attend), "
                         f"got {key_padding_mask.dtype}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if torch.compiler.is_compiling():
-        out, _ = _flash_attention_op(q, k, v, key_padding_mask, bool(causal), scale, bias)
-        return out
-    return FlashAttentionFn.apply(q, k, v, key_padding_mask, bool(causal), scale, bias)
+    out, _ = _flash_attention_op(q, k, v, key_padding_mask, bool(causal), scale, bias)
+    return out
 
 
 __all__ = ["attention_ref", "flash_attention", "flash_attention_fwd", "flash_attention_bwd",
-           "FlashAttentionFn", "MAX_HEAD_DIM", "check_bias"]
+           "MAX_HEAD_DIM", "check_bias"]

@@ -19,9 +19,9 @@ forward, so reduction="none" with an arbitrary upstream gradient works and eval 
 
 The matmuls are torch (cuBLAS); the per-chunk softmax statistics and the gradient are a Triton
 kernel (one row per program) or, with use_triton=False, the same algorithm in torch (CPU and
-fallback).  Contents: `lm_head_ce_ref`, the Triton kernels, the chunked launchers,
-`LMHeadCEFn`, the custom ops `valor_fast::lm_head_ce_fwd` / `_bwd` and the functional entry point
-`lm_head_cross_entropy`.
+fallback).  Contents: `lm_head_ce_ref`, the Triton kernels, the chunked launchers, the custom ops
+`valor_fast::lm_head_ce_fwd` / `_bwd` (fake impls + register_autograd: the one autograd path) and
+the functional entry point `lm_head_cross_entropy`.
 """
 from typing import Optional, Tuple
 
@@ -247,28 +247,7 @@ def lm_head_ce_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function (eager path)
-# ----------------------------------------------------------------------------------------------
-class LMHeadCEFn(torch.autograd.Function):
-    """Per-row losses (N,) fp32; the reduction is ordinary torch on top."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, label_smoothing, ignore_index, chunk_size, use_triton):
-        loss, lse = lm_head_ce_fwd(hidden, weight, bias, labels, label_smoothing, ignore_index,
-                                   chunk_size, use_triton)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.args = (label_smoothing, ignore_index, chunk_size, use_triton)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        d_h, d_w, d_b = lm_head_ce_bwd(grad_rows, hidden, weight, bias, labels, lse, *ctx.args)
-        return d_h, d_w, (d_b.to(bias.dtype) if bias is not None else None), None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------------------------
-# custom ops (torch.compile path)
+# custom ops + autograd (the one path, eager and torch.compile)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("valor_fast::lm_head_ce_fwd", mutates_args=())
 def _lm_head_ce_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -316,6 +295,23 @@ _lm_head_ce_fwd_op.register_autograd(_lm_backward, setup_context=_lm_setup_conte
 # ----------------------------------------------------------------------------------------------
 # functional entry point
 # ----------------------------------------------------------------------------------------------
+def _autocast_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Under autocast, cast like F.linear does: every fp32/fp16/bf16 operand to the autocast dtype
+    (float64 is left alone).  A custom op is opaque to autocast, so without this a bf16 hidden
+    state from the autocast decoder meets the fp32 tied embedding (one GPU or DDP, no FSDP
+    mixed-precision params).  `.to` is differentiable: the fp32 master weight gets its gradient."""
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dt):
+            return t
+        return t.to(dt)
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                           label_smoothing: float = 0.0, reduction: str = "mean",
                           ignore_index: int = -100, chunk_size: int = DEFAULT_CHUNK,
@@ -327,12 +323,9 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         raise ValueError(f"lm_head_cross_entropy: reduction must be mean|sum|none, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"lm_head_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if torch.compiler.is_compiling():
-        rows, _ = _lm_head_ce_fwd_op(hidden, weight, bias, labels, float(label_smoothing),
-                                     int(ignore_index), int(chunk_size), bool(use_triton))
-    else:
-        rows = LMHeadCEFn.apply(hidden, weight, bias, labels, float(label_smoothing),
-                                int(ignore_index), int(chunk_size), bool(use_triton))
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    rows, _ = _lm_head_ce_fwd_op(hidden, weight, bias, labels, float(label_smoothing),
+                                 int(ignore_index), int(chunk_size), bool(use_triton))
     if reduction == "none":
         return rows
     if reduction == "sum":

@@ -15,8 +15,10 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import valor_fast.kernels.contrastive as K  # noqa: E402  (the references sit beside the kernels)
 from valor_fast.ops import _cuda  # noqa: E402
 from valor_fast.ops import contrastive as C  # noqa: E402
+from valor_fast.ops import distributed as dist_ops  # noqa: E402
 from valor_fast.utils.deps import HAS_TRITON  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +106,7 @@ def test_coarse_matches_reference(backend, dtype, B, D):
     inputs = dict(text=_feat(B, D), modal=_feat(B, D), temperature=_temp())
     need = ("text", "modal", "temperature")
     _compare(lambda **k: C.contrastive_loss(**k, mode="coarse"),
-             lambda **k: C.contrastive_loss_ref(**k, mode="coarse"), inputs, need, backend, dtype)
+             lambda **k: K.contrastive_loss_ref(**k, mode="coarse"), inputs, need, backend, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,7 +116,7 @@ def test_grouped_coarse_matches_reference(backend):
 
     def fn(ref):
         def f(text, v, a, temperature):
-            g = (C.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss)
+            g = (K.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss)
             return g(text, {"v": v, "a": a}, temperature, mode="coarse")
         return f
     _compare(fn(False), fn(True), inputs, ("text", "v", "a", "temperature"), backend, torch.float32)
@@ -141,7 +143,7 @@ def test_fine_loss_matches_reference(backend, dtype):
 
     def fn(ref):
         def f(text, text_weight, text_mask, v, wv, mv, temperature):
-            g = C.contrastive_loss_ref if ref else C.contrastive_loss
+            g = K.contrastive_loss_ref if ref else C.contrastive_loss
             return g(text, v, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask,
                      modal_weight=wv, modal_mask=mv)
         return f
@@ -157,7 +159,7 @@ def test_grouped_fine_matches_reference(backend, dtype, B):
 
     def fn(ref):
         def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature):
-            g = C.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            g = K.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
             groups = {"v": (v, wv, mv), "a": (a, wa, None), "av": ("v", "a")}
             return g(text, groups, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask)
         return f
@@ -173,7 +175,7 @@ def test_grouped_fine_partial_groups_and_no_weights(backend):
 
     def fn(ref):
         def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature):
-            g = C.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            g = K.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
             groups = {"v": (v, None, None), "a": (a, None, None), "av": ("v", "a"), "ava": ("a", "v", "a")}
             return g(text, groups, temperature, mode="fine")
         return f
@@ -185,7 +187,7 @@ def test_fine_similarity_matches_reference(backend):
     B, T, M, D = 5, 7, 3, 16
     inp = _fine_inputs(B, T, M, 1, D)
     args = (inp["text"], inp["text_weight"], inp["text_mask"], inp["v"], inp["wv"], inp["mv"])
-    ref = C.fine_similarity_ref(*args)
+    ref = K.fine_similarity_ref(*args)
     with C.use_backend(backend):
         got = C.fine_similarity(*[a.float() if a.is_floating_point() else a for a in args])
     assert got.shape == (B, B)
@@ -266,36 +268,66 @@ def test_errors_name_the_bad_input():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_kernel_shape_limits_fall_back_or_raise():
-    import valor_fast.kernels.contrastive as kc
     t = torch.randn(3, 1100, device=DEV)
     assert C._coarse_unsupported(t) is not None
+    assert K.MAX_D < 1100  # the dispatcher reads the kernel module's limit
     with pytest.raises(ValueError, match="D=1100"):
-        kc.coarse_loss(t, t, torch.tensor(0.1, device=DEV))
+        C.TRITON_OPS.coarse_sum(t, t, torch.tensor(0.1, device=DEV))
 
 
-def test_gather_is_noop_in_one_process():
-    t, m, tau = torch.randn(5, 8), torch.randn(5, 8), torch.tensor(0.2)
-    a = C.contrastive_loss(t, m, tau, gather=True, local_loss=True)
-    b = C.contrastive_loss(t, m, tau)
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["coarse", "fine"])
+def test_local_loss_path_in_one_process(backend, mode):
+    """The local loss (rows vs gathered columns, separate rectangle kernels) against the square
+    path: in one process gather_negatives holds this process's tensors (offset 0, world 1), so
+    both must give the same loss and gradients while running different kernel calls.  The
+    across-process equality is tests/test_contrastive_dist.py."""
+    B = 6
+    inp = _fine_inputs(B, 5, 3, 1, 16)
+    inp.update(pt=_feat(B, 16), pv=_feat(B, 16), pa=_feat(B, 16), va=_valid(B, "random"))
+
+    def run(local):
+        x = {k: v.float().requires_grad_() if v.is_floating_point() else v for k, v in inp.items()}
+        if mode == "coarse":
+            text, groups, kw = x["pt"], {"v": x["pv"], "a": x["pa"]}, {}
+        else:
+            text = x["text"]
+            groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
+            kw = dict(text_weight=x["text_weight"], text_mask=x["text_mask"])
+        valid = {"a": x["va"]}
+        neg = dist_ops.gather_negatives(text, groups, valid=valid, **kw) if local else None
+        with C.use_backend(backend):
+            res = C.grouped_contrastive_loss(text, groups, x["temperature"], mode=mode, valid=valid,
+                                             negatives=neg, **kw)
+        sum((i + 1.0) * v for i, v in enumerate(res.values())).backward()
+        return res, {k: v.grad for k, v in x.items() if v.is_floating_point() and v.grad is not None}
+
+    (sq, gsq), (lo, glo) = run(False), run(True)
+    assert sq.keys() == lo.keys() and gsq.keys() == glo.keys() and gsq
+    for k in sq:
+        torch.testing.assert_close(lo[k], sq[k], rtol=1e-5, atol=1e-6)
+    for k in gsq:
+        torch.testing.assert_close(glo[k], gsq[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_custom_ops_opcheck():
     """Fake impls + autograd registration are consistent (what torch.compile relies on)."""
-    import valor_fast.kernels.contrastive as kc
     B, T, Mx, My, D = 3, 5, 2, 1, 16
     t, m = torch.randn(B, D, device=DEV), torch.randn(B, D, device=DEV)
     tau = torch.tensor(0.3, device=DEV)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(kc._coarse_fwd_op, (t.requires_grad_(), m, tau, None, None, 0), test_utils=checks)
+    ops = C.TRITON_OPS
+    torch.library.opcheck(ops.coarse_fwd, (t.requires_grad_(), m, tau, None, None, 0, None, None), test_utils=checks)
+    valid = torch.tensor([True, False, True], device=DEV)
+    torch.library.opcheck(ops.coarse_fwd, (t, m, tau, None, None, 0, valid, None), test_utils=checks)
     text = torch.randn(B, T, D, device=DEV, requires_grad=True)
     x, y = torch.randn(B, Mx, D, device=DEV), torch.randn(B, My, D, device=DEV)
     wt = torch.softmax(torch.randn(B, T, device=DEV), -1)
     mw = torch.rand(3, B, Mx + My, device=DEV)
     tm = torch.ones(B, T, dtype=torch.bool, device=DEV)
     mm = torch.ones(B, Mx + My, dtype=torch.bool, device=DEV)
-    torch.library.opcheck(kc._fine_fwd_op, (text, wt, tm, x, y, mw, mm), test_utils=checks)
+    torch.library.opcheck(ops.fine_fwd, (text, wt, tm, x, y, mw, mm), test_utils=checks)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -314,3 +346,130 @@ def test_torch_compile_traces_the_kernels():
         compiled.backward()
     torch.testing.assert_close(compiled, eager)
     assert t.grad is not None and tau.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# valid masks (samples that leave a group, e.g. clips without audio for T-A / T-AV)
+# ----------------------------------------------------------------------------------------------
+def _valid(B, kind):
+    """A (B,) bool mask: random (at least 2 valid), exactly one, none, or all valid."""
+    if kind == "random":
+        v = torch.rand(B, device=DEV) > 0.4
+        v[torch.randperm(B, device=DEV)[:2]] = True
+        v[torch.randperm(B, device=DEV)[:1]] = False
+        return v
+    v = torch.zeros(B, dtype=torch.bool, device=DEV)
+    if kind == "one":
+        v[int(torch.randint(B, ()))] = True
+    elif kind == "all":
+        v[:] = True
+    return v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,kind", [(torch.float32, "random"), (torch.bfloat16, "random"),
+                                        (torch.float32, "one"), (torch.float32, "none"),
+                                        (torch.float16, "all")])
+def test_coarse_valid_matches_sub_batch(backend, dtype, kind):
+    """The masked loss equals the loss of the valid samples' sub-batch (float64, selected by
+    indexing); fewer than two valid samples give exactly 0 and zero gradients."""
+    B, D = 9, 16
+    inputs = dict(text=_feat(B, D), modal=_feat(B, D), temperature=_temp(), valid=_valid(B, kind))
+    need = ("text", "modal", "temperature")
+    _compare(lambda **k: C.contrastive_loss(**k, mode="coarse"),
+             lambda **k: K.contrastive_loss_ref(**k, mode="coarse"), inputs, need, backend, dtype)
+    if kind in ("one", "none"):
+        xs = {k: v.float().requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
+        with C.use_backend(backend):
+            loss = C.contrastive_loss(xs["text"], xs["modal"], xs["temperature"], valid=xs["valid"])
+        loss.backward()
+        assert float(loss.detach()) == 0.0
+        assert all(float(xs[k].grad.abs().max()) == 0.0 for k in need)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,kinds", [(torch.bfloat16, ("all", "random", "random")),
+                                         (torch.float32, ("random", "one", "none"))])
+def test_grouped_valid_matches_sub_batch(backend, dtype, kinds):
+    """Fine T-V / T-A / T-AV (one fused pass) and coarse groups, each with its own mask."""
+    B = 7
+    inp = _fine_inputs(B, 7, 3, 1, 16)
+    inp.update(vv=_valid(B, kinds[0]), va=_valid(B, kinds[1]), vav=_valid(B, kinds[2]),
+               pv=_feat(B, 16), pa=_feat(B, 16), pt=_feat(B, 16))
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature, vv, va, vav, pv, pa, pt):
+            g = K.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            groups = {"v": (v, wv, mv), "a": (a, wa, None), "av": ("v", "a")}
+            fine = g(text, groups, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask,
+                     valid={"v": vv, "a": va, "av": vav})
+            coarse = g(pt, {"v": pv, "a": pa}, temperature, mode="coarse", valid={"a": va})
+            return {**fine, **{"c" + k: x for k, x in coarse.items()}}
+        return f
+    need = ("text", "text_weight", "v", "wv", "a", "wa", "temperature", "pv", "pa", "pt")
+    _compare(fn(False), fn(True), inp, need, backend, dtype)
+
+
+def test_valid_errors_name_the_bad_input():
+    t = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"valid must be a \(4,\) bool"):
+        C.contrastive_loss(t, t, torch.tensor(0.1), valid=torch.ones(4))
+    with pytest.raises(ValueError, match=r"valid\['a'\]"):
+        C.grouped_contrastive_loss(t, {"a": t}, torch.tensor(0.1), mode="coarse",
+                                   valid={"a": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="'x', which is not among the groups"):
+        C.grouped_contrastive_loss(t, {"a": t}, torch.tensor(0.1), mode="coarse",
+                                   valid={"x": torch.ones(4, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_masks_never_sync_with_the_host(backend):
+    """No .item() / bool() / nonzero on the masked path (forward and backward): counted as
+    aten._local_scalar_dense / nonzero calls under a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.hits = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+                self.hits.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    B = 6
+    inp = _fine_inputs(B, 5, 3, 1, 16)
+    x = {k: v.float().requires_grad_() if v.is_floating_point() else v for k, v in inp.items()}
+    va = _valid(B, "random")
+    pt, pa = _feat(B, 16).float().requires_grad_(), _feat(B, 16).float().requires_grad_()
+    groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
+    with C.use_backend(backend), Count() as c:
+        fine = C.grouped_contrastive_loss(x["text"], groups, x["temperature"], mode="fine",
+                                          text_weight=x["text_weight"], text_mask=x["text_mask"],
+                                          valid={"a": va, "av": va})
+        coarse = C.contrastive_loss(pt, pa, x["temperature"], valid=va)
+        (sum(fine.values()) + coarse).backward()
+    assert not c.hits, f"host syncs on the masked path: {c.hits}"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_torch_compile_traces_the_masked_kernels():
+    """valid masks enter the custom op as tensors: fullgraph traces them, no graph break, also
+    when the compiled call is the first (availability is probed at import, not in the trace)."""
+    if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    B = 7
+    xs = [torch.randn(B, 16, device=DEV, requires_grad=True) for _ in range(2)]
+    tau = torch.tensor(0.3, device=DEV, requires_grad=True)
+    valid = _valid(B, "random")
+
+    def f(t, m, tau, valid):
+        return C.grouped_contrastive_loss(t, {"v": m, "a": m}, tau, mode="coarse", valid={"a": valid})
+    with C.use_backend("triton"):  # compiled first: nothing lazy may be left for the trace
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*xs, tau, valid)
+        eager = f(*xs, tau, valid)
+        sum(compiled.values()).backward()
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k])
+    assert all(x.grad is not None for x in xs) and tau.grad is not None

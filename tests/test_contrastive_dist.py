@@ -1,11 +1,15 @@
 """Distributed negatives: two gloo CPU processes vs one process on the concatenated batch.
 
-gather=True: every rank computes the full-batch loss; local_loss=True: rank r scores its own rows
-against all gathered columns and the mean over ranks is the full-batch loss.  In both, the
-gradient a rank receives for its own features is N x the single-process gradient of that slice
-(so DDP / FSDP averaging over ranks gives exactly the single-process parameter gradient), and the
-temperature gradient averaged over ranks equals the single-process one.  Rank texts have
-different token counts (5 and 7), so the token-axis padding before the gather is exercised.
+Both paths go through valor_fast.ops.distributed, the one way negatives cross ranks:
+full gather (what tasks/mga.py does): each rank gathers every input (text token axes padded to the
+longest over ranks, valid masks included) and computes the full-batch loss; local
+(`negatives=gather_negatives(...)`): rank r scores its own rows against all gathered columns and
+the mean over ranks is the full-batch loss.  In both, the gradient a rank receives for its own
+features is N x the single-process gradient of that slice (so DDP / FSDP averaging over ranks
+gives exactly the single-process parameter gradient), and the temperature gradient averaged over
+ranks equals the single-process one.  Rank texts have different token counts (5 and 7), so the
+token-axis padding before the gather is exercised; T-A / T-AV carry a valid mask (clips without
+audio) that differs per rank, so the masked counts must be global too.
 """
 import os
 
@@ -20,9 +24,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from valor_fast.ops import contrastive as C  # noqa: E402
+from valor_fast.ops import distributed as D  # noqa: E402
 from valor_fast.utils.deps import HAS_TRITON  # noqa: E402
 
-N, B, D, T_RANK, MV, MA = 2, 3, 16, (5, 7), 3, 1
+N, B, DIM, T_RANK, MV, MA = 2, 3, 16, (5, 7), 3, 1
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else [])
 CASES = [(b, mode, local) for b in BACKENDS for mode in ("coarse", "fine") for local in (False, True)]
 
@@ -32,8 +37,8 @@ def _inputs(seed: int):
     g = torch.Generator().manual_seed(seed)
     T = max(T_RANK)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = dict(text=r(N * B, T, D), tw=r(N * B, T), v=r(N * B, MV, D), wv=r(N * B, MV), a=r(N * B, MA, D),
-             wa=r(N * B, MA), tp=r(N * B, D), vp=r(N * B, D), ap=r(N * B, D), tau=torch.tensor(0.2))
+    x = dict(text=r(N * B, T, DIM), tw=r(N * B, T), v=r(N * B, MV, DIM), wv=r(N * B, MV), a=r(N * B, MA, DIM),
+             wa=r(N * B, MA), tp=r(N * B, DIM), vp=r(N * B, DIM), ap=r(N * B, DIM), tau=torch.tensor(0.2))
     tm = torch.rand(N * B, T, generator=g) > 0.3
     tm[:, 0] = True
     for k in range(N):
@@ -41,6 +46,8 @@ def _inputs(seed: int):
     x["tm"] = tm
     x["mv"] = torch.rand(N * B, MV, generator=g) > 0.2
     x["mv"][:, 0] = True
+    # audio present on 2 of rank 0's clips and 1 of rank 1's: >= 2 globally, < 2 on rank 1
+    x["has_a"] = torch.tensor([True, False, True, False, True, False])
     return x
 
 
@@ -56,21 +63,41 @@ def _local(x, k):
 GRAD_KEYS = {"coarse": ("tp", "vp", "ap", "tau"), "fine": ("text", "tw", "v", "wv", "a", "wa", "tau")}
 
 
-def _loss(x, mode, gather, local):
+def _args(x, mode):
+    """(text, groups, text kwargs, valid) of the op for inputs x."""
+    va = x["has_a"]
     if mode == "coarse":
-        res = C.grouped_contrastive_loss(x["tp"], {"v": x["vp"], "a": x["ap"]}, x["tau"], mode="coarse",
-                                         gather=gather, local_loss=local)
-    else:
-        groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
-        res = C.grouped_contrastive_loss(x["text"], groups, x["tau"], mode="fine", text_weight=x["tw"],
-                                         text_mask=x["tm"], gather=gather, local_loss=local)
-    return res
+        return x["tp"], {"v": x["vp"], "a": x["ap"]}, {}, {"a": va}
+    groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
+    return x["text"], groups, dict(text_weight=x["tw"], text_mask=x["tm"]), {"a": va, "av": va}
 
 
-def _run(x, backend, mode, gather, local):
+def _gathered(x, mode):
+    """Every input of this rank all-gathered through valor_fast.ops.distributed (as MGA does)."""
+    g = {}
+    for k, v in x.items():
+        if k == "tau":
+            g[k] = v
+        elif k in ("text", "tw", "tm"):  # token axes differ per rank
+            g[k] = D.gather_features(v, pad_dim=1, pad_value=False if k == "tm" else 0)
+        else:
+            g[k] = D.gather_features(v)
+    return g
+
+
+def _loss(x, mode, how):
+    """how: "single" (this process's batch as is), "gather" (full gather first), "local"."""
+    if how == "gather":
+        x = _gathered(x, mode)
+    text, groups, kw, valid = _args(x, mode)
+    neg = D.gather_negatives(text, groups, valid=valid, **kw) if how == "local" else None
+    return C.grouped_contrastive_loss(text, groups, x["tau"], mode=mode, valid=valid, negatives=neg, **kw)
+
+
+def _run(x, backend, mode, how):
     x = {k: (v.clone().requires_grad_(k in GRAD_KEYS[mode]) if v.is_floating_point() else v) for k, v in x.items()}
     with C.use_backend(backend):
-        res = _loss(x, mode, gather, local)
+        res = _loss(x, mode, how)
     total = sum((i + 1.0) * v for i, v in enumerate(res.values()))
     total.backward()
     return {k: v.detach() for k, v in res.items()}, {k: x[k].grad for k in GRAD_KEYS[mode]}
@@ -83,7 +110,8 @@ def _worker(rank, init, seed, out_dir):
         results = {}
         for case in CASES:
             backend, mode, local = case
-            results[case] = _run(x, backend, mode, True, local)
+            results[case] = _run(x, backend, mode, "local" if local else "gather")
+        results["count"] = D.all_reduce_sum(torch.tensor([rank + 1.0], requires_grad=True))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -109,10 +137,11 @@ def dist_results():
 def test_distributed_equals_single_process(dist_results, backend, mode, local):
     seed, per_rank = dist_results
     full = _inputs(seed)
-    ref_loss, ref_grad = _run(full, backend, mode, False, False)
+    ref_loss, ref_grad = _run(full, backend, mode, "single")
     tol = dict(rtol=2e-5, atol=2e-6)
     losses = [per_rank[k][(backend, mode, local)][0] for k in range(N)]
     grads = [per_rank[k][(backend, mode, local)][1] for k in range(N)]
+    assert all(float(ref_loss[n]) > 0 for n in ref_loss), f"seed {seed}: a degenerate reference"
     for name, ref in ref_loss.items():
         if local:  # mean of the per-rank local losses is the full-batch loss
             torch.testing.assert_close(sum(l[name] for l in losses) / N, ref, **tol)
@@ -128,4 +157,14 @@ def test_distributed_equals_single_process(dist_results, backend, mode, local):
             if name in ("text", "tw"):
                 want = want[:, :T_RANK[k]]
             torch.testing.assert_close(grads[k][name] / N, want, **tol,
-                                       msg=lambda m: f"rank {k} grad {name}: {m}")
+                                       msg=lambda m: f"seed {seed}, rank {k} grad {name}: {m}")
+
+
+def test_all_reduce_sum_counts_over_ranks(dist_results):
+    """MGC's token counts: the same sum on every rank, outside autograd."""
+    _, per_rank = dist_results
+    for k in range(N):
+        got = per_rank[k]["count"]
+        assert float(got) == N * (N + 1) / 2 and not got.requires_grad
+    one = torch.tensor([2.0, 3.0])
+    assert torch.equal(D.all_reduce_sum(one), one)  # identity in one process

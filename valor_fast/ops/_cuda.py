@@ -7,10 +7,11 @@ Found lazily, first hit wins:
   2. valor_fast/_lib/libvalor_fast_cuda.so (built by setup.py through csrc/build.py).
 `available()` also needs torch.cuda and a working runtime/driver pair (`vf_probe`).
 
-The launch arithmetic around the kernels (composition of the LSE / gradient passes, softmax
-weights, custom-op + autograd registration) is shared with the Triton backend
-(valor_fast.kernels.contrastive); the ops here are valor_fast::cuda_contrastive_coarse_fwd/_bwd
-and valor_fast::cuda_fine_sim_fwd/_bwd.
+This module is a kernel backend in the sense of valor_fast.ops.contrastive_op: the four launchers
+`coarse_lse`, `coarse_grad`, `fine_fwd`, `fine_bwd` of valor_fast.kernels.contrastive, same
+signatures, over the C functions; the composition (LSE / gradient passes, custom ops + autograd)
+is that module's, registered as valor_fast::cuda_contrastive_coarse_fwd/_bwd and
+valor_fast::cuda_fine_sim_fwd/_bwd.  The C limits are the kernel module's (MAX_T, MAX_SLOTS...).
 """
 from __future__ import annotations
 
@@ -119,9 +120,20 @@ def _require_cuda(*ts: Optional[Tensor]) -> None:
             raise ValueError(f"CUDA contrastive backend needs CUDA tensors, got one on {t.device}")
 
 
-# ---- coarse launchers (the composition is valor_fast.kernels.contrastive.coarse_fwd/_bwd) ----
+# ---- the launcher API of valor_fast.kernels.contrastive (same names and signatures) ----------
+# Arguments arrive validated and laid out by valor_fast.ops.contrastive_op (contiguous features,
+# fp32 weights, uint8 masks); the C kernels take no sample masks, so the dispatcher sends
+# valid-masked coarse calls to Triton or torch (the fine masks act on S, in torch).
 
-def _lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int) -> Tuple[Tensor, Tensor]:
+def _no_masks(*masks: Optional[Tensor]) -> None:
+    if any(m is not None for m in masks):
+        raise ValueError("CUDA C++ contrastive kernels take no valid masks (the dispatcher routes masked "
+                         "coarse calls to triton or torch)")
+
+
+def coarse_lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int = 0,
+               valid_b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    _no_masks(valid_b)
     _require_cuda(a, b, temp)
     Ra, D = a.shape
     lse = torch.empty(Ra, dtype=torch.float32, device=a.device)
@@ -132,8 +144,11 @@ def _lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int) -> Tuple[Tensor, Tens
     return lse, zl
 
 
-def _grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor], lse_b: Optional[Tensor],
-          lab_off: int, lab_coef: float, tsum: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def coarse_grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor],
+                lse_b: Optional[Tensor], lab_off: int, lab_coef: float, tsum: bool,
+                valid_a: Optional[Tensor] = None, valid_b: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+    _no_masks(valid_a, valid_b)
     Ra, D = a.shape
     da = torch.empty_like(a)
     ts = torch.empty(Ra, dtype=torch.float32, device=a.device) if tsum else None
@@ -144,22 +159,8 @@ def _grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Ten
     return da, ts
 
 
-def coarse_fwd(text, modal, temperature, text_cols=None, modal_cols=None, offset=0):
-    from valor_fast.kernels import contrastive as kc
-    return kc.coarse_fwd(text, modal, temperature, text_cols, modal_cols, offset, lse_fn=_lse)
-
-
-def coarse_bwd(g, text, modal, temperature, text_cols, modal_cols, offset, lse_t, lse_m):
-    from valor_fast.kernels import contrastive as kc
-    return kc.coarse_bwd(g, text, modal, temperature, text_cols, modal_cols, offset, lse_t, lse_m, grad_fn=_grad)
-
-
-# ---- fine launchers ----
-
 def fine_fwd(text, wt, tmask, x, y, mw, mmask):
-    from valor_fast.kernels import contrastive as kc
     has_y = y is not None
-    text, wt, tmask, x, y, mw, mmask = kc._fine_prep(text, wt, tmask, x, y, mw, mmask)
     _require_cuda(text, x)
     Bt, T, D = text.shape
     Bm, Mx, _ = x.shape
@@ -173,9 +174,7 @@ def fine_fwd(text, wt, tmask, x, y, mw, mmask):
 
 
 def fine_bwd(dS, text, wt, tmask, x, y, mw, mmask):
-    from valor_fast.kernels import contrastive as kc
     has_y = y is not None
-    text, wt, tmask, x, y, mw, mmask = kc._fine_prep(text, wt, tmask, x, y, mw, mmask)
     _require_cuda(text, x)
     dS = dS.float().contiguous()
     Bt, T, D = text.shape
@@ -194,27 +193,3 @@ def fine_bwd(dS, text, wt, tmask, x, y, mw, mmask):
                               _ptr(d_x), _ptr(d_y) if has_y else None, _ptr(g_mw), Bt, Bm, T, Mx, My, D, G,
                               _stream(text)), "fine backward")
     return d_text, g_wt, d_x, d_y, g_mw
-
-
-# ---- custom ops (registered on first use: importing this module stays cheap) ----
-
-_ops = {}
-
-
-def _get_ops():
-    if not _ops:
-        from valor_fast.kernels import contrastive as kc
-        _ops["coarse"], _ops["fine"] = kc.make_ops("cuda_", coarse_fwd, coarse_bwd, fine_fwd, fine_bwd)
-    return _ops
-
-
-def coarse_loss(text: Tensor, modal: Tensor, temperature: Tensor, text_cols: Optional[Tensor] = None,
-                modal_cols: Optional[Tensor] = None, offset: int = 0) -> Tensor:
-    from valor_fast.kernels import contrastive as kc
-    return kc.coarse_loss(text, modal, temperature, text_cols, modal_cols, offset, _op=_get_ops()["coarse"])
-
-
-def fine_sim_groups(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-                    mmask: Tensor) -> Tensor:
-    from valor_fast.kernels import contrastive as kc
-    return kc.fine_sim_groups(text, wt, tmask, x, y, mw, mmask, _op=_get_ops()["fine"])

@@ -29,11 +29,10 @@ Choice, per call:
      CUDA fp32 / fp64 -> sdpa.  The order is a default to be revised by bench/bench_attention.py.
 A forced backend is strict: if it is not available or cannot take the inputs, the call raises
 and says why, rather than silently measuring something else.  Availability is probed once and
-logged once; each (backend, reason) choice is logged once.
+logged once; each (backend, reason) choice is logged once (valor_fast.ops.backend.BackendSwitch,
+shared with the fused and contrastive ops).
 """
-import contextlib
-import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +40,12 @@ from torch import Tensor
 
 import valor_fast.kernels.flash_attention as _k_fa
 from valor_fast.utils import deps
-from valor_fast.utils.log import log_once
+
+from .backend import BackendSwitch, triton_device_reason
 
 BACKENDS = ("flash_attn", "xformers", "sdpa", "triton", "math")
 _ENV = "VALOR_FAST_ATTN"
 _HALF = (torch.float16, torch.bfloat16)
-_forced: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,57 +71,6 @@ def _probe() -> Dict[str, Tuple[bool, str]]:
             except Exception as e:  # noqa: BLE001 - any import failure means unusable
                 avail[name] = (False, f"import failed: {type(e).__name__}: {e}")
     return avail
-
-
-_AVAILABLE = _probe()
-
-
-def available_backends() -> Dict[str, Tuple[bool, str]]:
-    """{backend: (usable, why)} as probed at import (device-independent facts only)."""
-    return dict(_AVAILABLE)
-
-
-def _log_probe() -> None:
-    if torch.compiler.is_compiling():
-        return  # logging does not trace; the eager first call logs it
-    log_once("attn:probe", "attention backends: " + ", ".join(
-        f"{n}={'yes' if ok else 'no'} ({why})" for n, (ok, why) in _AVAILABLE.items()))
-
-
-# ----------------------------------------------------------------------------------------------
-# forcing a backend
-# ----------------------------------------------------------------------------------------------
-def _validate_name(name: Optional[str], source: str) -> Optional[str]:
-    if name is None or name == "auto":
-        return None
-    if name not in BACKENDS:
-        raise ValueError(f"{source}: attention backend must be one of {BACKENDS} or 'auto', got {name!r}")
-    return name
-
-
-def set_backend(name: Optional[str]) -> None:
-    """Force one attention backend for every call (None or 'auto' = automatic choice)."""
-    global _forced
-    _forced = _validate_name(name, "set_backend")
-
-
-def get_forced_backend() -> Optional[str]:
-    """The backend forced in code or by VALOR_FAST_ATTN, or None for the automatic choice."""
-    if _forced is not None:
-        return _forced
-    return _validate_name(os.environ.get(_ENV, "").strip().lower() or None, _ENV)
-
-
-@contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """`with use_backend("triton"): ...` forces a backend inside the block (restored on exit)."""
-    global _forced
-    prev = _forced
-    _forced = _validate_name(name, "use_backend")
-    try:
-        yield
-    finally:
-        _forced = prev
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,22 +114,15 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
             raise ValueError(f"attention: bias on {bias.device}, q on {q.device}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def unsupported_reason(backend: str, q: Tensor, key_padding_mask: Optional[Tensor],
-                       causal: bool, bias: Optional[Tensor] = None) -> Optional[str]:
-    """Why `backend` cannot take these inputs here, or None if it can."""
+def _check(backend: str, q: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+           bias: Optional[Tensor] = None) -> Optional[str]:
+    """Input / device reasons `backend` cannot take this call (availability is the probe's)."""
     if bias is not None and backend == "flash_attn":  # first: true wherever flash-attn is installed
         return "an additive attention bias (flash-attn takes none; use triton, xformers or sdpa)"
-    ok, why = _AVAILABLE[backend]
-    if not ok:
-        return why
     dev, dt, d = q.device, q.dtype, q.shape[-1]
     if backend == "triton":
-        if dev.type != "cuda" and not _interpreting():
-            return f"{dev.type} tensors: Triton runs on CUDA, or on the CPU only with TRITON_INTERPRET=1"
+        if triton_device_reason(dev) is not None:
+            return triton_device_reason(dev)
         if dt not in (torch.float32,) + _HALF:
             return f"dtype {dt} (fp32/fp16/bf16 only)"
         if d > _k_fa.MAX_HEAD_DIM:
@@ -203,48 +144,50 @@ def unsupported_reason(backend: str, q: Tensor, key_padding_mask: Optional[Tenso
     return None
 
 
-def _log_choice(backend: str, reason: str) -> None:
-    if not torch.compiler.is_compiling():
-        log_once(f"attn:{backend}:{reason}", f"attention: {backend} backend ({reason})")
+def unsupported_reason(backend: str, q: Tensor, key_padding_mask: Optional[Tensor],
+                       causal: bool, bias: Optional[Tensor] = None) -> Optional[str]:
+    """Why `backend` cannot take these inputs here, or None if it can."""
+    return SWITCH.why_not(backend, q=q, key_padding_mask=key_padding_mask, causal=causal, bias=bias)
+
+
+def _auto(q: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+          bias: Optional[Tensor] = None) -> Tuple[str, str]:
+    if q.device.type != "cuda":
+        return "sdpa", f"{q.device.type} tensors"
+    ok = lambda b: unsupported_reason(b, q, key_padding_mask, causal, bias) is None  # noqa: E731
+    if bias is not None:
+        # flash-attn takes no bias; SDPA with a float mask leaves its flash / cuDNN kernels, so our
+        # kernel (bias tiles loaded next to the scores, never an expanded (B, H, L, L) mask) first
+        for b in ("triton", "xformers"):
+            if q.dtype in _HALF and ok(b):
+                return b, "CUDA fp16/bf16 with an attention bias"
+        return "sdpa", f"CUDA {q.dtype} with an attention bias"
+    if q.dtype in _HALF:
+        if ok("flash_attn"):
+            return "flash_attn", "CUDA fp16/bf16"
+        if key_padding_mask is None:
+            return "sdpa", "CUDA fp16/bf16 without mask (torch flash / cuDNN kernels)"
+        for b in ("triton", "xformers"):
+            if ok(b):
+                return b, "CUDA fp16/bf16 with key-padding mask"
+    return "sdpa", f"CUDA {q.dtype}"
+
+
+SWITCH = BackendSwitch("attention", _ENV, BACKENDS, _probe, _auto, _check)  # probes now, at import
+set_backend = SWITCH.set_backend
+use_backend = SWITCH.use_backend
+get_forced_backend = SWITCH.forced
+
+
+def available_backends() -> Dict[str, Tuple[bool, str]]:
+    """{backend: (usable, why)} as probed at import (device-independent facts only)."""
+    return dict(SWITCH.available())
 
 
 def choose_backend(q: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
                    bias: Optional[Tensor] = None) -> str:
     """The backend `attention` would use for these inputs (raises if a forced one cannot)."""
-    _log_probe()
-    forced = get_forced_backend()
-    if forced is not None:
-        why = unsupported_reason(forced, q, key_padding_mask, causal, bias)
-        if why is not None:
-            raise RuntimeError(f"attention: backend {forced!r} forced (use_backend / {_ENV}) but "
-                               f"unusable: {why}")
-        _log_choice(forced, "forced")
-        return forced
-    if q.device.type != "cuda":
-        _log_choice("sdpa", f"auto: {q.device.type} tensors")
-        return "sdpa"
-    if bias is not None:
-        # flash-attn takes no bias; SDPA with a float mask leaves its flash / cuDNN kernels, so our
-        # kernel (bias tiles loaded next to the scores, never an expanded (B, H, L, L) mask) first
-        for b in ("triton", "xformers"):
-            if q.dtype in _HALF and unsupported_reason(b, q, key_padding_mask, causal, bias) is None:
-                _log_choice(b, "auto: CUDA fp16/bf16 with an attention bias")
-                return b
-        _log_choice("sdpa", f"auto: CUDA {q.dtype} with an attention bias")
-        return "sdpa"
-    if q.dtype in _HALF:
-        if unsupported_reason("flash_attn", q, key_padding_mask, causal) is None:
-            _log_choice("flash_attn", "auto: CUDA fp16/bf16")
-            return "flash_attn"
-        if key_padding_mask is None:
-            _log_choice("sdpa", "auto: CUDA fp16/bf16 without mask (torch flash / cuDNN kernels)")
-            return "sdpa"
-        for b in ("triton", "xformers"):
-            if unsupported_reason(b, q, key_padding_mask, causal) is None:
-                _log_choice(b, "auto: CUDA fp16/bf16 with key-padding mask")
-                return b
-    _log_choice("sdpa", f"auto: CUDA {q.dtype}")
-    return "sdpa"
+    return SWITCH.choose("attention", q=q, key_padding_mask=key_padding_mask, causal=causal, bias=bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,15 +9,14 @@ Backend choice, per call:
   takes its plain nn.Linear / F.gelu / nn.LayerNorm path (`fused_enabled()` is False) and the LM
   head materialises the (N, V) logits before F.cross_entropy, as an unfused model does.
 Auto also falls back to torch for inputs the kernels do not cover (LayerNorm rows wider than 8192,
-float64).  The choice is logged once per (op, backend, reason).
+float64).  The choice is logged once per (op, backend, reason); the switch is
+valor_fast.ops.backend.BackendSwitch, shared with attention and contrastive.
 
 The torch backends: eager references for add + LayerNorm and bias + GELU (torch.compile fuses
 those itself); for the LM head the chunked torch implementation, so the (N, V) logits are never
 materialised on any backend.
 """
-import contextlib
-import os
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,51 +26,45 @@ import valor_fast.kernels.add_layer_norm as _k_aln
 import valor_fast.kernels.bias_gelu as _k_gelu
 import valor_fast.kernels.lm_head_ce as _k_lm
 from valor_fast.utils.deps import HAS_TRITON, INSTALL_HINTS
-from valor_fast.utils.log import log_once
+
+from .backend import BackendSwitch, triton_device_reason
 
 BACKENDS = ("triton", "torch", "eager")
 _ENV = "VALOR_FAST_FUSED"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_forced: Optional[str] = None
 
 
-def _validate(name: Optional[str], source: str) -> Optional[str]:
-    if name is None or name == "auto":
-        return None
-    if name not in BACKENDS:
-        raise ValueError(f"{source}: fused backend must be one of {BACKENDS} or 'auto', got {name!r}")
-    return name
+def _probe():
+    return {"triton": (True, "installed") if HAS_TRITON else
+            (False, f"triton not installed ({INSTALL_HINTS['triton']})"),
+            "torch": (True, "torch"), "eager": (True, "torch, unfused (forced only)")}
 
 
-def set_backend(name: Optional[str]) -> None:
-    """Force 'triton' or 'torch' for every fused op (None or 'auto' = automatic choice)."""
-    global _forced
-    _forced = _validate(name, "set_backend")
+def _check(backend: str, device: torch.device, unsupported: Optional[str] = None) -> Optional[str]:
+    # a forced triton takes any input its device allows: an unsupported one is left to the
+    # kernel's own error, which names it
+    return triton_device_reason(device) if backend == "triton" else None
 
 
-def get_forced_backend() -> Optional[str]:
-    """The backend forced in code or by the env var, or None for the automatic choice."""
-    if _forced is not None:
-        return _forced
-    return _validate(os.environ.get(_ENV, "").strip().lower() or None, _ENV)
+def _auto(device: torch.device, unsupported: Optional[str] = None) -> Tuple[str, str]:
+    if device.type != "cuda":
+        return "torch", f"{device.type} tensors"
+    if not HAS_TRITON:
+        return "torch", f"triton not installed ({INSTALL_HINTS['triton']})"
+    if unsupported is not None:
+        return "torch", unsupported
+    return "triton", "CUDA"
 
 
-@contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """`with use_backend("triton"): ...` forces a backend inside the block (restored on exit)."""
-    global _forced
-    prev = _forced
-    _forced = _validate(name, "use_backend")
-    try:
-        yield
-    finally:
-        _forced = prev
+SWITCH = BackendSwitch("fused", _ENV, BACKENDS, _probe, _auto, _check)
+set_backend = SWITCH.set_backend
+use_backend = SWITCH.use_backend
+get_forced_backend = SWITCH.forced
 
 
-def _log(op: str, backend: str, reason: str) -> None:
-    # logging is not traceable with fullgraph=True; the eager first call logs it anyway
-    if not torch.compiler.is_compiling():
-        log_once(f"fused:{op}:{backend}:{reason}", f"fused {op}: {backend} backend ({reason})")
+def available_backends():
+    """{backend: (usable, why)} as probed once."""
+    return SWITCH.available()
 
 
 def fused_enabled() -> bool:
@@ -81,34 +74,7 @@ def fused_enabled() -> bool:
 
 def _choose(op: str, device: torch.device, unsupported: Optional[str]) -> str:
     """`unsupported`: why the Triton kernel cannot take these inputs, or None."""
-    forced = get_forced_backend()
-    if forced == "eager":
-        _log(op, "eager", "forced")
-        return "eager"
-    if forced == "torch":
-        _log(op, "torch", "forced")
-        return "torch"
-    if forced == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError(f"fused {op}: backend 'triton' forced but triton is not installed "
-                               f"({INSTALL_HINTS['triton']})")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(f"fused {op}: backend 'triton' forced for {device.type} tensors; "
-                               "Triton runs on CUDA, or on the CPU only with TRITON_INTERPRET=1")
-        # an unsupported input is left to the kernel's own error, which names it
-        _log(op, "triton", "forced")
-        return "triton"
-    if device.type != "cuda":
-        _log(op, "torch", f"auto: {device.type} tensors")
-        return "torch"
-    if not HAS_TRITON:
-        _log(op, "torch", f"auto: triton not installed ({INSTALL_HINTS['triton']})")
-        return "torch"
-    if unsupported is not None:
-        _log(op, "torch", f"auto: {unsupported}")
-        return "torch"
-    _log(op, "triton", "auto: CUDA")
-    return "triton"
+    return SWITCH.choose(op, device=device, unsupported=unsupported)
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
