@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import torch  # noqa: E402
 
 from bench.common import append_result, env_info, time_ms  # noqa: E402
-from valor_fast.config import model_config  # noqa: E402
+from valor_fast.model.args import model_config  # noqa: E402
 from valor_fast.eval.caption import beam_search  # noqa: E402
 from valor_fast.model.valor import build_model  # noqa: E402
 from valor_fast.tasks.mgc import SEP_ID  # noqa: E402

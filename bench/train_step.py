@@ -43,7 +43,8 @@ sys.path.insert(0, _ROOT)
 import torch  # noqa: E402
 
 from bench.common import append_result, env_info, measure_peaks, time_ms  # noqa: E402
-from valor_fast.config import LossConfig, TrainConfig, model_config  # noqa: E402
+from valor_fast.config import LossConfig, TrainConfig  # noqa: E402
+from valor_fast.model.args import model_config  # noqa: E402
 from valor_fast.model.valor import build_model  # noqa: E402
 from valor_fast.ops import attention as attn_ops  # noqa: E402
 from valor_fast.ops import contrastive as con_ops  # noqa: E402
@@ -62,7 +63,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", default="both", choices=IMPLS + ("both",))
-    p.add_argument("--size", default="base", help="model size from valor_fast.config.SIZES")
+    p.add_argument("--size", default="base", help="model size from valor_fast.model.args.SIZES")
     p.add_argument("--batch", type=int, default=32, help="per-GPU batch (clips)")
     p.add_argument("--frames", type=int, default=4, help="frames a clip")
     p.add_argument("--audio-slices", type=int, default=1)
@@ -246,7 +247,9 @@ def main(argv=None) -> int:
     tol = args.tol if args.tol is not None else (1e-4 if precision == "fp32" else 3e-2)
     impls = IMPLS if args.impl == "both" else (args.impl,)
 
-    mcfg = model_config(args.size, max_text_len=args.text_len)
+    mcfg = model_config(args.size)
+    if args.text_len > mcfg.max_positions:
+        sys.exit(f"train_step.py --text-len {args.text_len} exceeds the model's {mcfg.max_positions} positions")
     loss_cfg = LossConfig()
     torch.manual_seed(args.seed)
     base = build_model(mcfg)

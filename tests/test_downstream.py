@@ -158,7 +158,7 @@ def test_qa_encoding_masking_and_metrics():
 
 
 def test_prompted_beam_search_cached_equals_uncached():
-    from valor_fast.config import model_config
+    from valor_fast.model.args import model_config
     from valor_fast.model.valor import VALOR
     m = VALOR(model_config("tiny", image_size=32, audio_frames=128)).eval()
     mem = torch.randn(2, 9, m.cfg.text_width)
@@ -239,7 +239,8 @@ def test_caption_and_embed_commands(pretrained, tmp_path, capsys):
 # SCST
 # ---------------------------------------------------------------------------------------------
 def test_scst_sampling_and_step():
-    from valor_fast.config import LossConfig, model_config
+    from valor_fast.config import LossConfig
+    from valor_fast.model.args import model_config
     from valor_fast.data.tokenizer import get_tokenizer
     from valor_fast.model.valor import VALOR
     from valor_fast.tasks.scst import sample_captions, scst_step_losses

@@ -112,7 +112,8 @@ def embed_split(model, cfg: Config, device, split: str, batch_size: int = 64) ->
     frame + pooled), audio (per slice + pooled) and the fused audiovisual feature, all L2-normalised,
     in the order of the split's annotations."""
     from .data import build_loader
-    loader = build_loader(cfg.data, split, cfg.model.image_size, batch_size, False, cfg.train.seed)
+    loader = build_loader(cfg.data, split, cfg.model.image_size, batch_size, False, cfg.train.seed,
+                          mel_bins=cfg.model.audio_mel_bins)
     parts: Dict[str, list] = {k: [] for k in ("text", "video", "video_frames", "audio", "audio_slices", "av")}
     ids: List[str] = []
     for b in loader:

@@ -120,7 +120,7 @@ def swin_to_ours(sd: Dict[str, torch.Tensor], target, src_window: Optional[Seque
     if hasattr(target, "blocks") and hasattr(target, "depths"):
         depths, window = tuple(target.depths), tuple(target.window)
     else:
-        from ..config import swin_size_of
+        from .args import swin_size_of
         a = SWIN_SIZES[swin_size_of(target)]
         depths, window = tuple(a["depths"]), tuple(a["window"])
     offsets = [sum(depths[:i]) for i in range(len(depths))]

@@ -186,7 +186,7 @@ def build_train_loader(cfg: Config, info: DistInfo, start_batch: int, device=Non
     from ..data.dataset import resolve_backend
     backend = resolve_backend(cfg.data.backend, device)
     ds = VideoAudioTextDataset(cfg.data, "train", cfg.model.image_size, train=True, seed=cfg.train.seed,
-                               cache=False if backend == "dali" else None)
+                               cache=False if backend == "dali" else None, mel_bins=cfg.model.audio_mel_bins)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     sampler = GlobalBatchSampler(len(ds), micro, info.rank, info.world, cfg.train.seed, start_batch=start_batch)
     if backend == "dali":
@@ -565,7 +565,7 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     # final evaluation on the held-out test split (every rank runs it: FSDP gathers collectively)
     from ..data import build_loader
     test_loader = build_loader(cfg.data, "test", cfg.model.image_size, cfg.eval.batch_size, False, tc.seed,
-                               device=device)
+                               device=device, mel_bins=cfg.model.audio_mel_bins)
     if hasattr(task, "unshard"):
         task.unshard()
     core = task.module.model if hasattr(task, "module") else task.model
