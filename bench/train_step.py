@@ -49,7 +49,7 @@ from valor_fast.model.valor import build_model  # noqa: E402
 from valor_fast.ops import attention as attn_ops  # noqa: E402
 from valor_fast.ops import contrastive as con_ops  # noqa: E402
 from valor_fast.ops import fused as fused_ops  # noqa: E402
-from valor_fast.tasks.mgc import CLS_ID, FIRST_WORD_ID, SEP_ID  # noqa: E402
+from valor_fast.data.tokenizer import CLS_ID, FIRST_WORD_ID, SEP_ID  # noqa: E402
 from valor_fast.tasks.pretrain import move_batch, pretrain_step_losses  # noqa: E402
 from valor_fast.train.optim import param_groups  # noqa: E402
 from valor_fast.train.parallelize import apply_compile  # noqa: E402

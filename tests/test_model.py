@@ -3,7 +3,8 @@ import torch
 
 from valor_fast.config import LossConfig, load_config
 from valor_fast.model.args import model_config
-from valor_fast.eval.caption import beam_search
+from valor_fast.data.tokenizer import DECODE_IDS
+from valor_fast.model.decoding import beam_search
 from valor_fast.model.valor import VALOR, count_parameters
 from valor_fast.tasks.pretrain import pretrain_step_losses
 
@@ -73,8 +74,8 @@ def test_beam_search_cache_matches_uncached():
     b = _batch(cfg, B=2)
     mem, _ = m.memory(m.encode_video(b["video"]), m.encode_audio(b["audio"]))
     for beam in (1, 3):
-        a = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=True)
-        u = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=False)
+        a = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=True, **DECODE_IDS)
+        u = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=False, **DECODE_IDS)
         assert a == u and len(a) == 2 and all(len(s) <= 6 for s in a)
 
 
