@@ -22,7 +22,7 @@ the same batch and their losses must agree (relative tolerance --tol; default 1e
 under bf16 autocast); otherwise the script exits 1 and reports nothing.  Then per impl: median
 step time over --steps, samples/s, peak memory, a forward-phase breakdown (h2d copy, encoders,
 MGA, decoder + MGC, backward, optimiser; from a separately synchronised step), model TFLOP/s
-(valor_fast.utils.flops) and MFU over the device's bf16 matmul peak measured in the same run.
+(valor_fast.model.flops) and MFU over the device's bf16 matmul peak measured in the same run.
 Rows are appended as JSON lines to bench/results/train_step.jsonl (with device, versions, git
 commit and command line) unless --no-save.
 """
@@ -53,7 +53,7 @@ from valor_fast.data.tokenizer import CLS_ID, FIRST_WORD_ID, SEP_ID  # noqa: E40
 from valor_fast.tasks.pretrain import move_batch, pretrain_step_losses  # noqa: E402
 from valor_fast.train.optim import param_groups  # noqa: E402
 from valor_fast.train.parallelize import apply_compile  # noqa: E402
-from valor_fast.utils.flops import training_flops_per_sample  # noqa: E402
+from valor_fast.model.flops import training_flops_per_sample  # noqa: E402
 
 DEFAULT_OUT = os.path.join(_HERE, "results", "train_step.jsonl")
 IMPLS = ("eager", "fast")
@@ -276,8 +276,9 @@ def main(argv=None) -> int:
             return 1
 
     peaks = measure_peaks(device)
-    flops = training_flops_per_sample(mcfg, args.frames, args.text_len, args.audio_slices,
-                                      groups=len(loss_cfg.groups.split(",")), mask_prob=loss_cfg.mask_prob)
+    groups = loss_cfg.groups.split(",")   # pretraining: MGA and MGC on every group
+    flops = training_flops_per_sample(mcfg, frames=args.frames, text_len=args.text_len, audio_slices=args.audio_slices,
+                                      mga_groups=groups, mgc_groups=groups, mask_prob=loss_cfg.mask_prob)
     info = env_info()
     rows = []
     for impl in impls:

@@ -24,7 +24,8 @@ import torch
 from ..config import Config, dump
 from ..model.valor import build_model, count_parameters
 from ..tasks.pretrain import PretrainTask, move_batch
-from ..utils.flops import device_peak_tflops, training_flops_per_sample
+from ..model.flops import training_flops_per_sample
+from ..utils.flops import device_peak_tflops
 from ..utils.log import get_logger, log_once
 from .checkpoint import CheckpointManager, set_rng_state, write_json
 from .dist import DistInfo, all_reduce_, barrier, broadcast_object, init_distributed, shutdown
@@ -338,7 +339,13 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     micro = tc.batch_size // (info.world * tc.grad_accum)
     steps = tc.steps
     frames = cfg.data.frames_train
-    flops_sample = training_flops_per_sample(cfg.model, frames, cfg.data.max_text_len, cfg.data.audio_slices)
+    # the groups the task trains (scst's sampled decoding is not counted: MFU there is a lower bound)
+    groups = [g.strip() for g in cfg.loss.groups.split(",") if g.strip()]
+    mga = groups if cfg.loss.mga_weight and tc.task in ("pretrain", "retrieval", "caption") else ()
+    mgc = groups if tc.task == "qa" or (cfg.loss.mgc_weight and tc.task in ("pretrain", "retrieval", "caption")) else ()
+    flops_sample = training_flops_per_sample(cfg.model, frames=frames, text_len=cfg.data.max_text_len,
+                                             audio_slices=cfg.data.audio_slices, mga_groups=mga, mgc_groups=mgc,
+                                             mask_prob=cfg.loss.mask_prob)
     peak = device_peak_tflops(device)
     tb = _TB(os.path.join(run_dir, "tb") if tc.tensorboard and info.is_main else None)
     if info.is_main:
