@@ -189,7 +189,7 @@ def cmd_data(args, over) -> int:
     if args.action == "bench":
         return _data_bench(args)
     if args.action == "pack":
-        from .data.shards import write_shards
+        from .data.tools import write_shards
         if not args.path or not args.out:
             raise SystemExit("data pack needs the dataset folder and --out SHARD_FOLDER")
         for ann in args.ann.split(","):
