@@ -341,8 +341,9 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     frames = cfg.data.frames_train
     # the groups the task trains (scst's sampled decoding is not counted: MFU there is a lower bound)
     groups = [g.strip() for g in cfg.loss.groups.split(",") if g.strip()]
-    mga = groups if cfg.loss.mga_weight and tc.task in ("pretrain", "retrieval", "caption") else ()
-    mgc = groups if tc.task == "qa" or (cfg.loss.mgc_weight and tc.task in ("pretrain", "retrieval", "caption")) else ()
+    by_weight = tc.task in ("pretrain", "retrieval", "caption")   # PretrainTask: MGA, MGC by their weights
+    mga = groups if by_weight and cfg.loss.mga_weight else ()
+    mgc = groups if tc.task == "qa" or (by_weight and cfg.loss.mgc_weight) else ()
     flops_sample = training_flops_per_sample(cfg.model, frames=frames, text_len=cfg.data.max_text_len,
                                              audio_slices=cfg.data.audio_slices, mga_groups=mga, mgc_groups=mgc,
                                              mask_prob=cfg.loss.mask_prob)
