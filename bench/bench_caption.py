@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import torch  # noqa: E402
 
 from bench.common import append_result, env_info, time_ms  # noqa: E402
-from valor_fast.config import model_config  # noqa: E402
-from valor_fast.eval.caption import beam_search  # noqa: E402
+from valor_fast.data.tokenizer import DECODE_IDS, SEP_ID  # noqa: E402
+from valor_fast.model.args import model_config  # noqa: E402
+from valor_fast.model.decoding import beam_search  # noqa: E402
 from valor_fast.model.valor import build_model  # noqa: E402
-from valor_fast.tasks.mgc import SEP_ID  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     for cache in (True, False):
         def run():
             with amp:
-                outs[cache] = beam_search(model, mem, None, beam=a.beam, max_len=a.max_len, use_cache=cache)
+                outs[cache] = beam_search(model, mem, None, beam=a.beam, max_len=a.max_len, use_cache=cache,
+                                          **DECODE_IDS)
         ms = statistics.median(time_ms(run, dev, warmup=1, iters=a.iters))
         toks = a.clips * a.beam * a.max_len
         row = {"bench": "caption", "size": a.size, "clips": a.clips, "beam": a.beam, "max_len": a.max_len,

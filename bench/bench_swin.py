@@ -59,7 +59,7 @@ def main(argv=None):
     from bench.common import append_result, env_info, time_ms
     from valor_fast.model.swin import VideoSwin, swin_arch
     from valor_fast.ops import fused as fused_ops
-    from valor_fast.utils.flops import swin_flops
+    from valor_fast.model.flops import swin_flops
     A = importlib.import_module("valor_fast.ops.attention")
 
     dev = torch.device(args.device)

@@ -22,7 +22,7 @@ the same batch and their losses must agree (relative tolerance --tol; default 1e
 under bf16 autocast); otherwise the script exits 1 and reports nothing.  Then per impl: median
 step time over --steps, samples/s, peak memory, a forward-phase breakdown (h2d copy, encoders,
 MGA, decoder + MGC, backward, optimiser; from a separately synchronised step), model TFLOP/s
-(valor_fast.utils.flops) and MFU over the device's bf16 matmul peak measured in the same run.
+(valor_fast.model.flops) and MFU over the device's bf16 matmul peak measured in the same run.
 Rows are appended as JSON lines to bench/results/train_step.jsonl (with device, versions, git
 commit and command line) unless --no-save.
 """
@@ -43,16 +43,17 @@ sys.path.insert(0, _ROOT)
 import torch  # noqa: E402
 
 from bench.common import append_result, env_info, measure_peaks, time_ms  # noqa: E402
-from valor_fast.config import LossConfig, TrainConfig, model_config  # noqa: E402
+from valor_fast.config import LossConfig, TrainConfig  # noqa: E402
+from valor_fast.model.args import model_config  # noqa: E402
 from valor_fast.model.valor import build_model  # noqa: E402
 from valor_fast.ops import attention as attn_ops  # noqa: E402
 from valor_fast.ops import contrastive as con_ops  # noqa: E402
 from valor_fast.ops import fused as fused_ops  # noqa: E402
-from valor_fast.tasks.mgc import CLS_ID, FIRST_WORD_ID, SEP_ID  # noqa: E402
+from valor_fast.data.tokenizer import CLS_ID, FIRST_WORD_ID, SEP_ID  # noqa: E402
 from valor_fast.tasks.pretrain import move_batch, pretrain_step_losses  # noqa: E402
 from valor_fast.train.optim import param_groups  # noqa: E402
 from valor_fast.train.parallelize import apply_compile  # noqa: E402
-from valor_fast.utils.flops import training_flops_per_sample  # noqa: E402
+from valor_fast.model.flops import training_flops_per_sample  # noqa: E402
 
 DEFAULT_OUT = os.path.join(_HERE, "results", "train_step.jsonl")
 IMPLS = ("eager", "fast")
@@ -62,7 +63,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", default="both", choices=IMPLS + ("both",))
-    p.add_argument("--size", default="base", help="model size from valor_fast.config.SIZES")
+    p.add_argument("--size", default="base", help="model size from valor_fast.model.args.SIZES")
     p.add_argument("--batch", type=int, default=32, help="per-GPU batch (clips)")
     p.add_argument("--frames", type=int, default=4, help="frames a clip")
     p.add_argument("--audio-slices", type=int, default=1)
@@ -246,7 +247,9 @@ def main(argv=None) -> int:
     tol = args.tol if args.tol is not None else (1e-4 if precision == "fp32" else 3e-2)
     impls = IMPLS if args.impl == "both" else (args.impl,)
 
-    mcfg = model_config(args.size, max_text_len=args.text_len)
+    mcfg = model_config(args.size)
+    if args.text_len > mcfg.max_positions:
+        sys.exit(f"train_step.py --text-len {args.text_len} exceeds the model's {mcfg.max_positions} positions")
     loss_cfg = LossConfig()
     torch.manual_seed(args.seed)
     base = build_model(mcfg)
@@ -273,8 +276,9 @@ def main(argv=None) -> int:
             return 1
 
     peaks = measure_peaks(device)
-    flops = training_flops_per_sample(mcfg, args.frames, args.text_len, args.audio_slices,
-                                      groups=len(loss_cfg.groups.split(",")), mask_prob=loss_cfg.mask_prob)
+    groups = loss_cfg.groups.split(",")   # pretraining: MGA and MGC on every group
+    flops = training_flops_per_sample(mcfg, frames=args.frames, text_len=args.text_len, audio_slices=args.audio_slices,
+                                      mga_groups=groups, mgc_groups=groups, mask_prob=loss_cfg.mask_prob)
     info = env_info()
     rows = []
     for impl in impls:

@@ -2,7 +2,7 @@
 import torch
 from transformers import BertModel, CLIPVisionConfig, CLIPVisionModel, ASTConfig, ASTModel
 
-from valor_fast.config import model_config
+from valor_fast.model.args import model_config
 from valor_fast.model.convert import (ast_to_ours, clip_vision_to_ours, minilm_path)
 from valor_fast.model.valor import VALOR
 

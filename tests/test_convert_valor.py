@@ -5,7 +5,7 @@ and `load_init` takes the file as an untrusted checkpoint."""
 import pytest
 import torch
 
-from valor_fast.config import model_config
+from valor_fast.model.args import model_config
 from valor_fast.model.convert import load_init, load_valor_checkpoint
 from valor_fast.model.valor import build_model
 

@@ -92,6 +92,8 @@ def test_tokenizer_real_vocab():
     tok = get_tokenizer()
     assert tok("a red circle")["input_ids"] == [101, 1037, 2417, 4418, 102]
     assert tok.vocab_size == 30522
+    from valor_fast.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+    assert (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id) == (CLS_ID, SEP_ID, MASK_ID, PAD_ID)
 
 
 def test_valor_layout_and_missing_audio(tmp_path, ds_root):
@@ -108,6 +110,10 @@ def test_valor_layout_and_missing_audio(tmp_path, ds_root):
     b = collate([ds[i] for i in range(3)])
     assert b["has_audio"].tolist() == [True, False, True]
     assert (b["audio"][1] == 0).all()
+    # the fbank has the model's mel bins (model.audio_mel_bins, passed in), the silent clip's zeros too
+    b128 = collate([VideoAudioTextDataset(cfg, "test", 32, False, mel_bins=128)[i] for i in range(3)])
+    assert b128["audio"].shape == (3, 1, 512, 128) and (b128["audio"][1] == 0).all()
+    assert b128["audio"][0].abs().sum() > 0
 
 
 def test_bad_annotation_line_is_named(tmp_path):

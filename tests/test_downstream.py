@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from valor_fast.data.annotations import read_annotations
-from valor_fast.eval.caption import beam_search
 from valor_fast.eval.qa import answer_stats
-from valor_fast.tasks.mgc import CLS_ID, MASK_ID, SEP_ID, mask_tokens
+from valor_fast.data.tokenizer import CLS_ID, DECODE_IDS, MASK_ID, SEP_ID
+from valor_fast.model.decoding import beam_search
+from valor_fast.tasks.mgc import mask_tokens
 from valor_fast.tasks.qa import encode_qa, normalize_answer, qa_batch
 
 
@@ -110,9 +111,11 @@ def test_beam_search_equals_exhaustive_search(lp):
     max_len = 4
     want = [_exhaustive(lm, memory[i:i + 1], max_len, lp) for i in range(3)]
     # beam 27 >= 3^(max_len-1) live prefixes: nothing is ever pruned, so the search is exact
-    got = beam_search(lm, memory, None, beam=27, max_len=max_len, length_penalty=lp, use_cache=False)
+    got = beam_search(lm, memory, None, beam=27, max_len=max_len, length_penalty=lp, use_cache=False,
+                      **DECODE_IDS)
     assert got == want, (seed, got, want)
-    greedy = beam_search(lm, memory, None, beam=1, max_len=max_len, length_penalty=lp, use_cache=False)
+    greedy = beam_search(lm, memory, None, beam=1, max_len=max_len, length_penalty=lp, use_cache=False,
+                         **DECODE_IDS)
     for i in range(3):   # beam 1 is greedy: the argmax at every step
         seq = []
         for _ in range(max_len):
@@ -158,17 +161,17 @@ def test_qa_encoding_masking_and_metrics():
 
 
 def test_prompted_beam_search_cached_equals_uncached():
-    from valor_fast.config import model_config
+    from valor_fast.model.args import model_config
     from valor_fast.model.valor import VALOR
     m = VALOR(model_config("tiny", image_size=32, audio_frames=128)).eval()
     mem = torch.randn(2, 9, m.cfg.text_width)
     prompt = torch.tensor([[CLS_ID, 2054, 3609, SEP_ID], [CLS_ID, 2129, 2003, SEP_ID]])
     for beam in (1, 2):
-        a = beam_search(m, mem, None, beam=beam, max_len=4, prompt=prompt, use_cache=True)
-        u = beam_search(m, mem, None, beam=beam, max_len=4, prompt=prompt, use_cache=False)
+        a = beam_search(m, mem, None, beam=beam, max_len=4, prompt=prompt, use_cache=True, **DECODE_IDS)
+        u = beam_search(m, mem, None, beam=beam, max_len=4, prompt=prompt, use_cache=False, **DECODE_IDS)
         assert a == u and all(len(s) <= 4 for s in a)
     with pytest.raises(ValueError, match="prompt"):
-        beam_search(m, mem, None, prompt=prompt[:1])
+        beam_search(m, mem, None, prompt=prompt[:1], **DECODE_IDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,21 +242,22 @@ def test_caption_and_embed_commands(pretrained, tmp_path, capsys):
 # SCST
 # ---------------------------------------------------------------------------------------------
 def test_scst_sampling_and_step():
-    from valor_fast.config import LossConfig, model_config
+    from valor_fast.config import LossConfig
+    from valor_fast.model.args import model_config
     from valor_fast.data.tokenizer import get_tokenizer
     from valor_fast.model.valor import VALOR
-    from valor_fast.tasks.scst import sample_captions, scst_step_losses
+    from valor_fast.model.decoding import Stepper, sample
+    from valor_fast.tasks.scst import scst_step_losses
     m = VALOR(model_config("tiny", image_size=32, audio_frames=128)).eval()
     mem = torch.randn(3, 9, m.cfg.text_width)
     # greedy sampling is beam search with beam 1
-    g_seqs, g_logp = sample_captions(m, mem, None, 5, greedy=True)
-    assert g_seqs == beam_search(m, mem, None, beam=1, max_len=5)
+    g_seqs, g_logp = sample(m, mem, None, 5, greedy=True, **DECODE_IDS)
+    assert g_seqs == beam_search(m, mem, None, beam=1, max_len=5, **DECODE_IDS)
     # the summed log-probability equals a step-by-step recomputation without the cache
-    seqs, logp = sample_captions(m, mem, None, 5, torch.Generator().manual_seed(0))
+    seqs, logp = sample(m, mem, None, 5, torch.Generator().manual_seed(0), **DECODE_IDS)
     assert logp.requires_grad
-    from valor_fast.eval.caption import _Stepper
     for i, seq in enumerate(seqs):
-        st = _Stepper(m, mem[i:i + 1], None, use_cache=False)
+        st = Stepper(m, mem[i:i + 1], None, use_cache=False, bos_id=CLS_ID, mask_id=MASK_ID)
         lp, tot = st.start(1, mem.device), 0.0
         for tok in seq + ([SEP_ID] if len(seq) < 5 else []):
             tot += float(lp[0, tok])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from valor_fast import ops
-from valor_fast.tasks.mgc import MASK_ID, mask_tokens
+from valor_fast.data.tokenizer import MASK_ID
+from valor_fast.tasks.mgc import mask_tokens
 
 
 def fine_sim_loops(t, tw, tm, m, mw, mm):

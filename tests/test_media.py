@@ -376,7 +376,8 @@ def test_tar_shards_match_folders_and_report_bad_members(planted, tmp_path):
     """The planted set packed into tar shards (media + <id>.json captions) gives the same batches
     as the folder layout: same ids, captions, frames and fbank, same bad ids reported; a shard
     cut mid-member turns that member into a truncated file, not a crash."""
-    from valor_fast.data.shards import ShardIndex, expand_shards, sample_key, write_shards
+    from valor_fast.data.shards import ShardIndex, expand_shards, sample_key
+    from valor_fast.data.tools import write_shards
     root, kinds = planted
     write_shards(root, os.path.join(root, "shards"), per_shard=7, prefix="train", video_dir="videos",
                  audio_dir="audios", ann="train.jsonl")

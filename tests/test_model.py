@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from valor_fast.config import LossConfig, load_config, model_config
-from valor_fast.eval.caption import beam_search
+from valor_fast.config import LossConfig, load_config
+from valor_fast.model.args import model_config
+from valor_fast.data.tokenizer import DECODE_IDS
+from valor_fast.model.decoding import beam_search
 from valor_fast.model.valor import VALOR, count_parameters
 from valor_fast.tasks.pretrain import pretrain_step_losses
 
@@ -72,8 +74,8 @@ def test_beam_search_cache_matches_uncached():
     b = _batch(cfg, B=2)
     mem, _ = m.memory(m.encode_video(b["video"]), m.encode_audio(b["audio"]))
     for beam in (1, 3):
-        a = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=True)
-        u = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=False)
+        a = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=True, **DECODE_IDS)
+        u = beam_search(m, mem, None, beam=beam, max_len=6, use_cache=False, **DECODE_IDS)
         assert a == u and len(a) == 2 and all(len(s) <= 6 for s in a)
 
 
@@ -84,3 +86,21 @@ def test_config_overrides_and_errors():
         load_config(None, {"train.lrr": "1"})
     with pytest.raises(ValueError, match="unknown model size"):
         model_config("huge")
+
+
+def test_moved_config_fields_still_load(tmp_path):
+    # a run folder's config.yaml written before the fields moved: model.max_text_len (it only
+    # sized the position table), data.audio_mel_bins, the dead model.gradient_checkpointing
+    old = tmp_path / "config.yaml"
+    old.write_text("model:\n  size: tiny\n  max_text_len: 600\n  audio_mel_bins: 128\n  gradient_checkpointing: false\n"
+                   "data:\n  max_text_len: 520\n  audio_mel_bins: 128\n")
+    cfg = load_config(str(old))
+    assert cfg.model.max_positions == 600 and cfg.data.max_text_len == 520 and cfg.model.audio_mel_bins == 128
+    assert not hasattr(cfg.model, "max_text_len") and not hasattr(cfg.data, "audio_mel_bins")
+    assert load_config(None, {"model.max_text_len": "40"}).model.max_positions == 512   # max(512, 40)
+    with pytest.raises(ValueError, match="train.activation_checkpointing"):
+        load_config(None, {"model.gradient_checkpointing": "true"})
+    with pytest.raises(ValueError, match="model.audio_mel_bins alone"):
+        load_config(None, {"data.audio_mel_bins": "128", "model.audio_mel_bins": "64"})
+    with pytest.raises(ValueError, match="data.max_text_len=600 exceeds model.max_positions=512"):
+        load_config(None, {"data.max_text_len": "600"})

@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from valor_fast.config import load_config, model_config  # noqa: E402
+from valor_fast.config import load_config  # noqa: E402
+from valor_fast.model.args import model_config  # noqa: E402
 from valor_fast.model.convert_swin import load_swin, resize_bias_table, swin_to_ours  # noqa: E402
 from valor_fast.model.swin import (  # noqa: E402
     SWIN_SIZES, VideoSwin, clip_window, compute_mask, relative_position_index, swin_arch, window_partition,

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from valor_fast.config import LossConfig, model_config
+from valor_fast.config import LossConfig
+from valor_fast.model.args import model_config
 from valor_fast.model.layers import BertLayer, PreNormBlock
 from valor_fast.model.valor import build_model
 from valor_fast.ops import attention as attn_ops
@@ -25,7 +26,8 @@ import bench.train_step as ts  # noqa: E402
 
 # a smaller tiny: 2 frames of 32 px (4 patches + CLS), 16-token captions
 SMALL = dict(image_size=32, vision_width=64, vision_heads=2, text_width=64, text_heads=2, text_ffn=128,
-             audio_width=64, audio_heads=2, contra_dim=32, audio_frames=128, max_text_len=16)
+             audio_width=64, audio_heads=2, contra_dim=32, audio_frames=128)
+TEXT_LEN = 16
 
 
 def _small_model(seed):
@@ -64,7 +66,7 @@ def test_parity_check_catches_different_models():
 
 
 def _batch(mcfg, B=2, frames=2, seed=0):
-    hb = ts.make_batch(mcfg, B, frames, 1, mcfg.max_text_len, seed)
+    hb = ts.make_batch(mcfg, B, frames, 1, TEXT_LEN, seed)
     hb["has_audio"][-1] = False  # one silent clip: its T-A terms drop out
     return hb
 

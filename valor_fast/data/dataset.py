@@ -1,4 +1,5 @@
-"""Clip datasets, the CPU loader, and the sampling plan both backends share.
+"""Clip datasets, the CPU path's decoding and collate, and the sampling plan both backends share
+(`loader.build_loader` assembles either backend).
 
 A sample is drawn in a fixed order from its own generator (the trainer seeds it by (seed, global
 batch, index), so samples do not depend on workers or ranks): the frame indices (one per equal
@@ -57,10 +58,11 @@ def load_audio(path: str, sample_rate: int) -> torch.Tensor:
 
 class VideoAudioTextDataset(torch.utils.data.Dataset):
     """Records + media lookup + (CPU path) decoding.  `cache` overrides `cfg.cache` (the DALI
-    path decodes per batch and never caches)."""
+    path decodes per batch and never caches).  What the model reads comes from its config:
+    `image_size` (model.image_size) and `mel_bins` (model.audio_mel_bins, VALOR's 64)."""
 
     def __init__(self, cfg: DataConfig, split: str, image_size: int, train: bool, seed: int = 0,
-                 cache: Optional[bool] = None):
+                 cache: Optional[bool] = None, mel_bins: int = 64):
         ann = {"train": cfg.train_ann, "val": cfg.val_ann, "test": cfg.test_ann}.get(split)
         if ann is None:
             raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -69,6 +71,7 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
         if not 0.0 < cfg.crop_scale_min <= 1.0:
             raise ValueError(f"data.crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
         self.cfg, self.split, self.size, self.train = cfg, split, image_size, train
+        self.mel_bins = mel_bins
         self.use_cache = cfg.cache if cache is None else cache
         self.records = read_annotations(cfg.root, ann)
         if not self.records:
@@ -162,7 +165,7 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
         cache_file = key = None
         if self.use_cache and indices is None:
             stats = [media_stat(p) for p in (vpath, apath) if p and (is_member(p) or os.path.isfile(p))]
-            key = f"v{CACHE_VERSION}|{stats}|{self.cfg.sample_rate}|{self.cfg.audio_mel_bins}"
+            key = f"v{CACHE_VERSION}|{stats}|{self.cfg.sample_rate}|{self.mel_bins}"
             cache_file = os.path.join(self.cfg.root, ".cache", str(self.size), vid + ".pt")
             if os.path.exists(cache_file):
                 try:
@@ -182,7 +185,7 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
         elif wave.numel() == 0:
             self._no_audio(i, "has zero samples")
         else:
-            d["fbank"] = valor_fbank(wave, self.cfg.sample_rate, self.cfg.audio_mel_bins).to(torch.float16)
+            d["fbank"] = valor_fbank(wave, self.cfg.sample_rate, self.mel_bins).to(torch.float16)
         if cache_file:
             try:
                 os.makedirs(os.path.dirname(cache_file), exist_ok=True)
@@ -293,7 +296,7 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
         if has_audio:
             audio = slice_fbank(d["fbank"].float(), self.cfg.audio_slices, self.train, g)
         else:
-            audio = torch.zeros(self.cfg.audio_slices, 512, self.cfg.audio_mel_bins)
+            audio = torch.zeros(self.cfg.audio_slices, 512, self.mel_bins)
         c = self.draw_caption(i, g)
         return {"video": video, "audio": audio, "has_audio": has_audio, **self.text_fields(i, c)}
 
@@ -332,22 +335,3 @@ def resolve_backend(backend: str, device=None) -> str:
         why = "no CUDA device" if not cuda else f"DALI not installed ({deps.INSTALL_HINTS['nvidia.dali']})"
         log_once("data-backend", f"data.backend=auto: cpu ({why})")
     return "cpu"
-
-
-def build_loader(cfg: DataConfig, split: str, image_size: int, batch_size: int, train: bool, seed: int = 0,
-                 device=None):
-    """Collated batches of `split` through data.backend.  Training batches are shuffled
-    deterministically from `seed` and drop the last partial batch."""
-    backend = resolve_backend(cfg.backend, device)
-    if backend == "dali":
-        from .dali_loader import DaliLoader
-        ds = VideoAudioTextDataset(cfg, split, image_size, train, seed, cache=False)
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(ds), generator=g).tolist() if train else list(range(len(ds)))
-        n = (len(order) // batch_size) * batch_size if train else len(order)
-        keys = [[(i, None) for i in order[b:b + batch_size]] for b in range(0, n, batch_size)]
-        return DaliLoader(ds, keys, device=device, num_threads=cfg.num_workers or 2)
-    ds = VideoAudioTextDataset(cfg, split, image_size, train, seed)
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g,
-                                       collate_fn=collate, num_workers=cfg.num_workers)

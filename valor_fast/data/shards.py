@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
 
 from ..utils.log import get_logger
+from .errors import DecodeError
 
 log = get_logger(__name__)
 
@@ -104,7 +105,6 @@ def media_open(path: str) -> Union[str, io.BytesIO]:
 
 def require_media(path: str, what: str) -> None:
     """Raise DecodeError naming `path` when it (file or member) is missing or has 0 bytes."""
-    from .video import DecodeError
     if not media_exists(path):
         raise DecodeError(f"{what} {path!r} does not exist")
     if media_size(path) == 0:
@@ -266,34 +266,3 @@ class ShardIndex:
 
 
 _BY_SHARD: Dict[str, ShardIndex] = {}
-
-
-def write_shards(src_root: str, dst_root: str, per_shard: int = 16, prefix: str = "shard",
-                 video_dir: str = "videos", audio_dir: str = "audio", ann: Optional[str] = None) -> List[str]:
-    """Pack a folder dataset into WebDataset shards under `dst_root`: each clip's video, audio and
-    (with `ann`, an annotation file of src_root) its captions as `<id>.json`."""
-    from .annotations import read_annotations
-    from .media import find_audio, find_video
-    os.makedirs(dst_root, exist_ok=True)
-    if ann:
-        recs = read_annotations(src_root, ann)
-    else:
-        ids = sorted({sample_key(n)[0] for n in os.listdir(os.path.join(src_root, video_dir))})
-        recs = [{"video_id": i} for i in ids]
-    paths = []
-    for s in range(0, len(recs), per_shard):
-        p = os.path.join(dst_root, f"{prefix}-{s // per_shard:05d}.tar")
-        with tarfile.open(p, "w") as tf:
-            for r in recs[s:s + per_shard]:
-                vid = r["video_id"]
-                for f in (find_video(os.path.join(src_root, video_dir), vid),
-                          find_audio(os.path.join(src_root, audio_dir), vid)):
-                    if f and os.path.isfile(f):
-                        tf.add(f, arcname=vid + os.path.splitext(f)[1])
-                if "captions" in r:
-                    data = json.dumps({"captions": r["captions"], "qa": r.get("qa", [])}).encode()
-                    ti = tarfile.TarInfo(vid + ".json")
-                    ti.size = len(data)
-                    tf.addfile(ti, io.BytesIO(data))
-        paths.append(p)
-    return paths

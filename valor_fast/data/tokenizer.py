@@ -5,9 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import lru_cache
+from types import MappingProxyType
 from typing import List, Optional, Tuple
 
 import torch
+
+# bert-base-uncased's special ids, stated once: tasks/ and eval/ import them from here; model/
+# takes the ones decoding needs as arguments (DECODE_IDS)
+CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
+FIRST_WORD_ID = 999  # ids below are [unused]/special tokens in bert-base-uncased: never sampled
+# keyword arguments of valor_fast.model.decoding's searches for this vocabulary: a caption starts
+# at [CLS], ends at [SEP], and the trailing [MASK] is the position read for the next token
+DECODE_IDS = MappingProxyType({"bos_id": CLS_ID, "eos_id": SEP_ID, "mask_id": MASK_ID})
 
 
 def vocab_path() -> str:
@@ -24,9 +33,13 @@ def get_tokenizer():
     # argument and would map every word to [UNK]; a check below refuses such a tokenizer
     from transformers import BertTokenizerFast
     tok = BertTokenizerFast.from_pretrained(os.path.dirname(vocab_path()))
-    if tok("a red circle")["input_ids"] != [101, 1037, 2417, 4418, 102]:
+    if tok("a red circle")["input_ids"] != [CLS_ID, 1037, 2417, 4418, SEP_ID]:
         raise RuntimeError(f"the WordPiece tokenizer from {vocab_path()!r} does not reproduce "
                            f"bert-base-uncased ids; check the transformers version")
+    special = (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id)
+    if special != (CLS_ID, SEP_ID, MASK_ID, PAD_ID):
+        raise RuntimeError(f"the tokenizer from {vocab_path()!r} has [CLS]/[SEP]/[MASK]/[PAD] = {special}, "
+                           f"not bert-base-uncased's {(CLS_ID, SEP_ID, MASK_ID, PAD_ID)}")
     return tok
 
 
@@ -37,10 +50,10 @@ def encode(texts: List[str], max_len: int) -> List[List[int]]:
 
 def pad_ids(seqs: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
     L = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
-    return ids, ids != 0
+    return ids, ids != PAD_ID
 
 
 def tokenize(texts: List[str], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:

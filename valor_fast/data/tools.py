@@ -1,10 +1,12 @@
-"""`valor-fast data check` (scan a dataset for bad media) and `valor-fast data bench` (clips/s of
-each decoding backend)."""
+"""`valor-fast data check` (scan a dataset for bad media), `valor-fast data pack` (pack a folder
+dataset into WebDataset shards) and `valor-fast data bench` (clips/s of each decoding backend)."""
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -17,7 +19,7 @@ from ..config import DataConfig
 from ..utils.log import get_logger
 from .annotations import read_annotations
 from .media import find_audio, find_video, probe_audio, probe_video
-from .shards import ShardIndex, expand_shards
+from .shards import ShardIndex, expand_shards, sample_key
 from .video import DecodeError
 
 log = get_logger(__name__)
@@ -207,3 +209,34 @@ def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
+
+
+# -- shards ----------------------------------------------------------------------------------
+
+def write_shards(src_root: str, dst_root: str, per_shard: int = 16, prefix: str = "shard",
+                 video_dir: str = "videos", audio_dir: str = "audio", ann: Optional[str] = None) -> List[str]:
+    """Pack a folder dataset into WebDataset shards under `dst_root`: each clip's video, audio and
+    (with `ann`, an annotation file of src_root) its captions as `<id>.json`."""
+    os.makedirs(dst_root, exist_ok=True)
+    if ann:
+        recs = read_annotations(src_root, ann)
+    else:
+        ids = sorted({sample_key(n)[0] for n in os.listdir(os.path.join(src_root, video_dir))})
+        recs = [{"video_id": i} for i in ids]
+    paths = []
+    for s in range(0, len(recs), per_shard):
+        p = os.path.join(dst_root, f"{prefix}-{s // per_shard:05d}.tar")
+        with tarfile.open(p, "w") as tf:
+            for r in recs[s:s + per_shard]:
+                vid = r["video_id"]
+                for f in (find_video(os.path.join(src_root, video_dir), vid),
+                          find_audio(os.path.join(src_root, audio_dir), vid)):
+                    if f and os.path.isfile(f):
+                        tf.add(f, arcname=vid + os.path.splitext(f)[1])
+                if "captions" in r:
+                    data = json.dumps({"captions": r["captions"], "qa": r.get("qa", [])}).encode()
+                    ti = tarfile.TarInfo(vid + ".json")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        paths.append(p)
+    return paths

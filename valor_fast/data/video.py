@@ -10,12 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DecodeError  # noqa: F401  (raised here; importers may name it video.DecodeError)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class DecodeError(RuntimeError):
-    """A media file that cannot be decoded (missing, empty, truncated, unsupported)."""
 
 
 # A file is "truncated" when it decodes to fewer than this share of the frames its container

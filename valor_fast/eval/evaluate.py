@@ -11,7 +11,7 @@ from ..model.valor import VALOR, Features
 from ..tasks.mga import similarity_matrix
 from ..tasks.mgc import group_memory_masks
 from ..utils.log import get_logger
-from .caption import beam_search
+from .caption import generate
 from .metrics import caption_metrics, retrieval_metrics
 
 log = get_logger(__name__)
@@ -76,11 +76,9 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
                 memory, n_video = model.memory(vt, at)
                 mm = group_memory_masks([cfg.eval.caption_group], memory.shape[0], n_video,
                                         memory.shape[1] - n_video, b.get("has_audio"), device)
-                out = beam_search(model, memory, mm, beam=cfg.eval.beam, max_len=cfg.eval.max_len,
-                                  length_penalty=cfg.eval.length_penalty)
-                tok = _tokenizer()
-                for vid, seq, caps in zip(b["video_id"], out, b["captions"]):
-                    preds[vid] = tok.decode(seq, skip_special_tokens=True)
+                out = generate(model, memory, mm, cfg.eval)
+                for vid, text, caps in zip(b["video_id"], out, b["captions"]):
+                    preds[vid] = text
                     refs[vid] = list(caps)
                 n_cap += len(out)
     t = _pad_text(tf, tmask)
@@ -101,17 +99,6 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
     metrics["eval/seconds"] = time.time() - t0
     model.train(was_training)
     return metrics
-
-
-_TOK = None
-
-
-def _tokenizer():
-    global _TOK
-    if _TOK is None:
-        from ..data.tokenizer import get_tokenizer
-        _TOK = get_tokenizer()
-    return _TOK
 
 
 def format_table(metrics: Dict[str, float]) -> str:

@@ -13,7 +13,7 @@ from ..config import Config
 from ..model.valor import VALOR
 from ..tasks.mgc import group_memory_masks
 from ..tasks.qa import encode_qa, normalize_answer
-from .caption import beam_search
+from .caption import generate
 
 
 def answer_stats(gt: Sequence[str], train_answers: Optional[Sequence[str]] = None) -> Dict[str, float]:
@@ -62,10 +62,9 @@ def evaluate_qa(model: VALOR, loader, cfg: Config, device, autocast=None,
             for _, items in sorted(buckets.items()):
                 rows = torch.tensor([i for i, _, _ in items], device=device)
                 prompt = torch.tensor([ids for _, _, ids in items], device=device)
-                out = beam_search(model, memory[rows], mm[rows], beam=beam, max_len=max_answer_len,
-                                  length_penalty=cfg.eval.length_penalty, prompt=prompt)
-                for (i, qa, _), seq in zip(items, out):
-                    pred = tok.decode(seq, skip_special_tokens=True)
+                out = generate(model, memory[rows], mm[rows], cfg.eval, beam=beam, max_len=max_answer_len,
+                               prompt=prompt)
+                for (i, qa, _), pred in zip(items, out):
                     ok = normalize_answer(pred) == normalize_answer(str(qa["answer"]))
                     correct += ok
                     n += 1

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..utils.log import get_logger
+from ..utils.log import get_logger, short_list
+from .convert_swin import swin_to_ours
 
 log = get_logger(__name__)
 
@@ -220,6 +221,136 @@ def _valor_bert(sd: Dict[str, torch.Tensor], prefix: str) -> Tuple[dict, list]:
     return out, [prefix + k for k in unused]
 
 
+class _Mapper:
+    """The upstream state dict being mapped: `out` (our keys) and the upstream keys `used`."""
+
+    def __init__(self, sd: Dict[str, torch.Tensor]):
+        self.sd, self.out, self.used = sd, {}, set()
+
+    def take(self, src: str, dst: str, fn=None) -> bool:
+        if src in self.sd:
+            self.out[dst] = self.sd[src] if fn is None else fn(self.sd[src])
+            self.used.add(src)
+            return True
+        return False
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.sd)
+
+
+def _map_text(m: _Mapper) -> None:
+    """The one BERT (text encoder and decoder) and its LM head."""
+    sd = m.sd
+    txt_prefix = "multimodal_encoder." if m.has_prefix("multimodal_encoder.") else "txt_encoder."
+    bert, bert_unused = _valor_bert(sd, txt_prefix)
+    m.out.update({"text." + k: v for k, v in bert.items()})
+    m.used.update(k for k in sd if k.startswith(txt_prefix) and k not in set(bert_unused))
+    if txt_prefix == "multimodal_encoder.":
+        for k in sd:
+            if k.startswith("txt_encoder."):
+                twin = "multimodal_encoder." + k[len("txt_encoder."):]
+                if twin in m.used and torch.equal(sd[k], sd[twin]):
+                    m.used.add(k)   # the shared text encoder, saved twice upstream
+    m.take("cls.dense.weight", "text.lm_head.dense.weight")
+    m.take("cls.dense.bias", "text.lm_head.dense.bias")
+    m.take("cls.layernorm.weight", "text.lm_head.ln.weight")
+    m.take("cls.layernorm.bias", "text.lm_head.ln.bias")
+    m.take("cls.decoder.bias", "text.lm_head.bias")
+    if "cls.decoder.weight" in sd:
+        word = m.out.get("text.embeddings.word.weight")
+        if word is not None and sd["cls.decoder.weight"].shape == word.shape and torch.equal(sd["cls.decoder.weight"], word):
+            m.used.add("cls.decoder.weight")   # tied to the word embeddings: nothing to copy
+
+
+def _map_clip_vision(m: _Mapper, vp: str, cfg) -> None:
+    """OpenAI CLIP visual tower under `vp` (in_proj split into q/k/v, positions resized)."""
+    sd = m.sd
+    m.take(vp + "conv1.weight", "vision.patch_embed.weight")
+    m.take(vp + "class_embedding", "vision.cls")
+    if vp + "positional_embedding" in sd:
+        pe = sd[vp + "positional_embedding"]
+        n_old = int(round(math.sqrt(pe.shape[0] - 1)))
+        n_new = cfg.image_size // cfg.patch_size
+        m.out["vision.pos"] = torch.cat([pe[:1], resize_grid(pe[1:], (n_old, n_old), (n_new, n_new))])
+        m.used.add(vp + "positional_embedding")
+    for n in ("ln_pre", "ln_post"):
+        m.take(f"{vp}{n}.weight", f"vision.{n}.weight")
+        m.take(f"{vp}{n}.bias", f"vision.{n}.bias")
+    for k, v in sd.items():
+        mt = re.match(re.escape(vp) + r"transformer\.resblocks\.(\d+)\.(.+)$", k)
+        if not mt:
+            continue
+        i, rest = mt.group(1), mt.group(2)
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = "weight" if rest.endswith("weight") else "bias"
+            for name, part in zip("qkv", v.chunk(3, dim=0)):   # packed (3C, C) / (3C,)
+                m.out[f"vision.blocks.{i}.attn.{name}.{kind}"] = part
+            m.used.add(k)
+            continue
+        mm = re.match(r"(.+)\.(weight|bias)$", rest)
+        if mm and mm.group(1) in _CLIP_BLOCK:
+            m.out[f"vision.blocks.{i}.{_CLIP_BLOCK[mm.group(1)]}.{mm.group(2)}"] = v
+            m.used.add(k)
+    if "contra_head_v.linear.weight" not in sd and vp + "proj" in sd:
+        m.take(vp + "proj", "vision_proj.weight", lambda p: p.t().contiguous())   # (C, D) -> (D, C)
+
+
+def _map_swin_vision(m: _Mapper, cfg) -> None:
+    """VALOR-B's Video Swin backbone (video_encoder.*), for a model.vision=swin config."""
+    if getattr(cfg, "vision", "clip") != "swin":
+        return
+    sw = {k[len("video_encoder."):]: v for k, v in m.sd.items() if k.startswith("video_encoder.")}
+    mapped, unused_sw = swin_to_ours(sw, cfg)[:2]
+    m.out.update({"vision." + k: v for k, v in mapped.items()})
+    m.used.update("video_encoder." + k for k in sw if k not in set(unused_sw))
+
+
+def _map_audio(m: _Mapper, cfg) -> None:
+    """AST: embeddings (the distillation token dropped) and blocks."""
+    sd = m.sd
+    m.take("audio_embeddings.cls_token", "audio.cls", lambda t: t.reshape(-1))
+    m.take("audio_embeddings.first_conv.weight", "audio.patch_embed.weight")
+    m.take("audio_embeddings.first_conv.bias", "audio.patch_embed.bias")
+    if "audio_embeddings.position_embeddings.weight" in sd:
+        pe = sd["audio_embeddings.position_embeddings.weight"]
+        grid = (cfg.audio_mel_bins // 16, cfg.audio_frames // 16)
+        if pe.shape[0] - 1 != grid[0] * grid[1]:
+            raise ValueError(f"upstream AST position table has {pe.shape[0] - 1} patches; the configured "
+                             f"{cfg.audio_mel_bins} mel x {cfg.audio_frames} frames needs {grid[0] * grid[1]}")
+        m.out["audio.pos"] = pe
+        m.used.add("audio_embeddings.position_embeddings.weight")
+    for k, v in sd.items():
+        mt = re.match(r"audio_encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if mt and mt.group(2) in _AST_BLOCK:
+            m.out[f"audio.blocks.{mt.group(1)}.{_AST_BLOCK[mt.group(2)]}.{mt.group(3)}"] = v
+            m.used.add(k)
+    m.take("audio_encoder.last_layernorm.weight", "audio.ln.weight")
+    m.take("audio_encoder.last_layernorm.bias", "audio.ln.bias")
+
+
+def _map_heads(m: _Mapper) -> None:
+    """Contrastive heads, fine-similarity weights, temperature, and the decoder inputs."""
+    m.take("contra_head_t.linear.weight", "text_proj.weight")
+    m.take("contra_head_v.linear.weight", "vision_proj.weight")
+    m.take("contra_head_a.linear.weight", "audio_proj.weight")
+    for up, ours in (("text", "text_weight"), ("video", "vision_weight"), ("audio", "audio_weight")):
+        for i, fc in (("0", "fc1"), ("2", "fc2")):
+            m.take(f"{up}_fine_weight.{i}.weight", f"{ours}.{fc}.weight")
+            m.take(f"{up}_fine_weight.{i}.bias", f"{ours}.{fc}.bias")
+    m.take("va_fusion.weight", "av_fusion.weight")   # upstream's bias has no counterpart: reported unused
+    m.take("contra_temp", "temperature", lambda t: t.reshape(1).clone())
+    for up, ours in (("video", "video_to_text"), ("audio", "audio_to_text")):
+        for i in ("0", "1"):
+            for p in ("weight", "bias"):
+                m.take(f"hidden_trans_{up}_multimodal.{i}.{p}", f"{ours}.{i}.{p}")
+    m.take("video_frame_embedding", "frame_embed.weight", lambda t: t.reshape(t.shape[-2], t.shape[-1]))
+    m.take("audio_frame_embedding", "clip_embed.weight", lambda t: t.reshape(t.shape[-2], t.shape[-1]))
+    if "video_type_embeddings" in m.sd and "audio_type_embeddings" in m.sd:
+        m.out["type_embed.weight"] = torch.cat([m.sd["video_type_embeddings"].reshape(1, -1),
+                                                m.sd["audio_type_embeddings"].reshape(1, -1)])
+        m.used.update(("video_type_embeddings", "audio_type_embeddings"))
+
+
 def valor_to_ours(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Upstream VALOR state dict -> our VALOR keys.  Returns (mapped, unused upstream keys).
 
@@ -235,124 +366,16 @@ def valor_to_ours(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Ten
                   contra_temp, video/audio_frame_embedding (1, 32, d), video/audio_type_embeddings,
                   hidden_trans_{video,audio}_multimodal.{0,1}
     """
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    out: Dict[str, torch.Tensor] = {}
-    used = set()
-
-    def take(src: str, dst: str, fn=None):
-        if src in sd:
-            out[dst] = sd[src] if fn is None else fn(sd[src])
-            used.add(src)
-            return True
-        return False
-
-    # ---- text encoder / decoder (one BERT) ----
-    txt_prefix = "multimodal_encoder." if any(k.startswith("multimodal_encoder.") for k in sd) else "txt_encoder."
-    bert, bert_unused = _valor_bert(sd, txt_prefix)
-    out.update({"text." + k: v for k, v in bert.items()})
-    used.update(k for k in sd if k.startswith(txt_prefix) and k not in set(bert_unused))
-    if txt_prefix == "multimodal_encoder.":
-        for k in sd:
-            if k.startswith("txt_encoder."):
-                twin = "multimodal_encoder." + k[len("txt_encoder."):]
-                if twin in used and torch.equal(sd[k], sd[twin]):
-                    used.add(k)   # the shared text encoder, saved twice upstream
-    take("cls.dense.weight", "text.lm_head.dense.weight")
-    take("cls.dense.bias", "text.lm_head.dense.bias")
-    take("cls.layernorm.weight", "text.lm_head.ln.weight")
-    take("cls.layernorm.bias", "text.lm_head.ln.bias")
-    take("cls.decoder.bias", "text.lm_head.bias")
-    if "cls.decoder.weight" in sd:
-        word = out.get("text.embeddings.word.weight")
-        if word is not None and sd["cls.decoder.weight"].shape == word.shape and torch.equal(sd["cls.decoder.weight"], word):
-            used.add("cls.decoder.weight")   # tied to the word embeddings: nothing to copy
-
-    # ---- vision: OpenAI CLIP visual tower ----
-    vp = "clip_model.visual." if any(k.startswith("clip_model.visual.") for k in sd) else "visual."
-    if any(k.startswith(vp) for k in sd):
-        take(vp + "conv1.weight", "vision.patch_embed.weight")
-        take(vp + "class_embedding", "vision.cls")
-        if vp + "positional_embedding" in sd:
-            pe = sd[vp + "positional_embedding"]
-            n_old = int(round(math.sqrt(pe.shape[0] - 1)))
-            n_new = cfg.image_size // cfg.patch_size
-            out["vision.pos"] = torch.cat([pe[:1], resize_grid(pe[1:], (n_old, n_old), (n_new, n_new))])
-            used.add(vp + "positional_embedding")
-        for n in ("ln_pre", "ln_post"):
-            take(f"{vp}{n}.weight", f"vision.{n}.weight")
-            take(f"{vp}{n}.bias", f"vision.{n}.bias")
-        for k, v in sd.items():
-            m = re.match(re.escape(vp) + r"transformer\.resblocks\.(\d+)\.(.+)$", k)
-            if not m:
-                continue
-            i, rest = m.group(1), m.group(2)
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = "weight" if rest.endswith("weight") else "bias"
-                for name, part in zip("qkv", v.chunk(3, dim=0)):   # packed (3C, C) / (3C,)
-                    out[f"vision.blocks.{i}.attn.{name}.{kind}"] = part
-                used.add(k)
-                continue
-            mm = re.match(r"(.+)\.(weight|bias)$", rest)
-            if mm and mm.group(1) in _CLIP_BLOCK:
-                out[f"vision.blocks.{i}.{_CLIP_BLOCK[mm.group(1)]}.{mm.group(2)}"] = v
-                used.add(k)
-        if "contra_head_v.linear.weight" not in sd and vp + "proj" in sd:
-            take(vp + "proj", "vision_proj.weight", lambda p: p.t().contiguous())   # (C, D) -> (D, C)
-    elif any(k.startswith("video_encoder.") for k in sd):
-        try:
-            from .convert_swin import swin_to_ours   # VALOR-B's Video Swin backbone
-        except ImportError:
-            swin_to_ours = None
-        if swin_to_ours is not None and getattr(cfg, "vision", "clip") == "swin":
-            sw = {k[len("video_encoder."):]: v for k, v in sd.items() if k.startswith("video_encoder.")}
-            mapped, unused_sw = swin_to_ours(sw, cfg)[:2]
-            out.update({"vision." + k: v for k, v in mapped.items()})
-            used.update("video_encoder." + k for k in sw if k not in set(unused_sw))
-
-    # ---- audio: AST ----
-    take("audio_embeddings.cls_token", "audio.cls", lambda t: t.reshape(-1))
-    take("audio_embeddings.first_conv.weight", "audio.patch_embed.weight")
-    take("audio_embeddings.first_conv.bias", "audio.patch_embed.bias")
-    if "audio_embeddings.position_embeddings.weight" in sd:
-        pe = sd["audio_embeddings.position_embeddings.weight"]
-        grid = (cfg.audio_mel_bins // 16, cfg.audio_frames // 16)
-        if pe.shape[0] - 1 != grid[0] * grid[1]:
-            raise ValueError(f"upstream AST position table has {pe.shape[0] - 1} patches; the configured "
-                             f"{cfg.audio_mel_bins} mel x {cfg.audio_frames} frames needs {grid[0] * grid[1]}")
-        out["audio.pos"] = pe
-        used.add("audio_embeddings.position_embeddings.weight")
-    for k, v in sd.items():
-        m = re.match(r"audio_encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
-        if m and m.group(2) in _AST_BLOCK:
-            out[f"audio.blocks.{m.group(1)}.{_AST_BLOCK[m.group(2)]}.{m.group(3)}"] = v
-            used.add(k)
-    take("audio_encoder.last_layernorm.weight", "audio.ln.weight")
-    take("audio_encoder.last_layernorm.bias", "audio.ln.bias")
-
-    # ---- contrastive heads, fine weights, temperature ----
-    take("contra_head_t.linear.weight", "text_proj.weight")
-    take("contra_head_v.linear.weight", "vision_proj.weight")
-    take("contra_head_a.linear.weight", "audio_proj.weight")
-    for up, ours in (("text", "text_weight"), ("video", "vision_weight"), ("audio", "audio_weight")):
-        for i, fc in (("0", "fc1"), ("2", "fc2")):
-            take(f"{up}_fine_weight.{i}.weight", f"{ours}.{fc}.weight")
-            take(f"{up}_fine_weight.{i}.bias", f"{ours}.{fc}.bias")
-    take("va_fusion.weight", "av_fusion.weight")   # upstream's bias has no counterpart: reported unused
-    take("contra_temp", "temperature", lambda t: t.reshape(1).clone())
-
-    # ---- decoder inputs ----
-    for up, ours in (("video", "video_to_text"), ("audio", "audio_to_text")):
-        for i in ("0", "1"):
-            for p in ("weight", "bias"):
-                take(f"hidden_trans_{up}_multimodal.{i}.{p}", f"{ours}.{i}.{p}")
-    take("video_frame_embedding", "frame_embed.weight", lambda t: t.reshape(t.shape[-2], t.shape[-1]))
-    take("audio_frame_embedding", "clip_embed.weight", lambda t: t.reshape(t.shape[-2], t.shape[-1]))
-    if "video_type_embeddings" in sd and "audio_type_embeddings" in sd:
-        out["type_embed.weight"] = torch.cat([sd["video_type_embeddings"].reshape(1, -1),
-                                              sd["audio_type_embeddings"].reshape(1, -1)])
-        used.update(("video_type_embeddings", "audio_type_embeddings"))
-    unused = sorted(k for k in sd if k not in used)
-    return out, unused
+    m = _Mapper({k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()})
+    _map_text(m)
+    vp = "clip_model.visual." if m.has_prefix("clip_model.visual.") else "visual."
+    if m.has_prefix(vp):
+        _map_clip_vision(m, vp, cfg)
+    elif m.has_prefix("video_encoder."):
+        _map_swin_vision(m, cfg)
+    _map_audio(m, cfg)
+    _map_heads(m)
+    return m.out, sorted(k for k in m.sd if k not in m.used)
 
 
 def load_valor_checkpoint(model, path_or_sd, strict_shapes: bool = True) -> dict:
@@ -376,14 +399,10 @@ def load_valor_checkpoint(model, path_or_sd, strict_shapes: bool = True) -> dict
     log.info("VALOR checkpoint: %d tensors loaded, %d of ours left at init, %d upstream tensors unused",
              report["loaded"], len(report["missing"]), len(report["unused"]))
     if report["missing"]:
-        log.warning("not in the checkpoint (kept at init): %s", _short(report["missing"]))
+        log.warning("not in the checkpoint (kept at init): %s", short_list(report["missing"]))
     if report["unused"]:
-        log.warning("upstream tensors without a counterpart: %s", _short(report["unused"]))
+        log.warning("upstream tensors without a counterpart: %s", short_list(report["unused"]))
     return report
-
-
-def _short(keys: List[str], n: int = 12) -> str:
-    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
 def load_init(model, path: str) -> dict:
@@ -400,7 +419,7 @@ def load_init(model, path: str) -> dict:
     unexpected = sorted(set(sd) - set(own))
     if bad or missing or unexpected:
         raise ValueError(f"{path}: does not match the configured model (check model.size / the run's config.yaml): "
-                         f"missing {_short(missing)}; unexpected {_short(unexpected)}; shape mismatch {_short(bad)}")
+                         f"missing {short_list(missing)}; unexpected {short_list(unexpected)}; shape mismatch {short_list(bad)}")
     model.load_state_dict(sd)
     log.info("initialised from %s (%d tensors)", path, len(sd))
     return {"loaded": len(sd), "missing": [], "unused": [], "shape_mismatch": {}}

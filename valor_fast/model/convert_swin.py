@@ -29,8 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..utils.log import get_logger
-from .convert import _short
+from ..utils.log import get_logger, short_list
 
 log = get_logger(__name__)
 
@@ -120,7 +119,7 @@ def swin_to_ours(sd: Dict[str, torch.Tensor], target, src_window: Optional[Seque
     if hasattr(target, "blocks") and hasattr(target, "depths"):
         depths, window = tuple(target.depths), tuple(target.window)
     else:
-        from ..config import swin_size_of
+        from .args import swin_size_of
         a = SWIN_SIZES[swin_size_of(target)]
         depths, window = tuple(a["depths"]), tuple(a["window"])
     offsets = [sum(depths[:i]) for i in range(len(depths))]
@@ -178,7 +177,7 @@ def swin_to_ours(sd: Dict[str, torch.Tensor], target, src_window: Optional[Seque
         unused.append(orig)  # cls_head.*, head.*, layers.N.downsample of a missing stage, ...
     if not out:
         raise ValueError("state dict does not look like a (Video) Swin backbone: none of its keys "
-                         f"({_short(sorted(sd))}) maps to patch_embed / layers.N.blocks.M / norm")
+                         f"({short_list(sorted(sd))}) maps to patch_embed / layers.N.blocks.M / norm")
     return out, sorted(unused), notes
 
 
@@ -207,9 +206,9 @@ def load_swin(module, path_or_sd, strict_shapes: bool = True, src_window: Option
              report["loaded"], len(report["missing"]), len(report["unused"]),
              "; " + "; ".join(notes) if notes else "")
     if report["missing"]:
-        log.warning("Swin tensors not in the checkpoint (kept at init): %s", _short(report["missing"]))
+        log.warning("Swin tensors not in the checkpoint (kept at init): %s", short_list(report["missing"]))
     if report["unused"]:
-        log.warning("checkpoint tensors without a counterpart: %s", _short(report["unused"]))
+        log.warning("checkpoint tensors without a counterpart: %s", short_list(report["unused"]))
     return report
 
 

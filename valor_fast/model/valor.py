@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, swin_size_of
+from .args import ModelConfig, swin_size_of
 from .audio import AST
 from .layers import init_weights
 from .text import BertText
@@ -52,7 +52,7 @@ class VALOR(nn.Module):
         self.cfg = cfg
         tw, C = cfg.text_width, cfg.contra_dim
         self.text = BertText(cfg.vocab_size, tw, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
-                             max_pos=max(512, cfg.max_text_len))
+                             max_pos=cfg.max_positions)
         if cfg.vision == "clip":
             self.vision = ClipViT(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
                                   cfg.vision_heads)
@@ -88,7 +88,6 @@ class VALOR(nn.Module):
                     nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
         with torch.no_grad():  # start the fusion as v + a
             self.av_fusion.weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], dim=1))
-        self.gradient_checkpointing = cfg.gradient_checkpointing
 
     # ---------------- encoders ----------------
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,9 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
+from ..data.tokenizer import FIRST_WORD_ID, MASK_ID
 from ..model.valor import VALOR
 from .mga import parse_groups
-
-CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
-FIRST_WORD_ID = 999  # ids below are [unused]/special tokens in bert-base-uncased: never sampled
 
 
 def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, prob: float = 0.6, vocab: int = 30522,

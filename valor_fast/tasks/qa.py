@@ -12,8 +12,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import LossConfig
+from ..data.tokenizer import CLS_ID, SEP_ID
 from ..model.valor import VALOR
-from .mgc import CLS_ID, SEP_ID, mgc_loss
+from .mgc import mgc_loss
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^a-z0-9 ]+")

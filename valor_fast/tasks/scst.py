@@ -5,48 +5,21 @@ optional caption fine-tuning stage).  The baseline is the mean reward of the cli
 temperature-1 samples score far below greedy decoding (CIDEr ~1.4 vs ~3.3 on the embedded
 default), so a greedy baseline makes every advantage negative and only pushes probability down.
 
-Sampling runs the cached decoder with gradients on: each step feeds the committed prefix once and
+Sampling (`model.decoding.sample`) runs the cached decoder with gradients on: each step feeds the committed prefix once and
 peeks at `[MASK]` (the same two one-token passes as beam search), and autograd flows through the
 cached keys/values, so a sample of T tokens costs 2T one-token passes rather than T full passes.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from ..config import LossConfig
+from ..data.tokenizer import DECODE_IDS
+from ..model.decoding import sample
 from ..model.valor import VALOR
-from .mgc import SEP_ID, group_memory_masks
-
-
-def sample_captions(model: VALOR, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], max_len: int,
-                    generator: Optional[torch.Generator] = None, greedy: bool = False
-                    ) -> Tuple[List[List[int]], torch.Tensor]:
-    """memory (N, Lm, C) -> (token lists without [SEP], summed log-probabilities (N,) with grad).
-    A sequence ends at its first [SEP] (whose log-probability counts) or after max_len tokens."""
-    from ..eval.caption import _Stepper   # the decoding state machine beam search uses
-    N, dev = memory.shape[0], memory.device
-    st = _Stepper(model, memory, memory_mask, use_cache=True)
-    logp = st.start(N, dev)                                            # (N, V)
-    total = torch.zeros(N, device=dev)
-    alive = torch.ones(N, dtype=torch.bool, device=dev)
-    seqs: List[List[int]] = [[] for _ in range(N)]
-    for t in range(max_len):
-        if greedy:
-            tok = logp.argmax(-1)
-        else:
-            u = torch.rand(logp.shape, generator=generator, device="cpu").to(dev)
-            tok = (logp.detach() - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)   # Gumbel-max draw
-        total = total + torch.where(alive, logp.gather(1, tok[:, None])[:, 0], torch.zeros_like(total))
-        for i in torch.nonzero(alive & (tok != SEP_ID)).flatten().tolist():
-            seqs[i].append(int(tok[i]))
-        alive = alive & (tok != SEP_ID)
-        if not bool(alive.any()) or t == max_len - 1:
-            break
-        # finished rows keep being fed (their extra tokens are ignored) so the batch stays aligned
-        logp = st.push(torch.where(alive, tok, torch.full_like(tok, SEP_ID)))
-    return seqs, total
+from .mgc import group_memory_masks
 
 
 def cider_rewards(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -72,7 +45,7 @@ def scst_step_losses(model: VALOR, batch: dict, cfg: LossConfig, samples: int = 
         raise ValueError(f"loss.scst_samples must be >= 2 (leave-one-out baseline), got {samples}")
     mem_k = memory.repeat_interleave(samples, 0)                      # (B*K, Lm, C)
     mm_k = mm.repeat_interleave(samples, 0)
-    seqs, logp = sample_captions(model, mem_k, mm_k, max_len, generator)
+    seqs, logp = sample(model, mem_k, mm_k, max_len, generator, **DECODE_IDS)
     refs = batch["captions"]
     preds = [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
     r = cider_rewards(preds, [refs[i // samples] for i in range(B * samples)]).to(logp.device).view(B, samples)

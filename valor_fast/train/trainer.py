@@ -24,7 +24,8 @@ import torch
 from ..config import Config, dump
 from ..model.valor import build_model, count_parameters
 from ..tasks.pretrain import PretrainTask, move_batch
-from ..utils.flops import device_peak_tflops, training_flops_per_sample
+from ..model.flops import training_flops_per_sample
+from ..utils.flops import device_peak_tflops
 from ..utils.log import get_logger, log_once
 from .checkpoint import CheckpointManager, set_rng_state, write_json
 from .dist import DistInfo, all_reduce_, barrier, broadcast_object, init_distributed, shutdown
@@ -186,7 +187,7 @@ def build_train_loader(cfg: Config, info: DistInfo, start_batch: int, device=Non
     from ..data.dataset import resolve_backend
     backend = resolve_backend(cfg.data.backend, device)
     ds = VideoAudioTextDataset(cfg.data, "train", cfg.model.image_size, train=True, seed=cfg.train.seed,
-                               cache=False if backend == "dali" else None)
+                               cache=False if backend == "dali" else None, mel_bins=cfg.model.audio_mel_bins)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     sampler = GlobalBatchSampler(len(ds), micro, info.rank, info.world, cfg.train.seed, start_batch=start_batch)
     if backend == "dali":
@@ -338,7 +339,14 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     micro = tc.batch_size // (info.world * tc.grad_accum)
     steps = tc.steps
     frames = cfg.data.frames_train
-    flops_sample = training_flops_per_sample(cfg.model, frames, cfg.data.max_text_len, cfg.data.audio_slices)
+    # the groups the task trains (scst's sampled decoding is not counted: MFU there is a lower bound)
+    groups = [g.strip() for g in cfg.loss.groups.split(",") if g.strip()]
+    by_weight = tc.task in ("pretrain", "retrieval", "caption")   # PretrainTask: MGA, MGC by their weights
+    mga = groups if by_weight and cfg.loss.mga_weight else ()
+    mgc = groups if tc.task == "qa" or (by_weight and cfg.loss.mgc_weight) else ()
+    flops_sample = training_flops_per_sample(cfg.model, frames=frames, text_len=cfg.data.max_text_len,
+                                             audio_slices=cfg.data.audio_slices, mga_groups=mga, mgc_groups=mgc,
+                                             mask_prob=cfg.loss.mask_prob)
     peak = device_peak_tflops(device)
     tb = _TB(os.path.join(run_dir, "tb") if tc.tensorboard and info.is_main else None)
     if info.is_main:
@@ -565,7 +573,7 @@ def _train(cfg: Config, info: DistInfo, run_dir: Optional[str]) -> Dict[str, flo
     # final evaluation on the held-out test split (every rank runs it: FSDP gathers collectively)
     from ..data import build_loader
     test_loader = build_loader(cfg.data, "test", cfg.model.image_size, cfg.eval.batch_size, False, tc.seed,
-                               device=device)
+                               device=device, mel_bins=cfg.model.audio_mel_bins)
     if hasattr(task, "unshard"):
         task.unshard()
     core = task.module.model if hasattr(task, "module") else task.model

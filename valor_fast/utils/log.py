@@ -22,3 +22,9 @@ def log_once(key: str, msg: str, level: int = logging.INFO, name: str = "valor_f
         return
     _ONCE.add(key)
     get_logger(name).log(level, msg)
+
+
+def short_list(items, n: int = 12) -> str:
+    """The first `n` items joined for a log line, with a count of the rest ("a, b ... (+7)")."""
+    items = list(items)
+    return ", ".join(items[:n]) + (f" ... (+{len(items) - n})" if len(items) > n else "")
