@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from valor_fast.kernels import contrastive as kc
+from valor_fast.ops.contrastive_op import make_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "csrc", "build.py")
@@ -57,7 +58,7 @@ class Engine:
         lib.vf_error_string.restype = ctypes.c_char_p
         lib.vf_error_string.argtypes = [I]
         self.lib, self.device = lib, torch.device(device)
-        self.ops = dict(zip(("coarse", "fine"), _ops(self)))
+        self.ops = _ops(self)
 
     @staticmethod
     def _p(t):
@@ -72,7 +73,8 @@ class Engine:
     def _f32(self, *shape):
         return torch.empty(shape, dtype=torch.float32, device=self.device)
 
-    def lse(self, a, b, temp, lab_off):
+    def coarse_lse(self, a, b, temp, lab_off=0, valid_b=None):
+        assert valid_b is None, "the C kernels take no valid masks"
         Ra, D = a.shape
         lse, zl = self._f32(Ra), self._f32(Ra)
         t = temp.float().contiguous()
@@ -81,7 +83,8 @@ class Engine:
                                            self._stream()), "vf_coarse_lse")
         return lse, zl
 
-    def grad(self, a, b, temp, scale, lse_a, lse_b, lab_off, lab_coef, tsum):
+    def coarse_grad(self, a, b, temp, scale, lse_a, lse_b, lab_off, lab_coef, tsum, valid_a=None, valid_b=None):
+        assert valid_a is None and valid_b is None, "the C kernels take no valid masks"
         Ra, D = a.shape
         da = torch.empty_like(a)
         ts = self._f32(Ra) if tsum else None
@@ -94,7 +97,7 @@ class Engine:
 
     def fine_fwd(self, text, wt, tmask, x, y, mw, mmask):
         has_y = y is not None
-        text, wt, tmask, x, y, mw, mmask = kc._fine_prep(text, wt, tmask, x, y, mw, mmask)
+        text, wt, tmask, x, y, mw, mmask = kc.prepare_fine_args(text, wt, tmask, x, y, mw, mmask)
         Bt, T, D = text.shape
         Bm, Mx, _ = x.shape
         My = y.shape[1] if has_y else 0
@@ -107,7 +110,7 @@ class Engine:
 
     def fine_bwd(self, dS, text, wt, tmask, x, y, mw, mmask):
         has_y = y is not None
-        text, wt, tmask, x, y, mw, mmask = kc._fine_prep(text, wt, tmask, x, y, mw, mmask)
+        text, wt, tmask, x, y, mw, mmask = kc.prepare_fine_args(text, wt, tmask, x, y, mw, mmask)
         dS = dS.float().contiguous()
         Bt, T, D = text.shape
         Bm, Mx, _ = x.shape
@@ -127,19 +130,22 @@ class Engine:
 _REG = {}
 
 
+class _Current:
+    """The launcher interface of valor_fast.ops.contrastive_op.make_ops, forwarding to the engine
+    most recently created for one kind (torch.library ops are registered once per process)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __getattr__(self, name):
+        return getattr(_REG[self.kind], name)
+
+
 def _ops(engine):
-    # torch.library ops are registered once per process and engine kind; they call the engine
-    # most recently created for that kind
     kind = "emu" if engine.device.type == "cpu" else "gpu"
     _REG[kind] = engine
     if ("ops", kind) not in _REG:
-        def cf(text, modal, temp, tc=None, mc=None, off=0):
-            return kc.coarse_fwd(text, modal, temp, tc, mc, off, lse_fn=_REG[kind].lse)
-
-        def cb(g, text, modal, temp, tc, mc, off, lse_t, lse_m):
-            return kc.coarse_bwd(g, text, modal, temp, tc, mc, off, lse_t, lse_m, grad_fn=_REG[kind].grad)
-        _REG[("ops", kind)] = kc.make_ops(f"csrc_{kind}_", cf, cb, lambda *a: _REG[kind].fine_fwd(*a),
-                                          lambda *a: _REG[kind].fine_bwd(*a))
+        _REG[("ops", kind)] = make_ops(f"csrc_{kind}_", _Current(kind))
     return _REG[("ops", kind)]
 
 
@@ -239,8 +245,8 @@ def _temp():
 # ----------------------------------------------------------------------------------------------
 def _coarse(eng, dtype, B, D):
     inputs = dict(text=_feat(B, D), modal=_feat(B, D), temperature=_temp())
-    return _compare(eng, lambda text, modal, temperature: kc.coarse_loss(text, modal, temperature,
-                                                                          _op=eng.ops["coarse"]),
+    return _compare(eng, lambda text, modal, temperature: eng.ops.coarse_sum(text, modal, temperature)
+                                                                    / (2 * text.shape[0]),
                     lambda text, modal, temperature: kc.contrastive_loss_ref(text, modal, temperature,
                                                                               mode="coarse"),
                     inputs, ("text", "modal"), ("text", "modal", "temperature"), dtype)
@@ -262,7 +268,7 @@ def test_coarse_local_column_split(eng, dtype, mode, monkeypatch):
                   modal_cols=_feat(N, D))
 
     def fn(text, modal, temperature, text_cols, modal_cols):
-        return kc.coarse_loss(text, modal, temperature, text_cols, modal_cols, off, _op=eng.ops["coarse"])
+        return eng.ops.coarse_sum(text, modal, temperature, text_cols, modal_cols, off) / (2 * B)
 
     def ref(text, modal, temperature, text_cols, modal_cols):
         lab = torch.arange(B, device=text.device) + off
@@ -304,17 +310,17 @@ def _fine_inputs(B, T, Mx, My, D, Bm=None):
 
 
 def _fine_fns(eng, has_y):
-    sm = kc._masked_softmax
+    sm = kc.masked_softmax
 
     def kernel(text, tw, tmask, x, wx, xmask, y, wy, ymask):
         wt = sm(tw, tmask, text)
         if not has_y:
-            return kc.fine_sim_groups(text, wt, tmask, x, None, sm(wx, xmask, x)[None], xmask, _op=eng.ops["fine"])
+            return eng.ops.fine_sim_groups(text, wt, tmask, x, None, sm(wx, xmask, x)[None], xmask)
         zx, zy = torch.zeros_like(wx), torch.zeros_like(wy)
         mm = torch.cat([xmask, ymask], 1)
         mw = torch.stack([torch.cat([sm(wx, xmask, x), zy], 1), torch.cat([zx, sm(wy, ymask, y)], 1),
                           sm(torch.cat([wx, wy], 1), mm, x)])
-        return kc.fine_sim_groups(text, wt, tmask, x, y, mw, mm, _op=eng.ops["fine"])
+        return eng.ops.fine_sim_groups(text, wt, tmask, x, y, mw, mm)
 
     def ref(text, tw, tmask, x, wx, xmask, y, wy, ymask):
         f = kc.fine_similarity_ref
@@ -383,7 +389,7 @@ def test_fine_misaligned_pointer(eng):
     """A text tensor 4 bytes off 16-byte alignment takes the element-load path: same sums, bitwise."""
     B, T, Mx, My, D = 5, 7, 3, 1, 40
     inp = {k: (None if v is None else v.to(eng.device)) for k, v in _fine_inputs(B, T, Mx, My, D).items()}
-    sm = kc._masked_softmax
+    sm = kc.masked_softmax
     text = inp["text"].float()
     buf = torch.empty(text.numel() + 1, device=eng.device)
     view = buf[1:].view(text.shape)
@@ -412,7 +418,7 @@ def test_fine_fp16_tiny_gradients_keep_precision(eng):
     power-of-two pre-scale makes the products independent of the gradient's scale, so scaling dS
     by 2^-11 (d_sim ~ 3e-5, subnormal) scales every output bitwise where the outputs stay normal."""
     inp = {k: (None if v is None else v.to(eng.device)) for k, v in _fine_inputs(4, 7, 3, 1, 32, Bm=40).items()}
-    sm = kc._masked_softmax
+    sm = kc.masked_softmax
     text, x, y = inp["text"].half(), inp["x"].half(), inp["y"].half()
     wt = sm(inp["tw"].float(), inp["tmask"], text)
     mm = torch.cat([inp["xmask"], inp["ymask"]], 1)
@@ -440,7 +446,7 @@ def test_deterministic(eng):
     """No atomics, fixed reduction orders: two launches on the same inputs are bitwise equal."""
     B = 300 if eng.device.type == "cuda" else 13
     inp = {k: (None if v is None else v.to(eng.device)) for k, v in _fine_inputs(B, 7, 3, 1, 40).items()}
-    sm = kc._masked_softmax
+    sm = kc.masked_softmax
     text, x, y = (inp[k].to(torch.bfloat16) for k in ("text", "x", "y"))
     wt = sm(inp["tw"].float(), inp["tmask"], text)
     mm = torch.cat([inp["xmask"], inp["ymask"]], 1)
@@ -451,9 +457,9 @@ def test_deterministic(eng):
     scale = torch.tensor([0.01], device=eng.device)
 
     def once():
-        lse, zl = eng.lse(a, m, temp, 0)
-        lse2, _ = eng.lse(m, a, temp, 0)
-        da, ts = eng.grad(a, m, temp, scale, lse, lse2, 0, 2.0, True)
+        lse, zl = eng.coarse_lse(a, m, temp, 0)
+        lse2, _ = eng.coarse_lse(m, a, temp, 0)
+        da, ts = eng.coarse_grad(a, m, temp, scale, lse, lse2, 0, 2.0, True)
         return [lse, zl, da, ts, eng.fine_fwd(text, wt, inp["tmask"], x, y, mw, mm),
                 *eng.fine_bwd(dS, text, wt, inp["tmask"], x, y, mw, mm)]
     for p, q in zip(once(), once()):

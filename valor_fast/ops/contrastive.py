@@ -23,8 +23,9 @@ Backend choice, per call (valor_fast.ops.backend.BackendSwitch):
 Auto also falls back to torch for inputs the kernels do not take (float64, D > MAX_D, T > MAX_T,
 more than MAX_SLOTS modal tokens per clip: valor_fast.kernels.contrastive's limits).  The C
 kernels take no sample masks: a valid-masked coarse call on cuda goes to triton (else torch),
-logged once.  Triton is preferred over cuda in auto: its tiles use tensor cores, the CUDA C++
-kernels are plain fp32 FMA tiling (a dependency-free fallback).
+logged once.  Both kernel backends use tensor cores (Triton's tl.dot; csrc's mma.sync with
+ldmatrix and cp.async, 3xTF32 for fp32).  Triton stays first in auto until a GPU benchmark
+(bench/bench_contrastive.py) says otherwise: neither has been timed on a GPU yet.
 """
 from __future__ import annotations
 
