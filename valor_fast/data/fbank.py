@@ -109,27 +109,60 @@ def kaldi_fbank(waveform: torch.Tensor, sample_frequency: float, num_mel_bins: i
     return mel.to(out_dtype)
 
 
+_KAISER_BETA = 8.0
+_BLOCK = 8192          # outputs a block: (8192, 2 * taps) float64 rows = 4 MiB at 32 taps
+_MAX_BANK_PHASES = 8192   # rate pairs with more phases (e.g. 44100 -> 44101) build taps per block
+
+
+def _sinc_taps(frac: torch.Tensor, taps: int, cutoff: float) -> torch.Tensor:
+    """(P,) fractional positions in [0, 1) -> (P, 2*taps) Kaiser-windowed sinc weights of the
+    input samples base-taps+1 .. base+taps around an output at base + frac."""
+    k = torch.arange(-taps + 1, taps + 1, dtype=torch.float64, device=frac.device)
+    d = frac[:, None] - k[None]                                            # output minus input time
+    beta = torch.tensor(_KAISER_BETA, dtype=torch.float64, device=frac.device)
+    win = torch.special.i0(beta * torch.sqrt(torch.clamp(1 - (d / taps) ** 2, min=0))) / torch.special.i0(beta)
+    return cutoff * torch.sinc(cutoff * d) * win
+
+
+@lru_cache(maxsize=16)
+def _polyphase_bank(up: int, down: int, taps: int, cutoff: float) -> torch.Tensor:
+    """(up, 2*taps) float64: row p weighs the inputs of every output n with n*down % up == p
+    (the output sits p/up of a sample past input (n*down)//up).  44.1 -> 16 kHz: 160 x 64."""
+    return _sinc_taps(torch.arange(up, dtype=torch.float64) / up, taps, cutoff)
+
+
 def resample(wave: torch.Tensor, orig: int, target: int, taps: int = 32) -> torch.Tensor:
-    """Band-limited resampling with a Kaiser-windowed sinc (polyphase via the rational ratio)."""
+    """Band-limited resampling of a 1-D waveform with a Kaiser-windowed sinc (beta 8, 2*taps
+    taps, cutoff 0.95 of the lower Nyquist), polyphase over the rational ratio up/down.
+
+    Output n sits at input time n*down/up; its phase (n*down) % up picks one of `up` filters,
+    built once.  Outputs are made in blocks of 8192, each reading only its own input span, so
+    the working memory is a few MiB whatever the clip length (the earlier whole-clip gather
+    held ~6 (n_out, 2*taps) float64 matrices: 1.45 GB peak for 30 s at 44.1 kHz, measured).
+    Computed in float64, returned in the input's dtype, on the input's device."""
     if orig == target:
         return wave
+    if wave.dim() != 1:
+        raise ValueError(f"resample takes a 1-D waveform, got shape {tuple(wave.shape)}")
+    if orig <= 0 or target <= 0:
+        raise ValueError(f"sample rates must be positive, got {orig} -> {target}")
     g = math.gcd(int(orig), int(target))
     up, down = int(target) // g, int(orig) // g
     cutoff = min(1.0, up / down) * 0.95                 # of the low-rate Nyquist, with a guard band
-    n_out = int(math.ceil(wave.numel() * up / down))
-    dev = wave.device
-    t = torch.arange(n_out, dtype=torch.float64, device=dev) * down / up   # output times in input samples
-    base = torch.floor(t).long()
-    k = torch.arange(-taps + 1, taps + 1, device=dev)
-    idx = base[:, None] + k[None]                                          # (n_out, 2*taps)
-    d = t[:, None] - idx.double()
-    beta = 8.0
-    win = torch.special.i0(beta * torch.sqrt(torch.clamp(1 - (d / taps) ** 2, min=0))) / torch.special.i0(torch.tensor(beta, device=dev))
-    h = cutoff * torch.sinc(cutoff * d) * win
-    src = wave.double()
-    vals = torch.where((idx >= 0) & (idx < src.numel()), src[idx.clamp(0, src.numel() - 1)],
-                       torch.zeros((), dtype=torch.float64, device=dev))
-    return (vals * h).sum(1).to(wave.dtype)
+    n_in, dev = wave.numel(), wave.device
+    n_out = int(math.ceil(n_in * up / down))
+    out = torch.empty(n_out, dtype=wave.dtype, device=dev)
+    bank = _polyphase_bank(up, down, taps, cutoff).to(dev) if up <= _MAX_BANK_PHASES else None
+    for n0 in range(0, n_out, _BLOCK):
+        n = torch.arange(n0, min(n0 + _BLOCK, n_out), dtype=torch.long, device=dev)
+        base, phase = (n * down) // up, (n * down) % up                   # exact integer arithmetic
+        lo, hi = int(base[0]) - taps + 1, int(base[-1]) + taps + 1      # input span of the block
+        span = wave[max(lo, 0):min(hi, n_in)].to(torch.float64)
+        span = F.pad(span, (max(0, -lo), max(0, hi - n_in)))             # zeros past either end
+        rows = span.unfold(0, 2 * taps, 1)[base - base[0]]               # (block, 2*taps)
+        h = bank[phase] if bank is not None else _sinc_taps(phase.double() / up, taps, cutoff)
+        out[n0:n0 + n.numel()] = (rows * h).sum(1).to(wave.dtype)
+    return out
 
 
 def valor_fbank(wave: torch.Tensor, sample_rate: int, num_mel_bins: int = 64) -> torch.Tensor:

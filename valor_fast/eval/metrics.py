@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Sequence
+from collections import Counter
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -13,24 +14,85 @@ from ..utils.log import get_logger
 log = get_logger(__name__)
 
 
-def retrieval_ranks(sim: torch.Tensor, gt: Sequence[Sequence[int]]) -> np.ndarray:
+class NonFiniteScoresError(FloatingPointError):
+    """Embeddings or similarities hold NaN/Inf: the model is broken and is not scored."""
+
+
+def check_finite(x: torch.Tensor, what: str, source: Optional[str] = None) -> None:
+    """Raise NonFiniteScoresError naming `what` (e.g. "text embeddings", "t2v similarity") and
+    `source` (the checkpoint scored) when `x` holds NaN/Inf.  One host sync."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0].tolist()]
+        src = f" of {source}" if source else ""
+        raise NonFiniteScoresError(f"{what}{src} hold {int(bad.sum())} non-finite value(s) out of {x.numel()} "
+                                   f"(first at index {tuple(first)}): the model produces NaN/Inf, so it is not "
+                                   f"scored")
+
+
+def duplicate_ids(ids: Sequence[Hashable]) -> Dict[Hashable, int]:
+    """{id: count} of every id listed more than once (in first-seen order); {} when unique.
+    An evaluation split with duplicates scores a clip twice in retrieval (its copy is a tied
+    distractor) and keeps one caption prediction per id: report them, never drop silently."""
+    counts = Counter(ids)
+    return {i: c for i, c in counts.items() if c > 1}
+
+
+def require_unique_ids(ids: Sequence[Hashable], split: str, source: Optional[str] = None) -> None:
+    """ValueError naming the split (and file) and the first duplicated ids with their counts."""
+    dup = duplicate_ids(ids)
+    if dup:
+        src = f" ({source})" if source else ""
+        some = ", ".join(f"{i!r} x{c}" for i, c in list(dup.items())[:5])
+        raise ValueError(f"evaluation split {split!r}{src} lists {len(dup)} id(s) more than once: {some}"
+                         f"{' ...' if len(dup) > 5 else ''}; each clip must appear once")
+
+
+def _gt_mask(shape, gt: Sequence[Sequence[int]]) -> torch.Tensor:
+    Q, N = shape
+    if len(gt) != Q:
+        raise ValueError(f"{len(gt)} ground-truth lists for {Q} queries")
+    rows, cols = [], []
+    for q, cs in enumerate(gt):
+        if len(cs) == 0:
+            raise ValueError(f"query {q} has no ground-truth item")
+        for c in cs:
+            if not 0 <= int(c) < N:
+                raise ValueError(f"query {q}: ground-truth item {c} outside the {N} candidates")
+            rows.append(q)
+            cols.append(int(c))
+    mask = torch.zeros(Q, N, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def rank_counts(sim: torch.Tensor, gt: Sequence[Sequence[int]], source: Optional[str] = None,
+                what: str = "similarity") -> Tuple[np.ndarray, np.ndarray]:
+    """(greater, tied) per query: wrong candidates scoring above / equal to the query's
+    best-scoring correct item (its other correct items are not competitors).  Non-finite
+    scores are refused (NonFiniteScoresError naming `what` and `source`): with NaN every
+    comparison is False and a broken model would rank first everywhere."""
+    sim = sim.detach().float().cpu()
+    check_finite(sim, what, source)
+    mask = _gt_mask(tuple(sim.shape), gt)
+    best = torch.where(mask, sim, torch.full_like(sim, -float("inf"))).amax(1, keepdim=True)   # (Q, 1)
+    others = ~mask
+    greater = ((sim > best) & others).sum(1)
+    tied = ((sim == best) & others).sum(1)
+    return greater.numpy(), tied.numpy()
+
+
+def retrieval_ranks(sim: torch.Tensor, gt: Sequence[Sequence[int]], source: Optional[str] = None,
+                    what: str = "similarity") -> np.ndarray:
     """Rank (1-based) of the best-ranked ground truth for every query row.
 
     sim (Q, N); gt[q] lists the correct columns of query q.  Ties are broken pessimistically:
-    a correct item tied with wrong ones ranks after all of them, so a constant model cannot
-    score R@1 = 1.
+    rank = 1 + the wrong candidates scoring >= the best correct one, so a correct item tied with
+    wrong ones ranks after all of them and a constant model never scores above chance (every
+    rank is N).  NaN/Inf scores are an error naming `source` (see rank_counts).
     """
-    sim = sim.float().cpu()
-    ranks = []
-    for q, cols in enumerate(gt):
-        if len(cols) == 0:
-            raise ValueError(f"query {q} has no ground-truth item")
-        row = sim[q]
-        best = row[list(cols)].max()
-        others = torch.ones_like(row, dtype=torch.bool)
-        others[list(cols)] = False
-        ranks.append(int((row[others] >= best).sum()) + 1)
-    return np.asarray(ranks)
+    greater, tied = rank_counts(sim, gt, source, what)
+    return greater + tied + 1
 
 
 def recall_metrics(ranks: np.ndarray, prefix: str) -> Dict[str, float]:
@@ -39,16 +101,37 @@ def recall_metrics(ranks: np.ndarray, prefix: str) -> Dict[str, float]:
             f"{prefix}/MnR": float(ranks.mean())}
 
 
-def retrieval_metrics(sim: torch.Tensor, text_to_clip: Sequence[int], name: str) -> Dict[str, float]:
+def expected_recall_metrics(greater: np.ndarray, tied: np.ndarray, prefix: str) -> Dict[str, float]:
+    """Recall with ties broken uniformly at random, in expectation: R@k = mean over queries of
+    P(rank <= k) = clip((k - greater) / (tied + 1), 0, 1); MnR the expected rank.  A constant
+    model scores exactly chance (R@k = k/N, MnR = (N+1)/2).  MdR: median of expected ranks."""
+    g, t = greater.astype(np.float64), tied.astype(np.float64)
+    out = {f"{prefix}/R@{k}": float(np.clip((k - g) / (t + 1), 0, 1).mean()) for k in (1, 5, 10)}
+    exp_rank = 1 + g + t / 2
+    out[f"{prefix}/MdR"] = float(np.median(exp_rank))
+    out[f"{prefix}/MnR"] = float(exp_rank.mean())
+    return out
+
+
+def retrieval_metrics(sim: torch.Tensor, text_to_clip: Sequence[int], name: str, source: Optional[str] = None,
+                      ties: str = "pessimistic") -> Dict[str, float]:
     """sim (N_text, N_clip); text_to_clip[t] = the clip of caption t.  Both directions:
-    `retrieval/t2<name>` and `retrieval/<name>2t` (a clip may own several captions)."""
-    t2c = retrieval_ranks(sim, [[c] for c in text_to_clip])
+    `retrieval/t2<name>` and `retrieval/<name>2t` (a clip may own several captions).
+    `source` (the checkpoint scored) names the model in the error for NaN/Inf scores.
+    ties: pessimistic (a tie counts against the model) | expected (uniformly random tie-break,
+    in expectation: a constant model scores exactly chance)."""
+    if ties not in ("pessimistic", "expected"):
+        raise ValueError(f"ties must be pessimistic or expected, got {ties!r}")
     owners: List[List[int]] = [[] for _ in range(sim.shape[1])]
     for t, c in enumerate(text_to_clip):
         owners[c].append(t)
-    c2t = retrieval_ranks(sim.t(), owners)
-    out = recall_metrics(t2c, f"retrieval/t2{name}")
-    out.update(recall_metrics(c2t, f"retrieval/{name}2t"))
+    out: Dict[str, float] = {}
+    for mat, gt, prefix in ((sim, [[c] for c in text_to_clip], f"t2{name}"), (sim.t(), owners, f"{name}2t")):
+        greater, tied = rank_counts(mat, gt, source, f"{prefix} similarity")
+        if ties == "pessimistic":
+            out.update(recall_metrics(greater + tied + 1, f"retrieval/{prefix}"))
+        else:
+            out.update(expected_recall_metrics(greater, tied, f"retrieval/{prefix}"))
     return out
 
 
