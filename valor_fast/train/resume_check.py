@@ -2,12 +2,11 @@
 new config (both as the nested dicts `config.to_dict` gives) and sorts the differences:
 
 * unsafe -- the fields that define the model's parameters or the objective: every field of
-  `model` and `loss`, `train.task`, and `data.audio_mel_bins` (the audio patch embedding's
-  shape).  A resume with one of these changed either fails deep inside the load or, worse,
-  silently trains another model from the checkpoint's weights.  Exceptions that only pick how
-  the weights are initialised or how activations are kept (overwritten or irrelevant on a
-  resume): model.gradient_checkpointing, model.init_text, model.init_vision,
-  model.temperature (a learnable parameter's initial value).
+  `model` (model.audio_mel_bins shapes the audio patch embedding) and `loss`, and `train.task`.
+  A resume with one of these changed either fails deep inside the load or, worse, silently
+  trains another model from the checkpoint's weights.  Exceptions that only pick how the
+  weights are initialised (overwritten by the checkpoint on a resume): model.init_text,
+  model.init_vision, model.temperature (a learnable parameter's initial value).
 * allowed -- everything else (steps, lr, logging, eval, data loading...), reported so the log
   shows what changed.
 """
@@ -17,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 UNSAFE_SECTIONS = ("model", "loss")
-UNSAFE_FIELDS = ("train.task", "data.audio_mel_bins")
-SAFE_IN_UNSAFE = ("model.gradient_checkpointing", "model.init_text", "model.init_vision", "model.temperature")
+UNSAFE_FIELDS = ("train.task",)
+SAFE_IN_UNSAFE = ("model.init_text", "model.init_vision", "model.temperature")
 _ABSENT = "<absent>"
 
 Change = Tuple[str, Any, Any]
