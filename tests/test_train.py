@@ -50,7 +50,7 @@ def test_short_pretraining_loss_falls(small_synth, tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    from valor_fast.train.trainer import prepare_data
+    from valor_fast.data.synth import prepare_data
     cfg = _cfg(str(tmp_path / "nothing"), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="data.synth"):
         prepare_data(cfg)
@@ -58,7 +58,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 def test_stale_synthetic_folder_is_regenerated(tmp_path, monkeypatch):
     import valor_fast.data.synth as synth
-    from valor_fast.train.trainer import prepare_data
+    from valor_fast.data.synth import prepare_data
     root = tmp_path / "ds"
     root.mkdir()
     (root / "train.jsonl").write_text("{}\n")

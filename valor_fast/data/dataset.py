@@ -1,4 +1,4 @@
-"""Clip datasets, the CPU loader, and the sampling plan both backends share.
+"""Clip datasets and the sampling plan both backends share (batches: loader.py).
 
 A sample is drawn in a fixed order from its own generator (the trainer seeds it by (seed, global
 batch, index), so samples do not depend on workers or ranks): the frame indices (one per equal
@@ -332,22 +332,3 @@ def resolve_backend(backend: str, device=None) -> str:
         why = "no CUDA device" if not cuda else f"DALI not installed ({deps.INSTALL_HINTS['nvidia.dali']})"
         log_once("data-backend", f"data.backend=auto: cpu ({why})")
     return "cpu"
-
-
-def build_loader(cfg: DataConfig, split: str, image_size: int, batch_size: int, train: bool, seed: int = 0,
-                 device=None):
-    """Collated batches of `split` through data.backend.  Training batches are shuffled
-    deterministically from `seed` and drop the last partial batch."""
-    backend = resolve_backend(cfg.backend, device)
-    if backend == "dali":
-        from .dali_loader import DaliLoader
-        ds = VideoAudioTextDataset(cfg, split, image_size, train, seed, cache=False)
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(ds), generator=g).tolist() if train else list(range(len(ds)))
-        n = (len(order) // batch_size) * batch_size if train else len(order)
-        keys = [[(i, None) for i in order[b:b + batch_size]] for b in range(0, n, batch_size)]
-        return DaliLoader(ds, keys, device=device, num_threads=cfg.num_workers or 2)
-    ds = VideoAudioTextDataset(cfg, split, image_size, train, seed)
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g,
-                                       collate_fn=collate, num_workers=cfg.num_workers)

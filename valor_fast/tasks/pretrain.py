@@ -1,13 +1,14 @@
 """Pretraining objective: 1.5 x mean(MGA groups) + 1.0 x mean(MGC groups) by default."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..config import LossConfig
 from ..model.valor import VALOR
-from .mga import mga_loss
+from .base import Task, register_task
+from .mga import mga_loss, parse_groups
 from .mgc import mgc_loss
 
 
@@ -48,15 +49,54 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     return losses
 
 
-class PretrainTask(torch.nn.Module):
-    """The pretraining objective as a module, so one `forward` covers every parameter access:
-    FSDP2 unshards root-level weights (heads, embeddings) in the root's forward only, and DDP
-    syncs gradients of what ran inside forward."""
+@register_task("pretrain")
+class PretrainTask(Task):
+    """The pretraining objective (MGA + MGC on loss.groups) as the FSDP / DDP root."""
+
+    evaluation = "caption"
 
     def __init__(self, model: VALOR, cfg: LossConfig):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.cfg = cfg
+        self.groups = parse_groups(cfg.groups)
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "PretrainTask":
+        return cls(model, cfg.loss)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        keys = ["loss"]
+        if self.cfg.mga_weight:
+            keys += [f"mga/{g}" for g in self.groups]
+        if self.cfg.mgc_weight:
+            keys += [f"mgc/{g}" for g in self.groups]
+        return tuple(keys)
 
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         return pretrain_step_losses(self.model, batch, self.cfg, generator)
+
+
+@register_task("retrieval")
+class RetrievalTask(PretrainTask):
+    """Retrieval fine-tuning: the pretraining objective with MGA only (configs/finetune_retrieval.yaml)."""
+
+    evaluation = "retrieval"
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "RetrievalTask":
+        if not cfg.loss.mga_weight:
+            raise ValueError("train.task=retrieval needs loss.mga_weight > 0 (configs/finetune_retrieval.yaml)")
+        return cls(model, cfg.loss)
+
+
+@register_task("caption")
+class CaptionTask(PretrainTask):
+    """Caption fine-tuning: the pretraining objective with MGC (configs/finetune_caption.yaml)."""
+
+    evaluation = "caption"
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "CaptionTask":
+        if not cfg.loss.mgc_weight:
+            raise ValueError("train.task=caption needs loss.mgc_weight > 0 (configs/finetune_caption.yaml)")
+        return cls(model, cfg.loss)

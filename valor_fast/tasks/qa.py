@@ -13,6 +13,8 @@ import torch
 
 from ..config import LossConfig
 from ..model.valor import VALOR
+from .base import Task, register_task
+from .mga import parse_groups
 from .mgc import CLS_ID, SEP_ID, mgc_loss
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -80,14 +82,25 @@ def qa_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     return losses
 
 
-class QATask(torch.nn.Module):
+@register_task("qa")
+class QATask(Task):
     """QA fine-tuning objective as a module (the FSDP / DDP root, like PretrainTask).
     `prepare` turns a host batch's QA lists into token tensors before it moves to the device."""
 
+    evaluation = "qa"
+
     def __init__(self, model: VALOR, cfg: LossConfig, max_len: int):
-        super().__init__()
-        self.model, self.cfg, self.max_len = model, cfg, max_len
+        super().__init__(model)
+        self.cfg, self.max_len = cfg, max_len
+        self.groups = parse_groups(cfg.groups)
         self._tok = None
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "QATask":
+        return cls(model, cfg.loss, cfg.data.max_text_len)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        return ("loss",) + tuple(f"qa/{g}" for g in self.groups)
 
     def prepare(self, batch: dict, generator: Optional[torch.Generator] = None) -> dict:
         if self._tok is None:

@@ -17,6 +17,7 @@ import torch
 
 from ..config import LossConfig
 from ..model.valor import VALOR
+from .base import Task, register_task
 from .mgc import SEP_ID, group_memory_masks
 
 
@@ -83,13 +84,23 @@ def scst_step_losses(model: VALOR, batch: dict, cfg: LossConfig, samples: int = 
             "scst/logp": logp.detach().mean()}
 
 
-class SCSTTask(torch.nn.Module):
+@register_task("scst")
+class SCSTTask(Task):
     """SCST caption fine-tuning objective (the FSDP / DDP root, like PretrainTask)."""
 
+    evaluation = "caption"
+
     def __init__(self, model: VALOR, cfg: LossConfig, samples: int = 5, max_len: int = 20):
-        super().__init__()
-        self.model, self.cfg, self.samples, self.max_len = model, cfg, samples, max_len
+        super().__init__(model)
+        self.cfg, self.samples, self.max_len = cfg, samples, max_len
         self._tok = None
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "SCSTTask":
+        return cls(model, cfg.loss, cfg.loss.scst_samples, cfg.eval.max_len)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        return ("loss", "scst/reward", "scst/reward_best", "scst/logp")
 
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         if self._tok is None:

@@ -1,0 +1,76 @@
+"""Tasks as plugins: the `Task` interface the trainer drives, and the name -> class registry.
+
+A task is the training objective as the module FSDP / DDP wrap (one `forward` covers every
+parameter access: FSDP2 unshards root-level weights in the root's forward only, and DDP syncs
+the gradients of what ran inside forward).  The trainer calls, per micro-batch:
+
+    batch = task.prepare(host_batch, generator)   # host side, before the batch moves
+    losses = task(device_batch)                   # {key: scalar tensor}, keys == task.loss_keys()
+
+A new task (CoAVT, VLSA, ...) subclasses `Task` and registers under its `train.task` name:
+
+    @register_task("coavt")
+    class CoAVTTask(Task):
+        evaluation = "caption"
+        @classmethod
+        def from_config(cls, model, cfg): ...
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple, Type
+
+import torch
+
+EVALUATIONS = ("retrieval", "caption", "qa")
+TASKS: Dict[str, Type["Task"]] = {}
+
+
+class Task(torch.nn.Module):
+    """The interface (see the module docstring).
+
+    evaluation: what eval/ measures for the task - "retrieval" (retrieval only), "caption"
+    (retrieval + captioning) or "qa" (answer accuracy)."""
+
+    name: str = ""
+    evaluation: str = "caption"
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, cfg) -> "Task":
+        """The task for `cfg` (the run's Config); raises ValueError naming a setting that does
+        not fit the task."""
+        raise NotImplementedError
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        """The keys `forward` returns, the same every step ("loss" first)."""
+        raise NotImplementedError
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """Host-side work on a collated CPU batch before it moves to the device: the task's
+        random draws (from `generator`), tokenisation, validation.  Default: none."""
+        return batch
+
+
+def register_task(name: str):
+    """Class decorator: make `cls` the task of train.task=`name` (a name taken twice is an
+    error, so a plugin cannot silently replace a built-in task)."""
+    def deco(cls: Type[Task]) -> Type[Task]:
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise TypeError(f"register_task({name!r}): {cls!r} is not a Task subclass")
+        if name in TASKS and TASKS[name] is not cls:
+            raise ValueError(f"task {name!r} is already registered ({TASKS[name].__qualname__})")
+        if cls.evaluation not in EVALUATIONS:
+            raise ValueError(f"task {name!r}: evaluation must be one of {EVALUATIONS}, got {cls.evaluation!r}")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+    return deco
+
+
+def get_task(name: str) -> Type[Task]:
+    if name not in TASKS:
+        raise ValueError(f"train.task must be one of {tuple(TASKS)}, got {name!r}")
+    return TASKS[name]
