@@ -314,3 +314,109 @@ def test_torch_compile_traces_the_kernels():
         compiled.backward()
     torch.testing.assert_close(compiled, eager)
     assert t.grad is not None and tau.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# valid masks (samples that leave a group, e.g. clips without audio for T-A / T-AV)
+# ----------------------------------------------------------------------------------------------
+def _valid(B, kind):
+    """A (B,) bool mask: random (at least 2 valid), exactly one, none, or all valid."""
+    if kind == "random":
+        v = torch.rand(B, device=DEV) > 0.4
+        v[torch.randperm(B, device=DEV)[:2]] = True
+        v[torch.randperm(B, device=DEV)[:1]] = False
+        return v
+    v = torch.zeros(B, dtype=torch.bool, device=DEV)
+    if kind == "one":
+        v[int(torch.randint(B, ()))] = True
+    elif kind == "all":
+        v[:] = True
+    return v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,kind", [(torch.float32, "random"), (torch.bfloat16, "random"),
+                                        (torch.float32, "one"), (torch.float32, "none"),
+                                        (torch.float16, "all")])
+def test_coarse_valid_matches_sub_batch(backend, dtype, kind):
+    """The masked loss equals the loss of the valid samples' sub-batch (float64, selected by
+    indexing); fewer than two valid samples give exactly 0 and zero gradients."""
+    B, D = 9, 16
+    inputs = dict(text=_feat(B, D), modal=_feat(B, D), temperature=_temp(), valid=_valid(B, kind))
+    need = ("text", "modal", "temperature")
+    _compare(lambda **k: C.contrastive_loss(**k, mode="coarse"),
+             lambda **k: C.contrastive_loss_ref(**k, mode="coarse"), inputs, need, backend, dtype)
+    if kind in ("one", "none"):
+        xs = {k: v.float().requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
+        with C.use_backend(backend):
+            loss = C.contrastive_loss(xs["text"], xs["modal"], xs["temperature"], valid=xs["valid"])
+        loss.backward()
+        assert float(loss.detach()) == 0.0
+        assert all(float(xs[k].grad.abs().max()) == 0.0 for k in need)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,kinds", [(torch.float32, ("random", "random", "all")),
+                                         (torch.bfloat16, ("all", "random", "random")),
+                                         (torch.float32, ("random", "one", "none"))])
+def test_grouped_valid_matches_sub_batch(backend, dtype, kinds):
+    """Fine T-V / T-A / T-AV (one fused pass) and coarse groups, each with its own mask."""
+    B = 7
+    inp = _fine_inputs(B, 7, 3, 1, 16)
+    inp.update(vv=_valid(B, kinds[0]), va=_valid(B, kinds[1]), vav=_valid(B, kinds[2]),
+               pv=_feat(B, 16), pa=_feat(B, 16), pt=_feat(B, 16))
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature, vv, va, vav, pv, pa, pt):
+            g = C.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            groups = {"v": (v, wv, mv), "a": (a, wa, None), "av": ("v", "a")}
+            fine = g(text, groups, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask,
+                     valid={"v": vv, "a": va, "av": vav})
+            coarse = g(pt, {"v": pv, "a": pa}, temperature, mode="coarse", valid={"a": va})
+            return {**fine, **{"c" + k: x for k, x in coarse.items()}}
+        return f
+    need = ("text", "text_weight", "v", "wv", "a", "wa", "temperature", "pv", "pa", "pt")
+    _compare(fn(False), fn(True), inp, need, backend, dtype)
+
+
+def test_valid_errors_name_the_bad_input():
+    t = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"valid must be a \(4,\) bool"):
+        C.contrastive_loss(t, t, torch.tensor(0.1), valid=torch.ones(4))
+    with pytest.raises(ValueError, match=r"valid\['a'\]"):
+        C.grouped_contrastive_loss(t, {"a": t}, torch.tensor(0.1), mode="coarse",
+                                   valid={"a": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="'x', which is not among the groups"):
+        C.grouped_contrastive_loss(t, {"a": t}, torch.tensor(0.1), mode="coarse",
+                                   valid={"x": torch.ones(4, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_masks_never_sync_with_the_host(backend):
+    """No .item() / bool() / nonzero on the masked path (forward and backward): counted as
+    aten._local_scalar_dense / nonzero calls under a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.hits = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+                self.hits.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    B = 6
+    inp = _fine_inputs(B, 5, 3, 1, 16)
+    x = {k: v.float().requires_grad_() if v.is_floating_point() else v for k, v in inp.items()}
+    va = _valid(B, "random")
+    pt, pa = _feat(B, 16).float().requires_grad_(), _feat(B, 16).float().requires_grad_()
+    groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
+    with C.use_backend(backend), Count() as c:
+        fine = C.grouped_contrastive_loss(x["text"], groups, x["temperature"], mode="fine",
+                                          text_weight=x["text_weight"], text_mask=x["text_mask"],
+                                          valid={"a": va, "av": va})
+        coarse = C.contrastive_loss(pt, pa, x["temperature"], valid=va)
+        (sum(fine.values()) + coarse).backward()
+    assert not c.hits, f"host syncs on the masked path: {c.hits}"

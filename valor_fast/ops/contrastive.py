@@ -76,17 +76,72 @@ def fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal
     return 0.5 * (s_t + s_m)
 
 
-def info_nce(sim: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a (B, B) similarity with matches on the diagonal."""
+def _check_valid(valid: Optional[torch.Tensor], B: int, name: str = "valid") -> None:
+    if valid is None:
+        return
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (B,):
+        got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"{name} must be a ({B},) bool tensor (True = sample takes part), got {got}")
+
+
+def info_nce(sim: torch.Tensor, temperature: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a (B, B) similarity with matches on the diagonal.  valid (B,) bool:
+    only pairs of valid samples take part (see `masked_info_nce`)."""
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"InfoNCE needs a square (B, B) similarity, got {tuple(sim.shape)}")
     logits = _acc(sim) / _acc(temperature)
+    if valid is not None:
+        _check_valid(valid, sim.shape[0])
+        return masked_info_nce(logits, logits, 0, valid, valid)
     target = torch.arange(sim.shape[0], device=sim.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def masked_ce_rows(logits: torch.Tensor, offset: int, row_valid: torch.Tensor,
+                   col_valid: torch.Tensor) -> torch.Tensor:
+    """(R, C) logits -> (R,) cross-entropy of row i against label column offset + i, softmax over
+    the valid columns only; 0 at invalid rows.  No host sync: masks stay tensors.  Excluded
+    columns are -inf (exp gives exactly 0, so the valid rows' values are those of the subset);
+    excluded rows are zeroed first so their log-sum-exp is finite and their gradient exactly 0."""
+    z = logits.masked_fill(~col_valid[None, :], float("-inf")).masked_fill(~row_valid[:, None], 0.0)
+    label = torch.arange(offset, offset + logits.shape[0], device=logits.device)
+    ce = torch.logsumexp(z, dim=1) - logits.gather(1, label[:, None]).squeeze(1)
+    return torch.where(row_valid, ce, torch.zeros_like(ce))
+
+
+def masked_mean_loss(ce_sum: torch.Tensor, n_valid: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * ce_sum / (2 n) for n >= 2 valid samples, else exactly 0 with zero gradients."""
+    n = n_valid.to(ce_sum.dtype)
+    loss = ce_sum * (scale / 2.0) / n.clamp(min=1.0)
+    return torch.where(n_valid >= 2, loss, torch.zeros_like(loss))
+
+
+def masked_info_nce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int, valid_rows: torch.Tensor,
+                    valid_cols: torch.Tensor, world: int = 1) -> torch.Tensor:
+    """Symmetric InfoNCE over the valid samples of logits (already divided by the temperature).
+    s_rows (B, N): these rows vs all columns; s_cols (N, B): all rows vs these columns; the label
+    of local sample i is offset + i; valid_rows (B,), valid_cols (N,) bool.  Square case: N == B,
+    offset 0, the same mask twice.  Local case (this rank's B of the N = world * B gathered): the
+    loss is scaled by world / (2 n_global), so the mean over ranks is the full-batch loss."""
+    ce = (masked_ce_rows(s_rows, offset, valid_rows, valid_cols).sum()
+          + masked_ce_rows(s_cols.t(), offset, valid_rows, valid_cols).sum())
+    return masked_mean_loss(ce, valid_cols.sum(), float(world))
+
+
 def contrastive_loss_ref(text, modal, temperature, *, mode="coarse", text_weight=None, text_mask=None,
-                         modal_weight=None, modal_mask=None) -> torch.Tensor:
+                         modal_weight=None, modal_mask=None, valid=None) -> torch.Tensor:
+    """valid (B,) bool: the loss of the valid samples' sub-batch, exactly 0 below 2 of them (the
+    reference selects the sub-batch, a host sync; the dispatched ops mask without one)."""
+    if valid is not None:
+        _check_valid(valid, text.shape[0])
+        idx = valid.nonzero().squeeze(1)
+        if idx.numel() < 2:  # zero, still connected to every input (their gradients are zeros)
+            return 0.0 * contrastive_loss_ref(text, modal, temperature, mode=mode, text_weight=text_weight,
+                                              text_mask=text_mask, modal_weight=modal_weight, modal_mask=modal_mask)
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return contrastive_loss_ref(pick(text), pick(modal), temperature, mode=mode, text_weight=pick(text_weight),
+                                    text_mask=pick(text_mask), modal_weight=pick(modal_weight),
+                                    modal_mask=pick(modal_mask))
     if mode == "coarse":
         if text.dim() != 2 or modal.dim() != 2 or text.shape != modal.shape:
             raise ValueError(f"coarse mode needs text and modal of equal shape (B, D); got "
@@ -122,15 +177,30 @@ def resolve_groups(groups: Dict[str, GroupSpec], mode: str) -> Dict[str, GroupSp
     return out
 
 
-def grouped_contrastive_loss_ref(text, groups, temperature, *, mode, text_weight=None, text_mask=None):
+def _check_valid_groups(valid: Optional[Dict[str, torch.Tensor]], groups: dict, B: int) -> None:
+    if valid is None:
+        return
+    if not isinstance(valid, dict):
+        raise ValueError(f"valid must be a dict group name -> (B,) bool mask, got {type(valid).__name__}")
+    for name, v in valid.items():
+        if name not in groups:
+            raise ValueError(f"valid names group {name!r}, which is not among the groups {sorted(groups)}")
+        _check_valid(v, B, f"valid[{name!r}]")
+
+
+def grouped_contrastive_loss_ref(text, groups, temperature, *, mode, text_weight=None, text_mask=None,
+                                 valid=None):
+    _check_valid_groups(valid, groups, text.shape[0])
+    valid = valid or {}
     res = {}
     for name, spec in resolve_groups(groups, mode).items():
         if mode == "fine":
             modal, mw, mm = spec
             res[name] = contrastive_loss_ref(text, modal, temperature, mode="fine", text_weight=text_weight,
-                                             text_mask=text_mask, modal_weight=mw, modal_mask=mm)
+                                             text_mask=text_mask, modal_weight=mw, modal_mask=mm,
+                                             valid=valid.get(name))
         else:
-            res[name] = contrastive_loss_ref(text, spec, temperature, mode="coarse")
+            res[name] = contrastive_loss_ref(text, spec, temperature, mode="coarse", valid=valid.get(name))
     return res
 
 
@@ -272,48 +342,60 @@ def _coarse_unsupported(text: torch.Tensor) -> Optional[str]:
     return None
 
 
-def info_nce_local(s_rows: torch.Tensor, s_cols: torch.Tensor, temperature: torch.Tensor, offset: int) -> torch.Tensor:
+def info_nce_local(s_rows: torch.Tensor, s_cols: torch.Tensor, temperature: torch.Tensor, offset: int,
+                   valid_rows: Optional[torch.Tensor] = None, valid_cols: Optional[torch.Tensor] = None,
+                   world: int = 1) -> torch.Tensor:
     """InfoNCE of this rank's rows against all gathered columns (open_clip's local_loss).
     s_rows (B, N): local texts vs all clips; s_cols (N, B): all texts vs local clips.  The label of
-    local row i is column offset + i.  Equals `info_nce` when B == N and offset == 0."""
+    local row i is column offset + i.  Equals `info_nce` when B == N and offset == 0.  With masks
+    (valid_rows (B,) local, valid_cols (N,) gathered) see `masked_info_nce`."""
     B = s_rows.shape[0]
     if s_cols.shape != s_rows.shape[::-1] or not 0 <= offset <= s_rows.shape[1] - B:
         raise ValueError(f"info_nce_local: s_rows {tuple(s_rows.shape)}, s_cols {tuple(s_cols.shape)}, "
                          f"offset {offset} do not fit")
-    target = torch.arange(offset, offset + B, device=s_rows.device)
     t = _acc(temperature)
+    if valid_rows is not None:
+        return masked_info_nce(_acc(s_rows) / t, _acc(s_cols) / t, offset, valid_rows, valid_cols, world)
+    target = torch.arange(offset, offset + B, device=s_rows.device)
     return 0.5 * (F.cross_entropy(_acc(s_rows) / t, target) + F.cross_entropy(_acc(s_cols).t() / t, target))
 
 
-def _coarse_torch(text, modal, temperature, text_cols, modal_cols, offset):
+def _coarse_torch(text, modal, temperature, text_cols, modal_cols, offset, valid_rows=None, valid_cols=None):
     if text_cols is None:
-        return info_nce(_acc(text) @ _acc(modal).t(), temperature)
-    return info_nce_local(_acc(text) @ _acc(modal_cols).t(), _acc(text_cols) @ _acc(modal).t(), temperature, offset)
+        return info_nce(_acc(text) @ _acc(modal).t(), temperature, valid_rows)
+    return info_nce_local(_acc(text) @ _acc(modal_cols).t(), _acc(text_cols) @ _acc(modal).t(), temperature, offset,
+                          valid_rows, valid_cols, _dist.world())
 
 
 def _gathering(gather: bool) -> bool:
     return bool(gather) and _dist.world() > 1
 
 
-def _coarse(text, modal, temperature, gather: bool, local_loss: bool, text_all=None) -> torch.Tensor:
+def _coarse(text, modal, temperature, gather: bool, local_loss: bool, text_all=None, valid=None) -> torch.Tensor:
     """`text_all`: the already gathered text (grouped calls gather it once for all groups)."""
     if text.dim() != 2 or modal.dim() != 2 or text.shape != modal.shape:
         raise ValueError(f"coarse mode needs text and modal of equal shape (B, D); got "
                          f"{tuple(text.shape)} and {tuple(modal.shape)}")
     if temperature.numel() != 1:
         raise ValueError(f"temperature must hold one value, got shape {tuple(temperature.shape)}")
+    _check_valid(valid, text.shape[0])
     tc = mc = None
     offset = 0
+    vr = vc = valid
     if _gathering(gather):
         t_all = _dist.gather_features(text) if text_all is None else text_all
         m_all = _dist.gather_features(modal)
+        v_all = None if valid is None else _dist.gather_features(valid)
         if local_loss:
-            tc, mc, offset = t_all, m_all, _dist.rank() * text.shape[0]
+            tc, mc, offset, vc = t_all, m_all, _dist.rank() * text.shape[0], v_all
         else:
-            text, modal = t_all, m_all
+            text, modal, vr, vc = t_all, m_all, v_all, v_all
     backend = _choose("coarse", text.device, _coarse_unsupported(text))
+    if backend != "torch" and valid is not None:
+        _log("coarse", "torch", f"{backend} kernels take no valid mask yet")
+        backend = "torch"
     if backend == "torch":
-        return _coarse_torch(text, modal, temperature, tc, mc, offset)
+        return _coarse_torch(text, modal, temperature, tc, mc, offset, vr, vc)
     return _kernels(backend).coarse_loss(text, modal, temperature, tc, mc, offset)
 
 
@@ -433,7 +515,7 @@ def _gather_fine(text, text_weight, text_mask, groups):
     return t, tw, tm, g
 
 
-def _fine_group_losses(text, groups, temperature, text_weight, text_mask, gather, local_loss):
+def _fine_group_losses(text, groups, temperature, text_weight, text_mask, gather, local_loss, valid=None):
     if text.dim() != 3:
         raise ValueError(f"fine mode needs text (B, T, D), got {tuple(text.shape)}")
     if temperature.numel() != 1:
@@ -448,18 +530,21 @@ def _fine_group_losses(text, groups, temperature, text_weight, text_mask, gather
     if unsupported is None and cat_slots and max(cat_slots) > _MAX_SLOTS:
         unsupported = f"{max(cat_slots)} concatenated modal tokens per clip > {_MAX_SLOTS}"
     backend = _choose("fine", dev, unsupported)
+    valid = valid or {}
     if not _gathering(gather):
         S = _fine_group_sims(backend, text, text_weight, text_mask, groups)
-        return {n: info_nce(s, temperature) for n, s in S.items()}
+        return {n: info_nce(s, temperature, valid.get(n)) for n, s in S.items()}
     t_all, tw_all, tm_all, g_all = _gather_fine(text, text_weight, text_mask, groups)
+    v_all = {n: _dist.gather_features(v) for n, v in valid.items()}
     if not local_loss:
         S = _fine_group_sims(backend, t_all, tw_all, tm_all, g_all)
-        return {n: info_nce(s, temperature) for n, s in S.items()}
+        return {n: info_nce(s, temperature, v_all.get(n)) for n, s in S.items()}
     # local: this rank's texts vs all clips, and all texts vs this rank's clips
     rows = _fine_group_sims(backend, text, text_weight, text_mask, g_all)
     cols = _fine_group_sims(backend, t_all, tw_all, tm_all, groups)
     off = _dist.rank() * text.shape[0]
-    return {n: info_nce_local(rows[n], cols[n], temperature, off) for n in rows}
+    return {n: info_nce_local(rows[n], cols[n], temperature, off, valid.get(n), v_all.get(n), _dist.world())
+            for n in rows}
 
 
 # ---- public ----------------------------------------------------------------------------------
@@ -474,37 +559,47 @@ def fine_similarity(text, text_weight, text_mask, modal, modal_weight, modal_mas
 
 
 def contrastive_loss(text, modal, temperature, *, mode="coarse", text_weight=None, text_mask=None,
-                     modal_weight=None, modal_mask=None, gather: bool = False,
-                     local_loss: bool = False) -> torch.Tensor:
+                     modal_weight=None, modal_mask=None, valid: Optional[torch.Tensor] = None,
+                     gather: bool = False, local_loss: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE (scalar fp32, or float64 for float64 inputs) between text and one modality.
+
+    valid (B,) bool: only samples marked True take part (an invalid row leaves the mean over rows
+    of both directions, an invalid column every softmax denominator); exactly 0 with zero
+    gradients when fewer than 2 are valid.  The mask stays a tensor: no host sync.  Invalid
+    samples' features are still computed, so they must be finite.
 
     gather=True: under torch.distributed (world > 1) all-gather the features first (gradients go
     back to the owning rank; see valor_fast.ops.distributed for the scaling contract); a no-op in
     one process.  local_loss=True (with gather): this rank's rows vs all gathered columns, labels
     offset by rank * B (every rank passes the same B)."""
     if mode == "coarse":
-        return _coarse(text, modal, temperature, gather, local_loss)
+        return _coarse(text, modal, temperature, gather, local_loss, valid=valid)
     if mode == "fine":
         _check_fine(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+        _check_valid(valid, text.shape[0])
         return _fine_group_losses(text, {"m": (modal, modal_weight, modal_mask)}, temperature, text_weight,
-                                  text_mask, gather, local_loss)["m"]
+                                  text_mask, gather, local_loss, None if valid is None else {"m": valid})["m"]
     raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")
 
 
 def grouped_contrastive_loss(text, groups, temperature, *, mode, text_weight=None, text_mask=None,
-                             gather: bool = False, local_loss: bool = False) -> Dict[str, torch.Tensor]:
+                             valid: Optional[Dict[str, torch.Tensor]] = None, gather: bool = False,
+                             local_loss: bool = False) -> Dict[str, torch.Tensor]:
     """Loss per group.  coarse: groups name -> modal (B, D).  fine: name -> (modal, weight, mask) or
     a tuple of group names to concatenate (("v", "a") for T-AV); a two-part concatenation is fused
-    with its parts (one read of the features for all three groups).  gather / local_loss as in
-    `contrastive_loss`."""
+    with its parts (one read of the features for all three groups).  valid: group name -> (B,)
+    bool mask (e.g. {"a": has_audio, "av": has_audio}); a group without one uses every sample;
+    semantics as in `contrastive_loss`.  gather / local_loss as in `contrastive_loss`."""
     if not isinstance(groups, dict) or not groups:
         raise ValueError(f"groups must be a non-empty dict name -> spec, got {type(groups).__name__}")
+    _check_valid_groups(valid, groups, text.shape[0])
+    valid = valid or {}
     if mode == "coarse":
         for n, s in groups.items():
             if not isinstance(s, torch.Tensor):
                 raise ValueError(f"coarse mode: group {n!r} must be a (B, D) tensor, got {type(s).__name__}")
         t_all = _dist.gather_features(text) if _gathering(gather) and text.dim() == 2 else None
-        return {n: _coarse(text, s, temperature, gather, local_loss, t_all) for n, s in groups.items()}
+        return {n: _coarse(text, s, temperature, gather, local_loss, t_all, valid.get(n)) for n, s in groups.items()}
     if mode == "fine":
-        return _fine_group_losses(text, groups, temperature, text_weight, text_mask, gather, local_loss)
+        return _fine_group_losses(text, groups, temperature, text_weight, text_mask, gather, local_loss, valid)
     raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")

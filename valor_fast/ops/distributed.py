@@ -77,6 +77,18 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks, outside autograd (MGC's token counts, MGA's valid-sample counts):
+    every rank gets the same tensor, and no value reaches the host.  Identity (detached) in one
+    process."""
+    t = t.detach()
+    if world() == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
 def pad_to_global_max(x: torch.Tensor, dim: int, value=0) -> torch.Tensor:
     """Pad `dim` to its largest size over ranks (text lengths differ per rank's batch)."""
     if world() == 1:
