@@ -17,7 +17,7 @@ A new task (CoAVT, VLSA, ...) subclasses `Task` and registers under its `train.t
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple, Type
+from typing import Dict, List, Sequence, Tuple, Type
 
 import torch
 
@@ -74,3 +74,23 @@ def get_task(name: str) -> Type[Task]:
     if name not in TASKS:
         raise ValueError(f"train.task must be one of {tuple(TASKS)}, got {name!r}")
     return TASKS[name]
+
+
+def sample_generators(generator: torch.Generator, index: torch.Tensor) -> List[torch.Generator]:
+    """One generator per sample of a batch for a task's draws: seeded by one draw from the
+    step's `generator` (a function of (seed, step, micro-batch), the same on every rank) and the
+    sample's dataset index.  A sample's draws therefore depend on neither its row, the rank that
+    holds it, nor the other samples: splitting the global batch over ranks changes nothing."""
+    base = int(torch.randint(0, 2**62, (), generator=generator))
+    return [torch.Generator().manual_seed((base ^ (int(i) * _GOLDEN)) & _MASK63) for i in index.tolist()]
+
+
+def masked_mean(losses, present) -> torch.Tensor:
+    """Mean of the present terms (on the device, no host sync); 0 when none is present.
+    `losses`, `present`: (G,) tensors or sequences of scalars."""
+    x = losses if torch.is_tensor(losses) else torch.stack(list(losses))
+    p = present if torch.is_tensor(present) else torch.stack(list(present))
+    return torch.where(p, x, torch.zeros_like(x)).sum() / p.sum().clamp(min=1).to(x.dtype)
+
+
+_GOLDEN, _MASK63 = 0x9E3779B97F4A7C15, (1 << 63) - 1

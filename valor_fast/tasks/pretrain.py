@@ -7,9 +7,9 @@ import torch
 
 from ..config import LossConfig
 from ..model.valor import VALOR
-from .base import Task, register_task
-from .mga import mga_loss, parse_groups
-from .mgc import mgc_loss
+from .base import Task, masked_mean, register_task, sample_generators
+from .mga import mga_group_losses, parse_groups
+from .mgc import mask_plan, masking_draws, mgc_group_losses, plan_of
 
 
 def move_batch(batch: dict, device) -> dict:
@@ -19,9 +19,11 @@ def move_batch(batch: dict, device) -> dict:
 def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
                          generator: Optional[torch.Generator] = None,
                          mark: Optional[Callable[[str], None]] = None) -> Dict[str, torch.Tensor]:
-    """The step's loss terms and their weighted total ("loss").  `mark(phase)`, if given, is
-    called as each forward phase ends (encoders, mga, decoder): bench/train_step.py times the
-    phases with it."""
+    """The step's loss terms and their weighted total ("loss"): the same keys every step, a
+    group with no eligible sample a masked 0 left out of its objective's mean over groups.  The
+    MGC mask plan comes from the batch (`PretrainTask.prepare`), else it is drawn here from
+    batch["mask_rand"] or `generator`.  `mark(phase)`, if given, is called as each forward phase
+    ends (encoders, mga, decoder): bench/train_step.py times the phases with it."""
     mark = mark or (lambda _phase: None)
     ids, mask = batch["text_ids"], batch["text_mask"]
     has_audio = batch.get("has_audio")
@@ -33,17 +35,19 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     losses: Dict[str, torch.Tensor] = {}
     total = 0.0
     if cfg.mga_weight:
-        mga = mga_loss(model, t, v, a, cfg.mga_mode, cfg.groups, has_audio)
+        mga, present = mga_group_losses(model, t, v, a, cfg.mga_mode, cfg.groups, has_audio)
         losses.update({f"mga/{k}": x for k, x in mga.items()})
-        total = total + cfg.mga_weight * torch.stack(list(mga.values())).mean()
+        total = total + cfg.mga_weight * masked_mean(mga.values(), present.values())
     mark("mga")
     if cfg.mgc_weight:
         memory, n_video = model.memory(vt, at)
-        mgc = mgc_loss(model, ids, mask, memory, n_video, cfg.groups, cfg.mask_prob, has_audio,
-                       cfg.label_smoothing, generator, batch.get("mask_rand"),
-                       grouped=cfg.grouped_decoder)
-        losses.update({f"mgc/{k}": x for k, x in mgc.items()})
-        total = total + cfg.mgc_weight * torch.stack(list(mgc.values())).mean()
+        plan = plan_of(batch) or mask_plan(ids, mask, cfg.groups, cfg.mask_prob, model.cfg.vocab_size, has_audio,
+                                           generator, batch.get("mask_rand"))
+        means, present = mgc_group_losses(model, plan, mask, memory, n_video, cfg.groups, has_audio,
+                                          cfg.label_smoothing, grouped=cfg.grouped_decoder)
+        groups = parse_groups(cfg.groups)
+        losses.update({f"mgc/{g}": means[gi] for gi, g in enumerate(groups)})
+        total = total + cfg.mgc_weight * masked_mean(means, present)
     mark("decoder_mgc")
     losses["loss"] = total
     return losses
@@ -71,6 +75,18 @@ class PretrainTask(Task):
         if self.cfg.mgc_weight:
             keys += [f"mgc/{g}" for g in self.groups]
         return tuple(keys)
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """The MGC mask plan, on the host: every sample's masking draws come from its own
+        generator (`sample_generators`), so they fit its real token length and do not depend on
+        how the global batch is split over ranks."""
+        if not self.cfg.mgc_weight:
+            return batch
+        draws = masking_draws(batch["text_mask"], sample_generators(generator, batch["index"]))
+        batch = dict(batch)
+        batch.update(mask_plan(batch["text_ids"], batch["text_mask"], self.groups, self.cfg.mask_prob,
+                               self.model.cfg.vocab_size, batch.get("has_audio"), draws=draws))
+        return batch
 
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         return pretrain_step_losses(self.model, batch, self.cfg, generator)

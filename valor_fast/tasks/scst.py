@@ -102,8 +102,16 @@ class SCSTTask(Task):
     def loss_keys(self) -> Tuple[str, ...]:
         return ("loss", "scst/reward", "scst/reward_best", "scst/logp")
 
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """The seed of this micro-batch's caption sampling: one draw from the step's generator
+        mixed with the clips' dataset indices (the same step on another rank samples other noise)."""
+        base = int(torch.randint(0, 2**62, (), generator=generator))
+        return dict(batch, scst_seed=hash((base, tuple(batch["index"].tolist()))) & ((1 << 63) - 1))
+
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         if self._tok is None:
             from ..data.tokenizer import get_tokenizer
             self._tok = get_tokenizer()
+        if generator is None and "scst_seed" in batch:
+            generator = torch.Generator().manual_seed(batch["scst_seed"])
         return scst_step_losses(self.model, batch, self.cfg, self.samples, self.max_len, generator, self._tok)

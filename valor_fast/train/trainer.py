@@ -183,16 +183,13 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
     def next_batch(self, micro: int) -> dict:
-        """Micro-batch `micro` of the step on the device, after the task's host-side prepare."""
+        """Micro-batch `micro` of the step on the device.  Host side first: bad-media counts, then
+        the task's `prepare` with the step's generator (a function of (seed, step, micro) only,
+        the same on every rank: the task derives per-sample generators from it)."""
         host = next(self.it)
         self.tracker.update(host, judge=False)   # judged over all ranks at log steps
-        g = step_generator(self.tc.seed, self.step, micro)
-        host = self.objective.prepare(host, g)
-        batch = move_batch(host, self.device)
-        # masking draws of the whole global micro-batch, this rank's rows
-        draws = torch.rand(self.micro * self.info.world, self.cfg.data.max_text_len + 2, 3, generator=g)
-        batch["mask_rand"] = draws[self.info.rank * self.micro:(self.info.rank + 1) * self.micro]
-        return batch
+        host = self.objective.prepare(host, step_generator(self.tc.seed, self.step, micro))
+        return move_batch(host, self.device)
 
     def forward_backward_step(self, batch: dict, sync: bool = True) -> Dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch (the loss scaled by 1 / grad_accum); `sync`:
