@@ -32,18 +32,20 @@ def memory_str(device: torch.device) -> str:
 
 class TensorBoard:
     """TensorBoard scalars when tensorboard is installed (logged once when it is not); `path`
-    None writes nothing (ranks other than 0, train.tensorboard=false)."""
+    None writes nothing (ranks other than 0, train.tensorboard=false).  The writer opens at the
+    first scalar, so a run that logs nothing writes nothing."""
 
     def __init__(self, path: Optional[str]):
-        self.w = None
-        if path:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.w = SummaryWriter(path)
-            except Exception as e:
-                log_once("tb", f"TensorBoard scalars off ({e}); install: pip install tensorboard")
+        self.path, self.w = path, None
 
     def add(self, scalars: Dict[str, float], step: int) -> None:
+        if self.path and self.w is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.w = SummaryWriter(self.path)
+            except Exception as e:
+                log_once("tb", f"TensorBoard scalars off ({e}); install: pip install tensorboard")
+                self.path = None
         if self.w:
             for k, v in scalars.items():
                 self.w.add_scalar(k, v, step)
