@@ -197,3 +197,25 @@ def test_validation_every_n_steps_and_a_finished_run_resumed(small_synth, tmp_pa
     assert "already complete" in capsys.readouterr().err
     assert again == m
     assert files() == before
+
+
+def test_sigterm_checkpoints_the_step_reached(small_synth, tmp_path):
+    """A SIGTERM (preemption) between steps: the step reached is checkpointed, complete, and its
+    record kept in the history before the run stops."""
+    import signal
+    from valor_fast.train.dist import DistInfo
+    from valor_fast.train.trainer import Preempted, Trainer
+    cfg = _cfg(small_synth, str(tmp_path), **{"train.steps": "5", "train.batch_size": "8", "train.final_eval": "false",
+                                             "data.cache": "false", "train.tensorboard": "false"})
+    t = Trainer(cfg, DistInfo())
+    after = t.after_step
+    def after_step():
+        after()
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)   # delivered to the trainer's handler
+    t.after_step = after_step
+    with pytest.raises(Preempted, match="signal"):
+        t.fit()
+    assert [s for s, _ in t.ckpts.complete()] == [2]
+    assert [h["step"] for h in json.loads((tmp_path / "t" / "history.json").read_text())] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) != t._on_signal   # the handler is restored
