@@ -50,6 +50,7 @@ from valor_fast.ops import attention as attn_ops  # noqa: E402
 from valor_fast.ops import contrastive as con_ops  # noqa: E402
 from valor_fast.ops import fused as fused_ops  # noqa: E402
 from valor_fast.data.tokenizer import CLS_ID, FIRST_WORD_ID, SEP_ID  # noqa: E402
+from valor_fast.tasks.mgc import mask_plan  # noqa: E402
 from valor_fast.tasks.pretrain import move_batch, pretrain_step_losses  # noqa: E402
 from valor_fast.train.optim import param_groups  # noqa: E402
 from valor_fast.train.parallelize import apply_compile  # noqa: E402
@@ -145,7 +146,11 @@ class Step:
     def __call__(self, host_batch: dict, mark=None) -> dict:
         mark = mark or (lambda _p: None)
         with impl_context(self.impl):
-            batch = move_batch(host_batch, self.device)
+            # the MGC mask plan on the host, as the trainer's task.prepare makes it
+            cfg, hb = self.loss_cfg, host_batch
+            plan = mask_plan(hb["text_ids"], hb["text_mask"], cfg.groups, cfg.mask_prob, self.model.cfg.vocab_size,
+                             hb["has_audio"], draws=hb["mask_rand"])
+            batch = move_batch(dict(host_batch, **plan), self.device)
             mark("h2d")
             ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
             with ctx:

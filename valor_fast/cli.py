@@ -106,8 +106,8 @@ def cmd_caption(args, over) -> int:
 
 
 def cmd_embed(args, over) -> int:
+    from .data.synth import prepare_data
     from .infer import embed_split, load_run, save_features
-    from .train.trainer import prepare_data
     cfg, model, dev = load_run(args.ckpt, args.config, over)
     prepare_data(cfg)
     feats = embed_split(model, cfg, dev, args.split, cfg.eval.batch_size)
@@ -133,11 +133,12 @@ def cmd_convert(args, over) -> int:
 
 
 def cmd_eval(args, over) -> int:
-    from .data import build_loader
+    from .data import build_loader, prepare_data
+    from .eval.dispatch import evaluate_task
     from .eval.evaluate import format_table
     from .model.valor import build_model
+    from .runtime import autocast_ctx, resolve_device
     from .train.checkpoint import load_model, write_json
-    from .train.trainer import autocast_ctx, evaluate_task, prepare_data, resolve_device
     cfg_path = args.config
     if cfg_path is None and args.ckpt:
         cand = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "config.yaml")

@@ -132,7 +132,8 @@ class TrainConfig:
     seed: int = 0
     """Run seed."""
     eval_every: int = 0
-    """Evaluate on the val split every N steps (0 = only at the end)."""
+    """Validate on the val split every N steps: the task's metrics as val/... in history.json and
+    TensorBoard (0 = never; the test split is evaluated at the end when train.final_eval)."""
     log_every: int = 20
     """Log a metrics line every N steps."""
     out_dir: str = "runs"

@@ -21,7 +21,7 @@ def load_run(ckpt: Optional[str], config: Optional[str], overrides: Optional[dic
     config.yaml beside the checkpoint (what the run was trained with)."""
     from .model.convert import load_init
     from .model.valor import build_model
-    from .train.trainer import resolve_device
+    from .runtime import resolve_device
     if config is None and ckpt:
         cand = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.yaml")
         config = cand if os.path.exists(cand) else None

@@ -224,3 +224,37 @@ def generate(root: str, seed: int = 0, clips_per_combo: int = 4, image_size: int
     meta["seconds_taken"] = round(time.time() - t0, 1)
     log.info("synthetic dataset: %s in %s (%.1fs)", meta["counts"], root, meta["seconds_taken"])
     return meta
+
+
+def prepare_data(cfg) -> None:
+    """Generate the synthetic dataset into data.root when it is missing and data.synth is on
+    (`cfg` is the run's Config)."""
+    ann = os.path.join(cfg.data.root, cfg.data.train_ann)
+    fmt, sep, rest = cfg.data.train_ann.partition(":")
+    if sep and not os.path.isabs(cfg.data.train_ann):
+        # <format>:<file>[,<file>] (a benchmark's own annotations) or shards:<glob>
+        import glob as _glob
+        first = rest.split(",")[0]
+        hits = _glob.glob(first if os.path.isabs(first) else os.path.join(cfg.data.root, first))
+        if hits:
+            return
+        ann = os.path.join(cfg.data.root, first)
+    meta = os.path.join(cfg.data.root, "meta.json")
+    if os.path.exists(ann) and cfg.data.synth and os.path.exists(meta):
+        # a synthetic folder written by another generator version or with other settings is
+        # regenerated, not silently reused
+        with open(meta) as f:
+            m = json.load(f)
+        want = {"version": VERSION, "seed": cfg.data.synth_seed, "clips_per_combo": cfg.data.synth_clips_per_combo}
+        have = {k: m.get(k) for k in want}
+        if have != want:
+            log.warning("synthetic dataset in %s was generated with %s, the config asks for %s: regenerating",
+                        cfg.data.root, have, want)
+            shutil.rmtree(cfg.data.root)
+    if os.path.exists(ann):
+        return
+    if not cfg.data.synth:
+        raise FileNotFoundError(f"no training annotations at {ann!r} (set data.root, or data.synth=true "
+                                f"to generate the synthetic dataset)")
+    log.info("generating the synthetic audiovisual dataset into %s", cfg.data.root)
+    generate(cfg.data.root, seed=cfg.data.synth_seed, clips_per_combo=cfg.data.synth_clips_per_combo)

@@ -2,7 +2,7 @@
 (T-V, T-A, T-AV) with the model's learnable temperature, coarse or fine similarity."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -51,41 +51,36 @@ def gather_features(t: Features, v: Features, a: Features, has_audio: Optional[t
     return g(t, True), g(v, False), g(a, False), ha
 
 
-def mga_loss(model: VALOR, t: Features, v: Features, a: Features, mode: str, groups: Iterable[str],
-             has_audio: Optional[torch.Tensor] = None, gather: bool = True) -> Dict[str, torch.Tensor]:
-    """Loss per group name (tv, ta, tav).  Clips without audio (has_audio False) leave the T-A
-    and T-AV terms: those are computed on the clips that have audio only.  Under data
-    parallelism the features are gathered so every rank scores the global batch."""
+def mga_group_losses(model: VALOR, t: Features, v: Features, a: Features, mode: str, groups: Iterable[str],
+                     has_audio: Optional[torch.Tensor] = None, gather: bool = True
+                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """({group: loss}, {group: present}) for every group name (tv, ta, tav).  Clips without audio
+    (has_audio False) leave the T-A and T-AV terms: the op's `valid` masks drop every pair
+    involving them, and with fewer than 2 such clips (over all ranks) the term is exactly 0 and
+    not present.  No host sync.  Under data parallelism the features are gathered so every rank
+    scores the global batch."""
     groups = parse_groups(groups)
     if gather:
         t, v, a, has_audio = gather_features(t, v, a, has_audio)
     spec = group_similarity(model, t, v, a, mode)
     want = {GROUP_KEYS[g] for g in groups}
+    sel = {k: s for k, s in spec.items() if k in want or (k in ("v", "a") and "av" in want and mode == "fine")}
+    valid = None if has_audio is None else {k: has_audio for k in sel if k in ("a", "av")}
     kw = dict(mode=mode, text_weight=t.weight if mode == "fine" else None,
               text_mask=t.mask if mode == "fine" else None)
-    temp = model.temp()
-    out: Dict[str, torch.Tensor] = {}
-    if has_audio is None or bool(has_audio.all()):
-        sel = {k: s for k, s in spec.items() if k in want or (k in ("v", "a") and "av" in want and mode == "fine")}
-        res = ops.grouped_contrastive_loss(_text_arg(t, mode), sel, temp, **kw)
-    else:
-        res = {}
-        if "v" in want:
-            res.update(ops.grouped_contrastive_loss(_text_arg(t, mode), {"v": spec["v"]}, temp, **kw))
-        idx = has_audio.nonzero().squeeze(1)
-        if idx.numel() >= 2 and want & {"a", "av"}:
-            sub = lambda f: Features(f.tokens[idx], f.weight[idx], None if f.mask is None else f.mask[idx], f.pooled[idx])
-            ts, vs, as_ = sub(t), sub(v), sub(a)
-            spec2 = group_similarity(model, ts, vs, as_, mode)
-            kw2 = dict(mode=mode, text_weight=ts.weight if mode == "fine" else None,
-                       text_mask=ts.mask if mode == "fine" else None)
-            sel = {k: s for k, s in spec2.items() if k in want - {"v"} or (k in ("v", "a") and mode == "fine" and "av" in want)}
-            r2 = ops.grouped_contrastive_loss(_text_arg(ts, mode), sel, temp, **kw2)
-            res.update({k: r for k, r in r2.items() if k != "v"})
-    for g in groups:
-        if GROUP_KEYS[g] in res:
-            out[g] = res[GROUP_KEYS[g]]
-    return out
+    res = ops.grouped_contrastive_loss(_text_arg(t, mode), sel, model.temp(), valid=valid or None, **kw)
+    B = t.pooled.shape[0]
+    dev = t.pooled.device
+    everyone = torch.full((), B >= 2, dtype=torch.bool, device=dev)
+    with_audio = everyone if has_audio is None else has_audio.sum() >= 2
+    present = {"v": everyone, "a": with_audio, "av": with_audio}
+    return ({g: res[GROUP_KEYS[g]] for g in groups}, {g: present[GROUP_KEYS[g]] for g in groups})
+
+
+def mga_loss(model: VALOR, t: Features, v: Features, a: Features, mode: str, groups: Iterable[str],
+             has_audio: Optional[torch.Tensor] = None, gather: bool = True) -> Dict[str, torch.Tensor]:
+    """Loss per group name (tv, ta, tav), every group of `groups` (see `mga_group_losses`)."""
+    return mga_group_losses(model, t, v, a, mode, groups, has_audio, gather)[0]
 
 
 @torch.no_grad()

@@ -1,14 +1,15 @@
 """Pretraining objective: 1.5 x mean(MGA groups) + 1.0 x mean(MGC groups) by default."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..config import LossConfig
 from ..model.valor import VALOR
-from .mga import mga_loss
-from .mgc import mgc_loss
+from .base import Task, masked_mean, register_task, sample_generators
+from .mga import mga_group_losses, parse_groups
+from .mgc import mask_plan, masking_draws, mgc_group_losses, plan_of
 
 
 def move_batch(batch: dict, device) -> dict:
@@ -18,9 +19,11 @@ def move_batch(batch: dict, device) -> dict:
 def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
                          generator: Optional[torch.Generator] = None,
                          mark: Optional[Callable[[str], None]] = None) -> Dict[str, torch.Tensor]:
-    """The step's loss terms and their weighted total ("loss").  `mark(phase)`, if given, is
-    called as each forward phase ends (encoders, mga, decoder): bench/train_step.py times the
-    phases with it."""
+    """The step's loss terms and their weighted total ("loss"): the same keys every step, a
+    group with no eligible sample a masked 0 left out of its objective's mean over groups.  The
+    MGC mask plan comes from the batch (`PretrainTask.prepare`), else it is drawn here from
+    batch["mask_rand"] or `generator`.  `mark(phase)`, if given, is called as each forward phase
+    ends (encoders, mga, decoder): bench/train_step.py times the phases with it."""
     mark = mark or (lambda _phase: None)
     ids, mask = batch["text_ids"], batch["text_mask"]
     has_audio = batch.get("has_audio")
@@ -32,31 +35,88 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     losses: Dict[str, torch.Tensor] = {}
     total = 0.0
     if cfg.mga_weight:
-        mga = mga_loss(model, t, v, a, cfg.mga_mode, cfg.groups, has_audio)
+        mga, present = mga_group_losses(model, t, v, a, cfg.mga_mode, cfg.groups, has_audio)
         losses.update({f"mga/{k}": x for k, x in mga.items()})
-        total = total + cfg.mga_weight * torch.stack(list(mga.values())).mean()
+        total = total + cfg.mga_weight * masked_mean(mga.values(), present.values())
     mark("mga")
     if cfg.mgc_weight:
         memory, n_video = model.memory(vt, at)
-        mgc = mgc_loss(model, ids, mask, memory, n_video, cfg.groups, cfg.mask_prob, has_audio,
-                       cfg.label_smoothing, generator, batch.get("mask_rand"),
-                       grouped=cfg.grouped_decoder)
-        losses.update({f"mgc/{k}": x for k, x in mgc.items()})
-        total = total + cfg.mgc_weight * torch.stack(list(mgc.values())).mean()
+        plan = plan_of(batch) or mask_plan(ids, mask, cfg.groups, cfg.mask_prob, model.cfg.vocab_size, has_audio,
+                                           generator, batch.get("mask_rand"))
+        means, present = mgc_group_losses(model, plan, mask, memory, n_video, cfg.groups, has_audio,
+                                          cfg.label_smoothing, grouped=cfg.grouped_decoder)
+        groups = parse_groups(cfg.groups)
+        losses.update({f"mgc/{g}": means[gi] for gi, g in enumerate(groups)})
+        total = total + cfg.mgc_weight * masked_mean(means, present)
     mark("decoder_mgc")
     losses["loss"] = total
     return losses
 
 
-class PretrainTask(torch.nn.Module):
-    """The pretraining objective as a module, so one `forward` covers every parameter access:
-    FSDP2 unshards root-level weights (heads, embeddings) in the root's forward only, and DDP
-    syncs gradients of what ran inside forward."""
+@register_task("pretrain")
+class PretrainTask(Task):
+    """The pretraining objective (MGA + MGC on loss.groups) as the FSDP / DDP root."""
+
+    evaluation = "caption"
 
     def __init__(self, model: VALOR, cfg: LossConfig):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.cfg = cfg
+        self.groups = parse_groups(cfg.groups)
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "PretrainTask":
+        return cls(model, cfg.loss)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        keys = ["loss"]
+        if self.cfg.mga_weight:
+            keys += [f"mga/{g}" for g in self.groups]
+        if self.cfg.mgc_weight:
+            keys += [f"mgc/{g}" for g in self.groups]
+        return tuple(keys)
+
+    def flop_groups(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        g = tuple(self.groups)
+        return (g if self.cfg.mga_weight else ()), (g if self.cfg.mgc_weight else ())
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """The MGC mask plan, on the host: every sample's masking draws come from its own
+        generator (`sample_generators`), so they fit its real token length and do not depend on
+        how the global batch is split over ranks."""
+        if not self.cfg.mgc_weight:
+            return batch
+        draws = masking_draws(batch["text_mask"], sample_generators(generator, batch["index"]))
+        batch = dict(batch)
+        batch.update(mask_plan(batch["text_ids"], batch["text_mask"], self.groups, self.cfg.mask_prob,
+                               self.model.cfg.vocab_size, batch.get("has_audio"), draws=draws))
+        return batch
 
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         return pretrain_step_losses(self.model, batch, self.cfg, generator)
+
+
+@register_task("retrieval")
+class RetrievalTask(PretrainTask):
+    """Retrieval fine-tuning: the pretraining objective with MGA only (configs/finetune_retrieval.yaml)."""
+
+    evaluation = "retrieval"
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "RetrievalTask":
+        if not cfg.loss.mga_weight:
+            raise ValueError("train.task=retrieval needs loss.mga_weight > 0 (configs/finetune_retrieval.yaml)")
+        return cls(model, cfg.loss)
+
+
+@register_task("caption")
+class CaptionTask(PretrainTask):
+    """Caption fine-tuning: the pretraining objective with MGC (configs/finetune_caption.yaml)."""
+
+    evaluation = "caption"
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "CaptionTask":
+        if not cfg.loss.mgc_weight:
+            raise ValueError("train.task=caption needs loss.mgc_weight > 0 (configs/finetune_caption.yaml)")
+        return cls(model, cfg.loss)

@@ -7,14 +7,16 @@ answer until [SEP]; the metric is exact match after normalisation.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..config import LossConfig
 from ..data.tokenizer import CLS_ID, SEP_ID
 from ..model.valor import VALOR
-from .mgc import mgc_loss
+from .base import Task, masked_mean, register_task, sample_generators
+from .mga import parse_groups
+from .mgc import mask_plan, masking_draws, mgc_group_losses, plan_of
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^a-z0-9 ]+")
@@ -40,15 +42,19 @@ def encode_qa(tokenizer, question: str, answer: Optional[str], max_len: int) -> 
 
 
 def qa_batch(qa_lists: Sequence[Sequence[dict]], tokenizer, max_len: int,
-             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """One QA pair per clip (drawn with `generator`: a function of (seed, step) in training) ->
-    qa_ids (B, L), qa_mask (B, L) bool, answer_mask (B, L) bool (the answer and its [SEP])."""
+             generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None) -> Dict[str, torch.Tensor]:
+    """One QA pair per clip, drawn with `generator` (one for the batch, or one per clip: the
+    trainer's per-sample generators) -> qa_ids (B, L), qa_mask (B, L) bool, answer_mask (B, L)
+    bool (the answer and its [SEP])."""
+    gens = generator if isinstance(generator, (list, tuple)) else [generator] * len(qa_lists)
+    if len(gens) != len(qa_lists):
+        raise ValueError(f"{len(gens)} generators for {len(qa_lists)} clips")
     rows, prompts = [], []
     for i, qas in enumerate(qa_lists):
         if not qas:
             raise ValueError(f"clip {i} of the batch has no QA pairs; QA fine-tuning needs annotations "
                              "with a 'qa' list [{'question', 'answer'}] (or qa_mapper.json)")
-        k = int(torch.randint(len(qas), (), generator=generator)) if len(qas) > 1 else 0
+        k = int(torch.randint(len(qas), (), generator=gens[i])) if len(qas) > 1 else 0
         ids, p = encode_qa(tokenizer, qas[k]["question"], str(qas[k]["answer"]), max_len)
         rows.append(ids)
         prompts.append(p)
@@ -65,37 +71,63 @@ def qa_batch(qa_lists: Sequence[Sequence[dict]], tokenizer, max_len: int,
 
 def qa_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
                    generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """MGC on the answer tokens, conditioned on the configured groups (default T-AV)."""
+    """MGC on the answer tokens, conditioned on the configured groups (default T-AV).  The mask
+    plan comes from the batch (`QATask.prepare`), else it is drawn here from `generator`; with
+    neither it is an error (never the unseeded global generator)."""
     vt = model.encode_video(batch["video"])
     at = model.encode_audio(batch["audio"])
     memory, n_video = model.memory(vt, at)
-    draws = batch.get("mask_rand")
-    ids = batch["qa_ids"]
-    if draws is not None and draws.shape[1] < ids.shape[1]:
-        draws = None   # longer than the trainer's draws: fall back to the generator
-    out = mgc_loss(model, ids, batch["qa_mask"], memory, n_video, cfg.groups, cfg.mask_prob,
-                   batch.get("has_audio"), cfg.label_smoothing, generator, draws,
-                   grouped=cfg.grouped_decoder, eligible=batch["answer_mask"])
-    losses = {f"qa/{k}": v for k, v in out.items()}
-    losses["loss"] = torch.stack(list(out.values())).mean()
+    has_audio = batch.get("has_audio")
+    plan = plan_of(batch)
+    if plan is None:
+        if generator is None:
+            raise ValueError("a QA batch needs QATask.prepare's mask plan or a generator for its masking draws")
+        plan = mask_plan(batch["qa_ids"], batch["qa_mask"], cfg.groups, cfg.mask_prob, model.cfg.vocab_size,
+                         has_audio, generator, eligible=batch["answer_mask"])
+    means, present = mgc_group_losses(model, plan, batch["qa_mask"], memory, n_video, cfg.groups, has_audio,
+                                      cfg.label_smoothing, grouped=cfg.grouped_decoder)
+    groups = parse_groups(cfg.groups)
+    losses = {f"qa/{g}": means[gi] for gi, g in enumerate(groups)}
+    losses["loss"] = masked_mean(means, present)
     return losses
 
 
-class QATask(torch.nn.Module):
+@register_task("qa")
+class QATask(Task):
     """QA fine-tuning objective as a module (the FSDP / DDP root, like PretrainTask).
     `prepare` turns a host batch's QA lists into token tensors before it moves to the device."""
 
+    evaluation = "qa"
+
     def __init__(self, model: VALOR, cfg: LossConfig, max_len: int):
-        super().__init__()
-        self.model, self.cfg, self.max_len = model, cfg, max_len
+        super().__init__(model)
+        self.cfg, self.max_len = cfg, max_len
+        self.groups = parse_groups(cfg.groups)
         self._tok = None
 
-    def prepare(self, batch: dict, generator: Optional[torch.Generator] = None) -> dict:
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "QATask":
+        return cls(model, cfg.loss, cfg.data.max_text_len)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        return ("loss",) + tuple(f"qa/{g}" for g in self.groups)
+
+    def flop_groups(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        return (), tuple(self.groups)   # no MGA: the decoder over the answer per group
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """Host side: each clip's QA pair and then its masking draws from the clip's own
+        generator (`sample_generators`), the tokens, the MGC mask plan over the answer."""
         if self._tok is None:
             from ..data.tokenizer import get_tokenizer   # data is a sibling layer; imported lazily
             self._tok = get_tokenizer()
+        gens = sample_generators(generator, batch["index"])
         batch = dict(batch)
-        batch.update(qa_batch(batch["qa"], self._tok, self.max_len, generator))
+        batch.update(qa_batch(batch["qa"], self._tok, self.max_len, gens))
+        draws = masking_draws(batch["qa_mask"], gens)
+        batch.update(mask_plan(batch["qa_ids"], batch["qa_mask"], self.groups, self.cfg.mask_prob,
+                               self.model.cfg.vocab_size, batch.get("has_audio"), draws=draws,
+                               eligible=batch["answer_mask"]))
         return batch
 
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:

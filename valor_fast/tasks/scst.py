@@ -19,6 +19,7 @@ from ..config import LossConfig
 from ..data.tokenizer import DECODE_IDS
 from ..model.decoding import sample
 from ..model.valor import VALOR
+from .base import Task, register_task
 from .mgc import group_memory_masks
 
 
@@ -56,16 +57,34 @@ def scst_step_losses(model: VALOR, batch: dict, cfg: LossConfig, samples: int = 
             "scst/logp": logp.detach().mean()}
 
 
-class SCSTTask(torch.nn.Module):
+@register_task("scst")
+class SCSTTask(Task):
     """SCST caption fine-tuning objective (the FSDP / DDP root, like PretrainTask)."""
 
+    evaluation = "caption"
+
     def __init__(self, model: VALOR, cfg: LossConfig, samples: int = 5, max_len: int = 20):
-        super().__init__()
-        self.model, self.cfg, self.samples, self.max_len = model, cfg, samples, max_len
+        super().__init__(model)
+        self.cfg, self.samples, self.max_len = cfg, samples, max_len
         self._tok = None
+
+    @classmethod
+    def from_config(cls, model: VALOR, cfg) -> "SCSTTask":
+        return cls(model, cfg.loss, cfg.loss.scst_samples, cfg.eval.max_len)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        return ("loss", "scst/reward", "scst/reward_best", "scst/logp")
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """The seed of this micro-batch's caption sampling: one draw from the step's generator
+        mixed with the clips' dataset indices (the same step on another rank samples other noise)."""
+        base = int(torch.randint(0, 2**62, (), generator=generator))
+        return dict(batch, scst_seed=hash((base, tuple(batch["index"].tolist()))) & ((1 << 63) - 1))
 
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         if self._tok is None:
             from ..data.tokenizer import get_tokenizer
             self._tok = get_tokenizer()
+        if generator is None and "scst_seed" in batch:
+            generator = torch.Generator().manual_seed(batch["scst_seed"])
         return scst_step_losses(self.model, batch, self.cfg, self.samples, self.max_len, generator, self._tok)

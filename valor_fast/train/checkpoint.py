@@ -401,3 +401,46 @@ class CheckpointManager:
         barrier()
         self.set_aside.append((path, new, reason, detail))
         return new
+
+
+# ---------------- the training state of a task + optimiser ----------------
+
+def app_state(task: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """{"model": ..., "optim": ...} state dicts of the (possibly sharded) task and optimiser."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(task, opt)
+    return {"model": msd, "optim": osd}
+
+
+def load_app_state(task: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    set_state_dict(task, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def resume_training(ckpts: CheckpointManager, task: nn.Module, opt: torch.optim.Optimizer,
+                    spec: str) -> Optional[int]:
+    """Load the checkpoint `spec` names (auto: the newest complete one, falling back to older
+    ones; else a checkpoint folder) into `task` and `opt` and restore the RNG states.  Returns
+    the step it holds, or None when auto finds nothing to resume."""
+    if spec == "auto":
+        res = ckpts.load_latest(lambda: app_state(task, opt))
+    else:
+        st = app_state(task, opt)
+        extra = ckpts.load(spec, st)
+        res = (extra["meta"]["step"], st, extra)
+    if res is None:
+        _log.info("resume=auto: no checkpoint in %s to resume: starting from the initial weights", ckpts.root)
+        return None
+    step, st, extra = res
+    load_app_state(task, opt, st)
+    set_rng_state(extra["rng"])
+    return step
+
+
+def full_model_state(task: nn.Module) -> Dict[str, torch.Tensor]:
+    """Unsharded model weights (every rank takes part; all of them on CPU) for the safetensors
+    export: the task's `model.` entries with the prefix dropped."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(task, options=opts)
+    return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}

@@ -1,4 +1,4 @@
-"""Deterministic, resumable global-batch sampling.
+"""Deterministic, resumable global-batch sampling, and the seeded generators of every draw.
 
 The order is a pure function of (seed, epoch): global batch k of the run holds the same clips
 whatever the number of ranks, and rank r takes its contiguous share.  The loader position is
@@ -48,3 +48,9 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, step, micro-batch): the masking draws of a step
     are the same after a resume and on any number of ranks."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro)
+
+
+def sample_generator(seed: int, batch: int, index: int) -> torch.Generator:
+    """The generator of one training sample: a function of (seed, global batch, index) only,
+    whatever the backend, worker or rank that loads it."""
+    return torch.Generator().manual_seed((seed * 7919 + batch) * 1_000_003 + index)
