@@ -405,13 +405,24 @@ def _bias_gelu_fwd():
     return bg._bias_gelu_fwd_kernel, sig, {"HAS_B": True, "ACT": 0, "BLOCK_M": 8, "BLOCK_N": 256}
 
 
-# The Triton kernels are enumerated by a later step (after their launch configurations are reworked);
-# this one proves the path (compile for both archs, cubin audit, ptxas spill report).
-CASES = [
-    CsrcCase(),
-    TritonCase("bias_gelu_fwd_bf16_3072", _bias_gelu_fwd, num_warps=4, num_stages=2,
-               config=dict(dtype="bf16", shape="(rows, 3072)", BLOCK_M=8, BLOCK_N=256)),
-]
+# The Triton kernels' cases live beside this file, one module per kernel family
+# (bench/audit_<family>.py, each with `cases() -> List[TritonCase]` built from the launch
+# configurations its launcher chooses per architecture and shape); the csrc build is one case.
+FAMILIES = ("attention", "fused", "contrastive")
+
+
+def all_cases() -> list:
+    import importlib
+    cases = [CsrcCase()]
+    for fam in FAMILIES:
+        try:
+            mod = importlib.import_module(f"bench.audit_{fam}")
+        except ModuleNotFoundError as e:
+            if e.name != f"bench.audit_{fam}":
+                raise
+            continue
+        cases += mod.cases()
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,14 +468,14 @@ def main(argv=None) -> int:
         p.error(f"--arch: unknown compute capability {bad}; known {sorted(ARCHS)}")
     if args.csrc_lib and not args.ptxas_log:
         p.error("--csrc-lib needs --ptxas-log (the library's ptxas -v output)")
-    cases = list(CASES)
+    cases = all_cases()
     if args.csrc_lib:
         cases[0] = CsrcCase(lib=args.csrc_lib, ptxas_log=args.ptxas_log)
     if args.only:
         want = [w.strip() for w in args.only.split(",") if w.strip()]
         cases = [c for c in cases if any(c.name.startswith(w) for w in want)]
         if not cases:
-            p.error(f"--only {args.only}: no case matches; cases: {', '.join(c.name for c in CASES)}")
+            p.error(f"--only {args.only}: no case matches; cases: {', '.join(c.name for c in all_cases())}")
     env = env_row()
     rows = []
     for c in cases:
