@@ -14,7 +14,7 @@ from valor_fast.tasks.pretrain import PretrainTask, pretrain_step_losses
 from valor_fast.tasks.qa import QATask
 
 SMALL = dict(image_size=32, vision_width=64, vision_heads=2, text_width=64, text_heads=2, text_ffn=128,
-             audio_width=64, audio_heads=2, contra_dim=32, audio_frames=128, max_text_len=16)
+             audio_width=64, audio_heads=2, contra_dim=32, audio_frames=128)
 KEYS = {"loss", "mga/tv", "mga/ta", "mga/tav", "mgc/tv", "mgc/ta", "mgc/tav"}
 
 
