@@ -422,3 +422,75 @@ def test_lm_head_ce_bf16_autocast_fp32_weight(backend):
     _check_all(["loss", "dhidden", "dweight", "dbias"], got, eager, ref64, bf)
     with pytest.raises(TypeError, match="weight dtype"):  # without autocast a mismatch is an error
         fused.lm_head_cross_entropy(h0, w0, b0, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations: pure functions shared by the launchers and the kernel audit
+# (bench/audit_fused.py compiles every configuration for sm_80 / sm_90a); the tile shapes of
+# each CUDA configuration are run here under the interpreter against float64
+# ----------------------------------------------------------------------------------------------
+def test_fused_configs_rules():
+    from valor_fast.kernels._launch import LaunchConfig
+    for fn, widths in ((k_aln.add_layer_norm_configs, (768, 1024, 8192)),
+                       (k_gelu.bias_gelu_configs, (3072, 4096, 33)),
+                       (k_lm.ce_configs, (4096, 1850, 13))):
+        for n in widths:
+            for kernel in ("fwd", "bwd"):
+                for dtype in (torch.bfloat16, torch.float32):
+                    assert len(fn(n, dtype, None, kernel)) == 1, "one configuration under the interpreter"
+                    for cc in (80, 90):
+                        cfgs = fn(n, dtype, cc, kernel)
+                        assert 1 <= len(cfgs) <= 4 and len(set(cfgs)) == len(cfgs)
+                        assert all(isinstance(c, LaunchConfig) and c.num_warps <= 16 for c in cfgs)
+        with pytest.raises(ValueError, match="kernel must be"):
+            fn(768, torch.bfloat16, 90, "both")
+    assert all(dict(c.meta)["BLOCK"] <= 2048 for c in k_lm.ce_configs(1850, torch.bfloat16, 90))
+    # the defaults are today's launches: 4 warps at 768 / 1024-wide rows, 16 x 256 GELU tiles
+    assert k_aln.add_layer_norm_configs(768, torch.bfloat16, 90)[0].num_warps == 4
+    assert dict(k_gelu.bias_gelu_configs(3072, torch.bfloat16, 90)[0].meta) == {"BLOCK_M": 16, "BLOCK_N": 256}
+
+
+def _pin_rank(monkeypatch, module, name, cc, rank):
+    """module.name (a configs function) -> the one configuration of that rank (or the set's last)
+    of the real function's set for architecture cc, whatever width / kernel it is asked about."""
+    real = getattr(module, name)
+    asked = set()
+
+    def pinned(n, dtype, _cc=None, kernel="fwd"):
+        asked.add(kernel)
+        cfgs = real(n, dtype, cc, kernel)
+        return (cfgs[min(rank, len(cfgs) - 1)],)
+    monkeypatch.setattr(module, name, pinned)
+    return asked
+
+
+@needs_interp
+@pytest.mark.parametrize("cc", [80, 90])
+def test_fused_every_cuda_config(monkeypatch, cc):
+    """bias + GELU tiles (8/16/32 x 256/512 over a ragged 700-wide row) and the CE column blocks
+    (1024-4096 over 4096- and 904-wide chunks), each rank of each set pinned in turn.  (add +
+    LayerNorm's configurations differ only in warps and stages, which the interpreter ignores.)"""
+    for rank in range(3):
+        asked = _pin_rank(monkeypatch, k_gelu, "bias_gelu_configs", cc, rank)
+
+        def gelu(x, b):
+            with fused.use_backend("triton"):
+                return fused.bias_gelu(x, b, "none")
+        _compare(gelu, lambda x, b: k_gelu.bias_gelu_ref(x, b, "none"),
+                 lambda d: [2 * torch.randn(37, 700, dtype=d), torch.randn(700, dtype=d)], ["x", "bias"],
+                 torch.float32)
+        assert asked == {"fwd", "bwd"}, "the launchers take their configurations from bias_gelu_configs"
+        monkeypatch.undo()
+    labels = torch.randint(0, 5000, (5,))
+    labels[0] = 4999  # a target in the ragged last chunk
+    for rank in range(3):
+        asked = _pin_rank(monkeypatch, k_lm, "ce_configs", cc, rank)
+
+        def ce(h, w, b, y):
+            with fused.use_backend("triton"):
+                return fused.lm_head_cross_entropy(h, w, b, y, 0.1, "mean", chunk_size=4096)
+        _compare(ce, lambda h, w, b, y: k_lm.lm_head_ce_ref(h, w, b, y, 0.1, "mean").float(),
+                 lambda d: [torch.randn(5, 16, dtype=d), torch.randn(5000, 16, dtype=d) / 2,
+                            torch.randn(5000, dtype=d), labels], ["hidden", "weight", "bias"], torch.float32)
+        assert asked == {"fwd", "bwd"}, "the launchers take their configurations from ce_configs"
+        monkeypatch.undo()
