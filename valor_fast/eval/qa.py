@@ -33,11 +33,14 @@ def answer_stats(gt: Sequence[str], train_answers: Optional[Sequence[str]] = Non
 @torch.no_grad()
 def evaluate_qa(model: VALOR, loader, cfg: Config, device, autocast=None,
                 train_answers: Optional[Sequence[str]] = None, beam: Optional[int] = None,
-                max_answer_len: int = 8, predictions: Optional[List[dict]] = None) -> Dict[str, float]:
+                max_answer_len: int = 8, predictions: Optional[List[dict]] = None,
+                source: Optional[str] = None) -> Dict[str, float]:
     """Every QA pair of every clip in `loader`.  Questions are bucketed by token length so a batch
     of prompts shares one length (the cached decoder keeps one position per step); the clip's
     memory is computed once and reused by all its questions.  `predictions`, if a list, receives
-    {video_id, question, answer, prediction, correct} rows."""
+    {video_id, question, answer, prediction, correct} rows.  Non-finite memory (a broken model)
+    raises NonFiniteScoresError naming `source`."""
+    from .metrics import check_finite
     from ..data.tokenizer import get_tokenizer
     tok = get_tokenizer()
     was_training = model.training
@@ -51,6 +54,8 @@ def evaluate_qa(model: VALOR, loader, cfg: Config, device, autocast=None,
             vt = model.encode_video(batch["video"].to(device))
             at = model.encode_audio(batch["audio"].to(device))
             memory, n_video = model.memory(vt, at)
+            check_finite(memory, "decoder memory (video + audio tokens)",
+                         f"{source}, batch starting at clip {batch['video_id'][0]!r}" if source else None)
             has_audio = batch.get("has_audio")
             mm = group_memory_masks([cfg.eval.caption_group], memory.shape[0], n_video, memory.shape[1] - n_video,
                                     None if has_audio is None else has_audio.to(device), device)
