@@ -20,6 +20,7 @@ B, L = 4, 12
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(None, {"model.image_size": "32", "model.patch_size": "8", "model.audio_frames": "128",
+                              "model.text_layers": "1", "model.vision_layers": "1", "model.audio_layers": "1",
                               "train.task": "retrieval", "data.root": "/nonexistent/ds"})
 
 
