@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import Config, dump
+from ..data.annotations import check_splits, run_splits
 from ..data.loader import build_loader
 from ..data.media import BadMediaError, BadMediaTracker
 from ..data.sampler import step_generator
@@ -95,6 +96,7 @@ class Trainer:
         self.device = info.device
         self.run_dir = self._setup_run_dir(run_dir)
         self._setup_runtime()
+        check_splits(cfg.data, run_splits(cfg))   # every split's annotations readable before any work
         self._build()
         self.step = self.start = self._resume()
         self._build_loader()
