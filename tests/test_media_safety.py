@@ -259,17 +259,20 @@ def _strong(ref):
 
 
 def _assert_aac_matches_wav(fa, fw):
-    # AAC at 128 kb/s keeps a tone's partials within ~0.5 dB (0.011 normalised, measured); the
-    # bins far below them hold the codec's shaped quantisation noise, which a perceptual coder
-    # is free to move, so only bins within 40 dB of the peak are compared: max 0.05 normalised
-    # units (2 dB of power), mean 0.005 (0.2 dB).  fp16 storage adds <= 1e-3.
+    # AAC (ffmpeg's encoder, 128 kb/s mono) keeps a tone's partials; the bins far below them hold
+    # the codec's shaped quantisation noise, which a perceptual coder is free to move, so only
+    # bins within 40 dB of the clip's peak are compared.  Measured on this tone: max 0.030
+    # normalised units (1.2 dB of power, in bins near the 40 dB line where the codec noise is
+    # closest), mean 0.00045, fp16 storage included.  Bounds: max 0.06 (2x), mean 0.005 (10x);
+    # a silent or wrongly decoded track misses both by orders of magnitude (a zero track sits at
+    # the log floor, ~1.5 units below).
     n = min(fa.shape[0], fw.shape[0])
     assert abs(fa.shape[0] - fw.shape[0]) <= 1, (fa.shape, fw.shape)
     fa, fw = fa[:n].double(), fw[:n].double()
     m = torch.from_numpy(_strong(fw.numpy()))
     assert int(m.sum()) > 100
     d = (fa - fw).abs()[m]
-    assert d.max() < 0.05 and d.mean() < 0.005, (d.max(), d.mean())
+    assert d.max() < 0.06 and d.mean() < 0.005, (d.max(), d.mean())
 
 
 @pytest.mark.parametrize("cache", [False, True])
