@@ -174,6 +174,7 @@ def cmd_convert(args, over) -> int:
 
 def cmd_eval(args, over) -> int:
     from .data import build_loader, prepare_data
+    from .data.annotations import check_splits
     from .eval.dispatch import evaluate_task
     from .eval.evaluate import format_table
     from .model.valor import build_model
@@ -194,6 +195,7 @@ def cmd_eval(args, over) -> int:
         cfg.train.task = "caption"   # pretrained models: retrieval + captioning
     device = resolve_device(cfg.train.device)
     prepare_data(cfg)
+    check_splits(cfg.data, [args.split])   # the split's annotations readable before the model is built
     model = build_model(cfg.model).to(device)
     if args.ckpt:
         load_model(model, args.ckpt)   # strict: a mismatch raises, naming the keys

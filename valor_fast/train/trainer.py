@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, dump, to_dict, validate
+from ..data.annotations import check_splits, run_splits
 from ..data.loader import build_loader
 from ..data.media import BadMediaError, BadMediaTracker
 from ..data.sampler import step_generator
@@ -121,6 +122,7 @@ class Trainer:
     def _init_run(self) -> None:
         cfg, info = self.cfg, self.info
         self._setup_runtime()
+        check_splits(cfg.data, run_splits(cfg))   # every split's annotations readable before any work
         self._build()
         self.step = self.start = self._resume()
         self._build_loader()
