@@ -7,6 +7,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from .. import ops
+from ..kernels.contrastive import upstream_text_floor
 from ..model.valor import VALOR, Features
 
 GROUP_KEYS = {"tv": "v", "ta": "a", "tav": "av"}
@@ -46,7 +47,7 @@ def text_floor(t: Features, padding: str = "upstream", text_len: int = 42) -> Op
         raise ValueError(f"loss.fine_padding must be one of {PADDINGS}, got {padding!r}")
     if padding == "exclude" or t.mask is None:
         return None
-    return t.mask.sum(1) < text_len
+    return upstream_text_floor(t.mask, text_len)
 
 
 def gather_features(t: Features, v: Features, a: Features, has_audio: Optional[torch.Tensor]):
