@@ -157,6 +157,19 @@ def cmd_embed(args, over) -> int:
     return 0
 
 
+def _frame_slots(arg: str):
+    """--frame-slots: auto | none | N,S."""
+    if arg in ("auto", "none"):
+        return None if arg == "none" else "auto"
+    try:
+        n, s = (int(x) for x in arg.split(","))
+    except ValueError:
+        raise SystemExit(f"--frame-slots must be auto, none or N,S (frames,slices), got {arg!r}")
+    if n < 1 or s < 1:
+        raise SystemExit(f"--frame-slots: frames and slices must be >= 1, got {arg!r}")
+    return n, s
+
+
 def cmd_convert(args, over) -> int:
     from .config import load_config
     from .model.convert import load_valor_checkpoint
@@ -164,7 +177,7 @@ def cmd_convert(args, over) -> int:
     from .train.checkpoint import save_model, write_json
     cfg = load_config(args.config, over)
     model = build_model(cfg.model)
-    rep = load_valor_checkpoint(model, args.ckpt)
+    rep = load_valor_checkpoint(model, args.ckpt, frame_slots=_frame_slots(args.frame_slots))
     save_model(model, args.out, metadata={"converted_from": os.path.basename(args.ckpt), "size": cfg.model.size})
     write_json(args.out + ".report.json", rep)
     print(f"{rep['loaded']} tensors converted -> {args.out}; {len(rep['missing'])} of ours left at init, "
@@ -385,6 +398,10 @@ def _model_parsers(sub) -> None:
     sv.add_argument("ckpt", help="upstream model_step_N.pt (read with weights_only=True)")
     sv.add_argument("--config", default=None, help="recipe of the matching size (configs/base.yaml, ...)")
     sv.add_argument("--out", required=True)
+    sv.add_argument("--frame-slots", default="auto",
+                    help="frame-embedding rows past the pretraining frames,slices are copies of the last trained "
+                         "one, as upstream's fine-tuning load does: auto (VALOR-B 4,1; VALOR-L 2,1), N,S, or none "
+                         "(the tensors as saved)")
 
 
 def _data_parser(sub) -> None:

@@ -107,6 +107,39 @@ class LossConfig:
     grouped_decoder: bool = True
     """MGC: run the groups as one decoder pass stacked on the batch, memory K/V projected once
     (False: one pass per group, the unfused baseline; same losses)."""
+    fine_padding: str = "upstream"
+    """Fine similarity with padded captions: upstream (VALOR's: the token similarities are
+    multiplied by the 0/1 masks, so a caption shorter than fine_text_len tokens lets its padding
+    into the max over text tokens as 0 - the clip-side term becomes max(0, best real match)) or
+    exclude (padding takes part in no max).  exclude is the better-founded rule - a score then
+    depends only on the caption's own tokens, not on how far it was padded, and negative best
+    matches keep their gradient - but a checkpoint converted from upstream was trained and is
+    scored with the floor.  The token-weight softmax excludes padding either way.  Used by MGA and
+    by retrieval scoring.  The embedded default's recipes (configs/tiny.yaml, finetune_*.yaml)
+    choose exclude."""
+    # rule: fine_padding in {upstream, exclude}
+    fine_text_len: int = 42
+    """fine_padding=upstream: upstream pads every caption to this many positions (max_txt_len 40
+    word pieces + [CLS] + [SEP]), so a caption with fewer real tokens gets the 0 floor whatever
+    our batch's padded length."""
+    # rule: fine_text_len >= 1
+    mask_random_from: int = 106
+    """MGC: the 10% random replacements are uniform ids in [mask_random_from, vocab): 106 is
+    upstream VALOR's range, which includes bert-base-uncased's [unused] tokens 106-998 (ids that
+    never occur in text: 3% of the vocabulary); 999 draws real word pieces only, the better-founded
+    choice (the branch exists to teach robustness to wrong real tokens; an [unused] id is a second
+    [MASK] in disguise) and the one of the embedded default's recipes (configs/tiny.yaml,
+    finetune_*.yaml)."""
+    # rule: 0 <= mask_random_from < model.vocab_size
+    missing_audio: str = "mask"
+    """A clip without audio (batch has_audio False; its spectrogram is all zeros, as upstream's
+    loader gives it): mask (it leaves the T-A and T-AV terms of MGA and MGC, and its audio keys
+    are masked in the decoder, in training and evaluation) or zeros (upstream VALOR: the zero
+    spectrogram's AST tokens take part in every group like real audio; the recipes
+    configs/valor_b.yaml and valor_l.yaml).  mask is the better-founded default: the tokens AST
+    makes of an all-zero input are one fixed vector, so upstream's T-A pairs for such clips teach
+    the model to match captions with nothing."""
+    # rule: missing_audio in {mask, zeros}
 
 
 @dataclass

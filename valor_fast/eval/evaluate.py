@@ -9,7 +9,7 @@ import torch
 from ..config import Config
 from ..model.valor import VALOR, Features
 from ..tasks.mga import similarity_matrix
-from ..tasks.mgc import group_memory_masks
+from ..tasks.mgc import audio_presence, group_memory_masks
 from ..utils.log import get_logger
 from .caption import generate
 from .metrics import caption_metrics, check_finite, duplicate_ids, retrieval_metrics
@@ -106,7 +106,7 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
             if captions and (max_caption_clips is None or n_cap < max_caption_clips):
                 memory, n_video = model.memory(vt, at)
                 mm = group_memory_masks([cfg.eval.caption_group], memory.shape[0], n_video,
-                                        memory.shape[1] - n_video, b.get("has_audio"), device)
+                                        memory.shape[1] - n_video, audio_presence(b, cfg.loss), device)
                 out = generate(model, memory, mm, cfg.eval)
                 for vid, text, caps in zip(b["video_id"], out, b["captions"]):
                     preds[vid] = text
@@ -117,7 +117,7 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
     metrics: Dict[str, float] = {"eval/duplicate_ids": float(report_duplicates(ids, loader, cfg))}
     n = len(ids)
     for g, name in (("tv", "v"), ("ta", "a"), ("tav", "av")):
-        sim = similarity_matrix(model, t, v, a, g, mode)
+        sim = similarity_matrix(model, t, v, a, g, mode, cfg.loss.fine_padding, cfg.loss.fine_text_len)
         metrics.update(retrieval_metrics(sim, text_to_clip, name, source=source))
     if captions and preds:
         metrics.update(caption_metrics(preds, refs))
