@@ -187,7 +187,7 @@ def _fwd_plan(x2: Tensor, r2: Tensor, weight: Optional[Tensor], bias: Optional[T
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), n, float(eps))
     cex = dict(HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=triton.next_power_of_2(n))
     return Launch(_add_ln_fwd_kernel, lambda meta: (m,), args, cex, add_layer_norm_configs(n, x2.dtype, cc, "fwd"),
-                  key=("N",), label="add_layer_norm fwd")
+                  key=("N", "HAS_RES", "HAS_W", "HAS_B"), label="add_layer_norm fwd")
 
 
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -229,7 +229,7 @@ def _bwd_plan(s2: Tensor, weight: Optional[Tensor], dy2: Tensor, dso2: Tensor, d
             triton.cdiv(m, p))
     cex = dict(HAS_W=has_w, HAS_B=has_bias, HAS_DSO=has_dso, BLOCK=triton.next_power_of_2(n))
     return Launch(_add_ln_bwd_kernel, lambda meta: (p,), args, cex, add_layer_norm_configs(n, s2.dtype, cc, "bwd"),
-                  key=("N",), label="add_layer_norm bwd")
+                  key=("N", "HAS_W", "HAS_B", "HAS_DSO"), label="add_layer_norm bwd")
 
 
 def add_layer_norm_bwd(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,

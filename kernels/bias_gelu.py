@@ -175,7 +175,7 @@ def _fwd_plan(x2: Tensor, bias: Optional[Tensor], y: Tensor, act: int, cc: Optio
     args = (x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), m, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     return Launch(_bias_gelu_fwd_kernel, grid, args, dict(HAS_B=bias is not None, ACT=act),
-                  bias_gelu_configs(n, x2.dtype, cc, "fwd"), key=("N",), label="bias_gelu fwd")
+                  bias_gelu_configs(n, x2.dtype, cc, "fwd"), key=("N", "HAS_B", "ACT"), label="bias_gelu fwd")
 
 
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
@@ -209,7 +209,7 @@ def _bwd_plan(x2: Tensor, bias: Optional[Tensor], dy2: Tensor, dx: Tensor, db_pa
     args = (x2, bias if has_b else x2, dy2, dx, db_part if has_b else dx, x2.stride(0), dy2.stride(0), dx.stride(0),
             m, n, rows_per_prog)
     return Launch(_bias_gelu_bwd_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p), args,
-                  dict(HAS_B=has_b, ACT=act), bias_gelu_configs(n, x2.dtype, cc, "bwd"), key=("N",),
+                  dict(HAS_B=has_b, ACT=act), bias_gelu_configs(n, x2.dtype, cc, "bwd"), key=("N", "HAS_B", "ACT"),
                   label="bias_gelu bwd")
 
 

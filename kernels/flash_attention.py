@@ -389,9 +389,16 @@ def _dkdv_configs(Lq: int, Lk: int, d_block: int, fp32: bool, has_bias: bool, ho
         return (config(4, 2, BLOCK_M=32, BLOCK_N=64), config(4, 2, BLOCK_M=64, BLOCK_N=32))
     if has_bias:
         return (config(4, 2, BLOCK_M=64, BLOCK_N=32), config(4, 2, BLOCK_M=32, BLOCK_N=64))
+    if not hop:
+        # sm_80 (ptxas, bf16, head dim 64): 64 keys x 64 queries on 4 warps holds dK, dV and five
+        # score-sized tiles in 255 registers and spills 12 bytes (172 with causal + key padding);
+        # 8 warps do not help (255 registers, 12-164 bytes).  32-key programs: 194 registers, none
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=32), config(4, 2, BLOCK_M=32, BLOCK_N=64))
+    # sm_90: 64x64 on one warpgroup fits (176-228 registers); 128-query steps on two warpgroups
+    # (8 warps, ~180 registers) for longer sequences.  64 keys x 128 on 8 warps spills 28 bytes.
     out = [config(4, 2, BLOCK_M=64, BLOCK_N=64), config(4, 2, BLOCK_M=32, BLOCK_N=64)]
-    if Lk > 64:
-        out.append(config(8, 2, BLOCK_M=64, BLOCK_N=128))
+    if Lq > 64:
+        out.append(config(8, 2, BLOCK_M=128, BLOCK_N=64))
     return unique(out)
 
 
@@ -529,6 +536,11 @@ def _bias_arg(bias: Optional[Tensor], q: Tensor) -> Tuple[Tensor, Tuple[int, int
     return b4, tuple(b4.stride()), b4.shape[0], _row_vec(b4, b4.shape[-1])
 
 
+# what the tuner keys its choice on (besides the tensors' dtypes, which Triton adds): the shape and
+# the mask / bias / causal variant, each of which compiles to different code with its own best tile
+_TUNE_KEY = ("Lq", "Lk", "D", "HAS_KPM", "HAS_BIAS", "CAUSAL")
+
+
 def _strides(*ts: Tensor) -> tuple:
     """(b, h, row) strides of each 4-D tensor, flattened, as the kernels take them."""
     return tuple(s for t in ts for s in t.stride()[:3])
@@ -548,7 +560,7 @@ def _fwd_plan(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
                PRECISION=precision or _precision(q.dtype, q.device), BLOCK_D=_d_block(D), BIAS_VEC=vec)
     cfgs = attention_configs(Lq, Lk, D, q.dtype, causal, bias is not None, cc, "fwd")
     return Launch(_fwd_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), args, cex, cfgs,
-                  key=("Lq", "Lk", "D"), label="flash_attention fwd")
+                  key=_TUNE_KEY, label="flash_attention fwd")
 
 
 def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
@@ -609,11 +621,11 @@ def _bwd_plans(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     dkdv = Launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Lk, m["BLOCK_N"]), B * H),
                   (q, k, v, kpm, bptr, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk, dv), skpm, *bs, nb,
                    H, Lq, Lk, D, float(scale), qk_scale), common, cfg("bwd_dkdv"),
-                  key=("Lq", "Lk", "D"), label="flash_attention bwd dK/dV")
+                  key=_TUNE_KEY, label="flash_attention bwd dK/dV")
     dqk = Launch(_bwd_dq_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H),
                  (q, k, v, kpm, bptr, db_buf, do, lse, delta, dq, *_strides(q, k, v, do, dq), skpm, *bs, nb,
                   *dbs, ndb, H, Lq, Lk, D, float(scale), qk_scale), dict(common, DBIAS_MODE=mode),
-                 cfg("bwd_dq"), key=("Lq", "Lk", "D"), reset_to_zero=("DBIAS",) if mode == 2 else (),
+                 cfg("bwd_dq"), key=_TUNE_KEY + ("DBIAS_MODE",), reset_to_zero=("DBIAS",) if mode == 2 else (),
                  label="flash_attention bwd dQ")
     return pre, dkdv, dqk
 

@@ -172,7 +172,7 @@ def _fwd_chunk_plan(z: Tensor, labels: Tensor, stats: Tuple[Tensor, Tensor, Tens
     n, n_cols = z.shape
     m, s, zy, zs = stats
     return Launch(_ce_fwd_chunk_kernel, lambda meta: (n,), (z, z.stride(0), labels, m, s, zy, zs, v0, n_cols),
-                  dict(HAS_SMOOTH=smooth), ce_configs(n_cols, z.dtype, cc, "fwd"), key=("n_cols",),
+                  dict(HAS_SMOOTH=smooth), ce_configs(n_cols, z.dtype, cc, "fwd"), key=("n_cols", "HAS_SMOOTH"),
                   restore_value=("Mx", "Sx", "ZY", "ZS"), label="lm_head_ce fwd chunk")
 
 

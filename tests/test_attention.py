@@ -340,10 +340,10 @@ def test_attention_configs_rules():
                     assert len(cfgs) <= 4, f"{name} {kernel}: autotune sets stay small"
                     for c in cfgs:
                         meta = dict(c.meta)
-                        if cc == 90 and kernel in ("fwd", "bwd_dq") and meta["BLOCK_M"] == 128:
+                        if cc == 90 and kernel != "bwd_preprocess" and meta["BLOCK_M"] == 128:
                             assert c.num_warps == 8, f"{name} {kernel} {c}: 128-row tiles need 2 warpgroups"
-                        if cc == 90 and kernel == "bwd_dkdv" and meta["BLOCK_N"] == 128:
-                            assert c.num_warps == 8, f"{name} {kernel} {c}"
+                        if cc == 80 and kernel == "bwd_dkdv" and not dtype == torch.float32:
+                            assert meta["BLOCK_M"] * meta["BLOCK_N"] <= 64 * 32, f"{name} {c}: spills on sm_80"
                         if lq <= fa.SHORT_Q and kernel in ("fwd", "bwd_dq", "bwd_preprocess"):
                             assert meta["BLOCK_M"] <= 64, f"{name} {kernel} {c}: short queries, short tiles"
     # the query tile pads the least: 129 and 257 queries in 64-row tiles, 197 in 128-row ones
