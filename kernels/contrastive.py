@@ -8,14 +8,21 @@ ops (the same four functions, same signatures, as the CUDA C++ backend in valor_
     coarse_lse(a, b, temp, lab_off, valid_b)            -> (lse, label logit)   per row of a
     coarse_grad(a, b, temp, scale, lse_a, lse_b, lab_off, lab_coef, tsum, valid_a, valid_b)
                                                           -> (d a, row sums of P * z)
-    fine_fwd(text, wt, tmask, x, y, mw, mmask)           -> S (G, Bt, Bm)
-    fine_bwd(dS, text, wt, tmask, x, y, mw, mmask)       -> (d text, d wt, d x, d y, d mw)
+    fine_fwd(text, wt, tmask, x, y, mw, mmask[, tfloor]) -> S (G, Bt, Bm)
+    fine_bwd(dS, text, wt, tmask, x, y, mw, mmask[, tfloor]) -> (d text, d wt, d x, d y, d mw)
+(tfloor, the text_floor mask, is Triton-only: valor_fast.ops passes the CUDA C++ backend the floor
+as one more text token instead), each built from a `*_plan(s)` function that returns the launch
+(`Plan`: kernel, arguments, constexprs, autotuning configurations, grid) for a target
+architecture, so the ahead-of-time audit compiles exactly what a launch runs;
 plus `check_coarse_args` / `prepare_fine_args` (validation and layout, shared by both backends).
 
 coarse  text (B, D) x modal (B, D), z = text @ modal^T / tau.  The (B, B) logits are never stored:
         forward: `coarse_lse` streams column tiles of the other side and keeps an online
                  log-sum-exp per row; it runs twice (text rows vs modal columns, modal rows vs
                  text columns), so only lse_t (B,) and lse_m (B,) and the label logits are saved.
+                 Rows alone give cdiv(B, 64) programs (64 at B = 4096 for 132 SMs), so the
+                 columns are split too (320 programs at B = 4096 on an H100) and a second small
+                 kernel merges the splits' (max, sum) pairs in a fixed order.
                  A second pass instead of column atomics keeps it deterministic.
         backward: FlashAttention style: `coarse_grad` recomputes z tiles and forms
                  P = exp(z - lse_row) + exp(z - lse_col) - 2 * onehot(label), then dA = P @ B.
@@ -29,10 +36,12 @@ coarse  text (B, D) x modal (B, D), z = text @ modal^T / tau.  The (B, B) logits
         local:   rows are this rank's B, columns all ranks' N*B (labels offset by rank*B); the
                  same two kernels run on the rectangles, with the label diagonal shifted.
 
-fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D).  Each clip's
-        tokens are laid out in P = next_pow2(Mx + My) "slots" (x tokens, then y tokens), and one
-        program scores one text against BB clips: a (TP, BB*P) tile of token sims from one tl.dot,
-        reshaped to (TP, BB, P).  From that one read of the features come the three groups:
+fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D).  One program
+        scores AT = R // T texts packed into R token rows (3 x 40 = 120 of 128 at VALOR's T = 40)
+        against BB clips, as two tiles of token sims: x slots (BB x PX columns, PX = next_pow2(Mx))
+        and y slots (BB x PY), so 4 frames + 1 audio are 64 + 16 columns, none padded; 6% of the
+        similarity MMAs multiply padding at VALOR's shape (61% with one 64-row text against 8
+        slots a clip).  From that one read of the features come the three groups:
             x  : text-side max over x slots, modal-side softmax(w_x) over x slots
             y  : same over y slots
             xy : text-side max = max(max_x, max_y); modal side over the concatenated softmax
@@ -52,9 +61,12 @@ fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D)
 
 Numerics: 16-bit inputs go to tl.dot as-is (exact products, fp32 accumulation); fp32 inputs use
 tf32 when torch allows it for matmuls, else tf32x3.  The gradient products (fp32 P / d_sim times
-features) use tf32x3 (tf32 when allowed for fp32 inputs), so bf16/fp16 gradients are within an
-output rounding of eager's fp32 math.  Under TRITON_INTERPRET (CPU) everything is upcast to fp32
-IEEE (the interpreter's bf16 dot is wrong: `mma` in kernels/_common.py).
+16-bit features) run on 16-bit tensor cores as a hi + lo pair of the input's type (two MMAs,
+~2^-16 relative: within twice eager's float64-checked error, where one 16-bit rounding is not;
+fp16 pre-scales P / d_sim by a power of two so small values stay normal); fp32 inputs keep
+tf32x3 (tf32 when allowed).  Under TRITON_INTERPRET (CPU) everything is upcast to fp32 IEEE and
+the hi / lo split rounded by hand (the interpreter's bf16 dot and casts are wrong: `mma` in
+kernels/_common.py, `_round16`).
 """
 from __future__ import annotations
 
@@ -297,8 +309,8 @@ def _gmma(g, b, TRANS_G: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
     fp32 accumulation.  GPREC:
       "hilo"    16-bit b: g = hi + lo, both in b's type (round to nearest), two tensor-core MMAs
                 with exact products: ~2^-16 relative (bf16; 2^-22 fp16), fp32-grade.
-      "single"  one 16-bit rounding of g, one MMA (~2^-9 relative for bf16): measured too coarse
-                against the float64 bound (bench/measure_contrastive_gprec.py), kept to measure.
+      "single"  one 16-bit rounding of g, one MMA (~2^-9 relative for bf16): too coarse against
+                the float64 check (see `_precisions`), kept so the tests can show it.
       other     "tf32" / "tf32x3" / "ieee": g and b in fp32 (fp32 inputs)."""
     if GPREC == "hilo" or GPREC == "single":
         hi = _round16(g, b.dtype, EMU)
@@ -580,11 +592,11 @@ def _fine_fwd_kernel(
     tval, wt = _fine_text_meta(WT, TM, a_r, i, rlive, T)
     xval, wx, wxc = _fine_slot_meta(MW, MM, s_mw_g, bx, sx, xlive, Mx + My, 0, 0, HAS_Y)
     wpos = (wt > 0)[:, None]
-    t2m_x, _ = _fine_text_max(simx, xval, R, BB, PX)                # (R, BB)
+    t2m_x, ax_ = _fine_text_max(simx, xval, R, BB, PX)              # (R, BB)
     tx = tl.where(wpos, wt[:, None] * t2m_x, 0.0)
     if HAS_Y:
         yval, wy, wyc = _fine_slot_meta(MW, MM, s_mw_g, by, sy, ylive, Mx + My, Mx, 1, HAS_Y)
-        t2m_y, _ = _fine_text_max(simy, yval, R, BB, PY)
+        t2m_y, ay_ = _fine_text_max(simy, yval, R, BB, PY)
         ty = tl.where(wpos, wt[:, None] * t2m_y, 0.0)
         txy = tl.where(wpos, wt[:, None] * tl.maximum(t2m_x, t2m_y), 0.0)  # max over x ++ y
     bb = b0 + tl.arange(0, BB)
@@ -595,12 +607,12 @@ def _fine_fwd_kernel(
         seg = al_r == al
         # text side: softmax(w_text)-weighted sum over the text's tokens; modal side: each slot's
         # best real token, weighted by the group's softmax over the clip's slots
-        mxx, _, _ = _fine_modal_max(simx, seg & tval, _fine_floor(TF, a, bx, Bt, HAS_FLOOR), HAS_FLOOR)
+        mxx, amx_, okx_ = _fine_modal_max(simx, seg & tval, _fine_floor(TF, a, bx, Bt, HAS_FLOOR), HAS_FLOOR)
         sm_x = tl.sum(tl.reshape(tl.where(wx > 0, wx * mxx, 0.0), (BB, PX)), axis=1)
         out = S + a * Bm + bb
         tl.store(out, 0.5 * (tl.sum(tl.where(seg[:, None], tx, 0.0), axis=0) + sm_x), mask=om)
         if HAS_Y:
-            mxy, _, _ = _fine_modal_max(simy, seg & tval, _fine_floor(TF, a, by, Bt, HAS_FLOOR), HAS_FLOOR)
+            mxy, amy_, oky_ = _fine_modal_max(simy, seg & tval, _fine_floor(TF, a, by, Bt, HAS_FLOOR), HAS_FLOOR)
             sm_y = tl.sum(tl.reshape(tl.where(wy > 0, wy * mxy, 0.0), (BB, PY)), axis=1)
             sm_xy = (tl.sum(tl.reshape(tl.where(wxc > 0, wxc * mxx, 0.0), (BB, PX)), axis=1)
                      + tl.sum(tl.reshape(tl.where(wyc > 0, wyc * mxy, 0.0), (BB, PY)), axis=1))
@@ -840,11 +852,14 @@ def _bk(D: int, dtype: torch.dtype) -> int:
 
 def coarse_lse_configs(D: int, dtype: torch.dtype, arch: Optional[Arch]) -> List[dict]:
     """`_coarse_lse_kernel`: (BM, BN) z tiles.  64 x 64 on one warpgroup (4 warps: a 64 x 64
-    wgmma on sm_90a; 8 warps would split it into two thin 64 x 32 ones), 128-row tiles on 8."""
+    wgmma on sm_90a; 8 warps would split it into two thin 64 x 32 ones), 128-row tiles on 8.
+    Audited (bf16, D = 512): sm_80 BK = 64 with 3 stages spills 32 bytes, BK = 32 none (161
+    registers); sm_90a BK = 64, 3 stages: 144 registers, none."""
     if arch is None:
         return [_cfg(1, 1, BM=8, BN=8, BK=16)]
     bk = _bk(D, dtype)
-    return [_cfg(4, 3, BM=64, BN=64, BK=bk), _cfg(8, 3, BM=128, BN=64, BK=bk), _cfg(4, 3, BM=64, BN=128, BK=bk)]
+    first = _cfg(4, 3, BM=64, BN=64, BK=min(bk, 32) if arch.cc < 90 else bk)
+    return [first, _cfg(4, 2, BM=64, BN=64, BK=bk), _cfg(8, 3, BM=128, BN=64, BK=bk)]
 
 
 def coarse_lse_split(Ra: int, Rb: int, arch: Optional[Arch]) -> Tuple[int, int]:
@@ -864,12 +879,14 @@ def coarse_lse_split(Ra: int, Rb: int, arch: Optional[Arch]) -> Tuple[int, int]:
 
 def coarse_grad_configs(D: int, dtype: torch.dtype, arch: Optional[Arch]) -> List[dict]:
     """`_coarse_grad_kernel`: 64 x 64 z tiles on 4 warps, dA blocks of BD columns (z recomputed
-    once per D block: 4x at D = 512 with BD = 128, the trade for no (B, D) fp32 atomics)."""
+    once per D block: 8x at D = 512 with BD = 64, the trade for no (B, D) fp32 atomics).
+    Audited (bf16, D = 512): BD = 128 on 4 warps spills (520 bytes sm_80, 72 sm_90a); BD = 64 on
+    4 warps none (254 / 185 registers); BD = 128 on 8 warps none (207 / 190), half the z recompute."""
     if arch is None:
         return [_cfg(1, 1, BM=8, BN=8, BK=16, BD=16)]
-    bk, bd = _bk(D, dtype), min(128, max(16, _p2(D)))
-    return [_cfg(4, 2, BM=64, BN=64, BK=bk, BD=bd), _cfg(4, 3, BM=64, BN=64, BK=bk, BD=min(bd, 64)),
-            _cfg(8, 2, BM=128, BN=64, BK=bk, BD=bd)]
+    bk, bd = _bk(D, dtype), min(64, max(16, _p2(D)))
+    return [_cfg(4, 2, BM=64, BN=64, BK=bk, BD=bd), _cfg(8, 2, BM=64, BN=64, BK=bk, BD=min(128, max(16, _p2(D)))),
+            _cfg(4, 2, BM=64, BN=64, BK=bk, BD=min(bd, 32))]
 
 
 def fine_tile(T: int, Mx: int, My: int, R: int, BB: int, min_cols: int) -> dict:
@@ -896,35 +913,44 @@ def fine_waste_unpacked(T: int, Mx: int, My: int) -> float:
 
 def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype,
                  arch: Optional[Arch]) -> List[dict]:
-    """kind "fwd" / "text" (d_text) / "modal" (d_modal).  Rows: 64 for T <= 32 (AT = 64 // T texts),
-    else 128 (3 x 40 = 120 live at VALOR's T = 40); 16 clips a tile (4 frames + 1 audio: 64 + 16
-    columns, none padded).  Backward: D blocks of BD columns, the sim tile recomputed per block."""
+    """kind "fwd" / "text" (d_text) / "modal" (d_modal).  Rows: 64 for T <= 32 (AT = 64 // T
+    texts), else 128 (3 x 40 = 120 live at VALOR's T = 40).  Forward: 16 clips a tile (4 frames +
+    1 audio: 64 + 16 columns, none padded; 6% of the MMAs multiply padding), 8 warps (a 128-row
+    tile; 4 warps reach 255 registers).  Backward (sim tile and argmaxes recomputed per D block
+    of BD columns, next to the d_sim tiles and the accumulator): 8 clips (y padded to 2 slots:
+    22% padding) and BD = 32 where that does not spill; on sm_80 the 128-row backward spills
+    (156-1376 bytes), so it takes one text of 64 rows (48% padding in the backward's sim MMAs).
+    Every first configuration is audited spill-free in bf16 at VALOR's shape."""
     if kind not in ("fwd", "text", "modal"):
         raise ValueError(f"fine_configs: kind must be fwd, text or modal, got {kind!r}")
     if arch is None:
         t = fine_tile(T, Mx, My, 16 if T <= 8 else _p2(T), 4, 8)
         return [_cfg(1, 1, BK=16, **t, **({} if kind == "fwd" else dict(BD=16)))]
     R = 64 if T <= 32 else 128
-    bk, bd = _bk(D, dtype), min(128, max(16, _p2(D)))
-    t16 = fine_tile(T, Mx, My, R, 16, 16)
+    bk = _bk(D, dtype)
     if kind == "fwd":
-        return [_cfg(4, 3, BK=bk, **t16), _cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 32, 16)),
-                _cfg(8, 2, BK=bk, **t16)]
+        return [_cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 16, 16)),
+                _cfg(4, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16)), _cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16))]
+    bd = min(32, max(16, _p2(D)))
+    rb = R if arch.cc >= 90 else max(64, _p2(T))
     if kind == "text":
-        return [_cfg(8, 2, BK=bk, BD=min(bd, 64), **t16), _cfg(8, 2, BK=bk, BD=bd, **t16),
-                _cfg(4, 2, BK=bk, BD=min(bd, 32), **t16)]
-    return [_cfg(8, 2, BK=bk, BD=min(bd, 64), **t16), _cfg(8, 2, BK=bk, BD=bd, **t16),
-            _cfg(4, 2, BK=bk, BD=min(bd, 32), **t16)]
+        return [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, rb, 8, 16)),
+                _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, max(64, _p2(T)), 16, 16))]
+    return [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, max(64, _p2(T)), 8, 16)),
+            _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, max(64, _p2(T)), 16, 16))]
 
 
-def _precisions(dtype: torch.dtype, device: torch.device) -> Tuple[str, str, bool]:
+def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, bool]:
     """(PREC for the feature products, GPREC for the fp32-by-feature gradient products, EMU).
     16-bit inputs: features as-is on tensor cores; gradient products as a 16-bit hi + lo pair
-    (two MMAs; a single 16-bit rounding of P / d_sim exceeds twice eager's float64-checked error
-    on some seeds: bench/measure_contrastive_gprec.py).  fp32: tf32 when torch allows it for
-    matmuls, else tf32x3.  EMU: the CPU interpreter (16-bit operands upcast, hi / lo rounded by
-    hand: the products a tensor core forms)."""
-    if device.type != "cuda":  # only reachable under TRITON_INTERPRET
+    (two MMAs with exact products, fp32 accumulation: P / d_sim kept to ~2^-16 relative).  One
+    16-bit rounding of P / d_sim ("single", one MMA) is cheaper but too coarse: 15-57% of the bf16
+    gradient elements then differ from round(float64 truth), against <= 1.3% with hi / lo (the
+    same scheme measured on the csrc kernels, tests/test_csrc_contrastive.py; here
+    tests/test_contrastive.py::test_gradient_products_single_rounding_is_too_coarse).
+    fp32: tf32 when torch allows it for matmuls, else tf32x3.  arch None: the CPU interpreter
+    (EMU: 16-bit operands upcast, hi / lo rounded by hand: the products a tensor core forms)."""
+    if arch is None:  # only reachable under TRITON_INTERPRET
         return "upcast", (_GPREC_OVERRIDE or "hilo") if dtype != torch.float32 else "ieee", True
     if dtype == torch.float32:
         p = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
@@ -932,7 +958,7 @@ def _precisions(dtype: torch.dtype, device: torch.device) -> Tuple[str, str, boo
     return "native", _GPREC_OVERRIDE or "hilo", False
 
 
-_GPREC_OVERRIDE: Optional[str] = None  # "single": bench/measure_contrastive_gprec.py only
+_GPREC_OVERRIDE: Optional[str] = None  # "single": the tests' measurement of the rejected choice
 
 _TUNED: Dict[tuple, object] = {}
 COARSE_KEY = ("Ra", "Rb", "D")
@@ -949,6 +975,22 @@ def tuned(kernel, configs: List[dict], key: Tuple[str, ...]):
                             num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
         t = _TUNED.setdefault(k, triton.autotune(configs=tc, key=list(key))(kernel))
     return t
+
+
+class Plan(NamedTuple):
+    """One launch as the launcher makes it: the kernel, its positional arguments, the constexprs
+    fixed by the call, the configurations autotuned over (the first is the default), the
+    autotune key and the grid (a function of a configuration).  `run()` launches it; the audit
+    (bench/audit_contrastive.py) compiles the same arguments on meta tensors for sm_80 / sm_90a."""
+    kernel: object
+    args: tuple
+    constexprs: dict
+    configs: List[dict]
+    key: Tuple[str, ...]
+    grid: object
+
+    def run(self) -> None:
+        tuned(self.kernel, self.configs, self.key)[self.grid](*self.args, **self.constexprs)
 
 
 def _grad_buffer(x: Tensor, zero: bool = False) -> Tensor:
@@ -1007,29 +1049,59 @@ def _mask_arg(valid: Optional[Tensor], dummy: Tensor) -> Tensor:
     return dummy if valid is None else valid.to(torch.uint8).contiguous()
 
 
-def coarse_lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int = 0,
-               valid_b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Rows of a (Ra, D) vs columns b (Rb, D), both contiguous in one dtype; temp (1,).  ->
-    (lse (Ra,) fp32 over the valid columns, +inf for a row with none; label logit z_{i, i+lab_off}
-    (Ra,) fp32).  valid_b: (Rb,) bool or None (every column).  Two launches: the column splits
-    (`coarse_lse_split`), then their merge."""
+def coarse_lse_plans(a: Tensor, b: Tensor, temp: Tensor, lab_off: int, valid_b: Optional[Tensor],
+                     arch: Optional[Arch]) -> Tuple[List[Plan], Tensor, Tensor]:
+    """The two launches of `coarse_lse` on target `arch` (None: the interpreter) and its outputs:
+    the column splits (`coarse_lse_split`: enough programs for the SMs), then their merge."""
     Ra, D = a.shape
     Rb = b.shape[0]
     lse = torch.empty(Ra, dtype=torch.float32, device=a.device)
     zl = torch.empty(Ra, dtype=torch.float32, device=a.device)
-    if Ra == 0:
-        return lse, zl
-    arch = arch_of(a.device)
     nsplit, cps = coarse_lse_split(Ra, Rb, arch)
     part = torch.empty((3, nsplit, Ra), dtype=torch.float32, device=a.device)
-    prec, _, _ = _precisions(a.dtype, a.device)
-    kern = tuned(_coarse_lse_kernel, coarse_lse_configs(D, a.dtype, arch), COARSE_KEY)
-    kern[lambda m: (triton.cdiv(Ra, m["BM"]), nsplit)](
-        a, b, temp, _mask_arg(valid_b, lse), part, Ra, Rb, D, a.stride(0), b.stride(0), lab_off, cps,
-        HAS_VALID=valid_b is not None, PREC=prec)
-    _coarse_lse_merge_kernel[(triton.cdiv(Ra, 256 if arch else 8),)](part, lse, zl, Ra, nsplit,
-                                                                     BR=256 if arch else 8)
+    prec, _, _ = _precisions(a.dtype, arch)
+    split = Plan(_coarse_lse_kernel,
+                 (a, b, temp, _mask_arg(valid_b, lse), part, Ra, Rb, D, a.stride(0), b.stride(0), lab_off, cps),
+                 dict(HAS_VALID=valid_b is not None, PREC=prec), coarse_lse_configs(D, a.dtype, arch), COARSE_KEY,
+                 lambda m: (triton.cdiv(Ra, m["BM"]), nsplit))
+    br = 8 if arch is None else 256
+    merge = Plan(_coarse_lse_merge_kernel, (part, lse, zl, Ra, nsplit), {}, [_cfg(4 if arch else 1, 1, BR=br)],
+                 ("Ra",), lambda m: (triton.cdiv(Ra, m["BR"]),))
+    return [split, merge], lse, zl
+
+
+def coarse_lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int = 0,
+               valid_b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Rows of a (Ra, D) vs columns b (Rb, D), both contiguous in one dtype; temp (1,).  ->
+    (lse (Ra,) fp32 over the valid columns, +inf for a row with none; label logit z_{i, i+lab_off}
+    (Ra,) fp32).  valid_b: (Rb,) bool or None (every column)."""
+    plans, lse, zl = coarse_lse_plans(a, b, temp, lab_off, valid_b, arch_of(a.device))
+    if a.shape[0] > 0:
+        for pl in plans:
+            pl.run()
     return lse, zl
+
+
+def coarse_grad_plan(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor],
+                     lse_b: Optional[Tensor], lab_off: int, lab_coef: float, tsum: bool,
+                     valid_a: Optional[Tensor], valid_b: Optional[Tensor], arch: Optional[Arch]
+                     ) -> Tuple[Plan, Tensor, Optional[Tensor]]:
+    """The launch of `coarse_grad` on target `arch` and its outputs (da, row sums or None)."""
+    Ra, D = a.shape
+    da = _grad_buffer(a)
+    ts = torch.empty(Ra, dtype=torch.float32, device=a.device) if tsum else None
+    prec, gprec, emu = _precisions(a.dtype, arch)
+    # fp16: |P| <= 2 + |coef| (each exp term <= 1), scaled below 2^12 so small probabilities stay normal
+    ps = float(_pow2_scale(torch.tensor(2.0 + abs(float(lab_coef))))) if a.dtype == torch.float16 else 1.0
+    plan = Plan(_coarse_grad_kernel,
+                (a, b, temp, scale, lse_a if lse_a is not None else scale, lse_b if lse_b is not None else scale,
+                 _mask_arg(valid_a, scale), _mask_arg(valid_b, scale), da, ts if ts is not None else scale,
+                 Ra, b.shape[0], D, a.stride(0), b.stride(0), da.stride(0), lab_off, float(lab_coef), ps),
+                dict(HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_VALID=valid_a is not None,
+                     COMPUTE_TSUM=tsum, PREC=prec, GPREC=gprec, EMU=emu),
+                coarse_grad_configs(D, a.dtype, arch), COARSE_KEY,
+                lambda m: (triton.cdiv(Ra, m["BM"]), triton.cdiv(D, m["BD"])))
+    return plan, da, ts
 
 
 def coarse_grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor],
@@ -1041,21 +1113,10 @@ def coarse_grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Option
     bool, both or neither."""
     if (valid_a is None) != (valid_b is None):
         raise ValueError("coarse_grad: valid_a and valid_b go together")
-    Ra, D = a.shape
-    da = _grad_buffer(a)
-    ts = torch.empty(Ra, dtype=torch.float32, device=a.device) if tsum else None
-    if Ra == 0:
-        return da.to(a.dtype), ts
-    prec, gprec, emu = _precisions(a.dtype, a.device)
-    # fp16: |P| <= 2 + |coef| (each exp term <= 1), scaled below 2^12 so small probabilities stay normal
-    ps = float(_pow2_scale(torch.tensor(2.0 + abs(float(lab_coef))))) if a.dtype == torch.float16 else 1.0
-    kern = tuned(_coarse_grad_kernel, coarse_grad_configs(D, a.dtype, arch_of(a.device)), COARSE_KEY)
-    kern[lambda m: (triton.cdiv(Ra, m["BM"]), triton.cdiv(D, m["BD"]))](
-        a, b, temp, scale, lse_a if lse_a is not None else scale, lse_b if lse_b is not None else scale,
-        _mask_arg(valid_a, scale), _mask_arg(valid_b, scale), da, ts if ts is not None else scale,
-        Ra, b.shape[0], D, a.stride(0), b.stride(0), da.stride(0), lab_off, float(lab_coef), ps,
-        HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_VALID=valid_a is not None,
-        COMPUTE_TSUM=tsum, PREC=prec, GPREC=gprec, EMU=emu)
+    plan, da, ts = coarse_grad_plan(a, b, temp, scale, lse_a, lse_b, lab_off, lab_coef, tsum, valid_a, valid_b,
+                                    arch_of(a.device))
+    if a.shape[0] > 0:
+        plan.run()
     return da.to(a.dtype), ts
 
 
@@ -1122,6 +1183,19 @@ def _fine_grid_rows(m, Bt: int, T: int) -> int:
     return triton.cdiv(Bt, min(m["R"] // T, ATMAX))
 
 
+def fine_fwd_plan(text, wt, tmask, x, y, mw, mmask, tfloor, arch: Optional[Arch]) -> Tuple[Plan, Tensor]:
+    """The launch of `fine_fwd` on target `arch` (prepared arguments) and its output S."""
+    (Bt, Bm, T, Mx, My, D), strides, flags = _fine_common(text, x, y, mw, tfloor)
+    S = torch.empty((mw.shape[0], Bt, Bm), dtype=torch.float32, device=text.device)
+    prec, _, _ = _precisions(text.dtype, arch)
+    plan = Plan(_fine_fwd_kernel,
+                (text, wt, tmask, tmask if tfloor is None else tfloor, x, x if y is None else y, mw, mmask, S,
+                 Bt, Bm, T, Mx, My, D, *strides, S.stride(0)),
+                dict(PREC=prec, **flags), fine_configs("fwd", T, Mx, My, D, text.dtype, arch), FINE_KEY,
+                lambda m: (_fine_grid_rows(m, Bt, T), triton.cdiv(Bm, m["BB"])))
+    return plan, S
+
+
 def fine_fwd(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
              mmask: Tensor, tfloor: Optional[Tensor] = None) -> Tensor:
     """Fine similarity of every text vs every clip for the groups x, (y, x++y).
@@ -1132,17 +1206,38 @@ def fine_fwd(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Ten
     tfloor (Bt,) or None: texts whose modal-side maxima are floored at 0 (text_floor).
     Returns S (G, Bt, Bm) fp32."""
     text, wt, tmask, x, y, mw, mmask, *tf = prepare_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor)
-    tfloor = tf[0] if tf else None
-    (Bt, Bm, T, Mx, My, D), strides, flags = _fine_common(text, x, y, mw, tfloor)
-    S = torch.empty((mw.shape[0], Bt, Bm), dtype=torch.float32, device=text.device)
-    if Bt == 0 or Bm == 0:
-        return S
-    prec, _, _ = _precisions(text.dtype, text.device)
-    kern = tuned(_fine_fwd_kernel, fine_configs("fwd", T, Mx, My, D, text.dtype, arch_of(text.device)), FINE_KEY)
-    kern[lambda m: (_fine_grid_rows(m, Bt, T), triton.cdiv(Bm, m["BB"]))](
-        text, wt, tmask, tmask if tfloor is None else tfloor, x, x if y is None else y, mw, mmask, S,
-        Bt, Bm, T, Mx, My, D, *strides, S.stride(0), PREC=prec, **flags)
+    plan, S = fine_fwd_plan(text, wt, tmask, x, y, mw, mmask, tf[0] if tf else None, arch_of(text.device))
+    if S.numel() > 0:
+        plan.run()
     return S
+
+
+def fine_bwd_plans(dS, text, wt, tmask, x, y, mw, mmask, tfloor, arch: Optional[Arch]):
+    """The two launches of `fine_bwd` (d_text, d_modal) on target `arch` (prepared arguments, dS
+    fp32 contiguous) and its buffers (d_text, g_wt, d_x, d_y, g_mw)."""
+    (Bt, Bm, T, Mx, My, D), strides, flags = _fine_common(text, x, y, mw, tfloor)
+    d_text, d_x = _grad_buffer(text, zero=True), _grad_buffer(x, zero=True)
+    d_y = _grad_buffer(y, zero=True) if y is not None else text.new_empty((0,))
+    g_wt = torch.zeros((Bt, T), dtype=torch.float32, device=text.device)
+    g_mw = torch.zeros(tuple(mw.shape), dtype=torch.float32, device=text.device)
+    prec, gprec, emu = _precisions(text.dtype, arch)
+    fp16 = text.dtype == torch.float16
+    tot = dS.abs().sum(0) if fp16 else None  # (Bt, Bm): bounds every d_sim entry of the pair
+    sc_t, sc_m = (_pow2_scale(tot.amax(1)), _pow2_scale(tot.amax(0))) if fp16 else (dS, dS)
+    common = (tmask if tfloor is None else tfloor, x, x if y is None else y, mw, mmask, dS)
+    flags.update(HAS_SCALE=fp16, PREC=prec, GPREC=gprec, EMU=emu)
+    dy = d_y if y is not None else d_x
+    text_plan = Plan(_fine_bwd_text_kernel,
+                     (text, wt, tmask, *common, sc_t, d_text, g_wt, Bt, Bm, T, Mx, My, D, *strides, dS.stride(0),
+                      d_text.stride(0), d_text.stride(1)),
+                     flags, fine_configs("text", T, Mx, My, D, text.dtype, arch), FINE_KEY,
+                     lambda m: (_fine_grid_rows(m, Bt, T), triton.cdiv(D, m["BD"])))
+    modal_plan = Plan(_fine_bwd_modal_kernel,
+                      (text, wt, tmask, *common, sc_m, d_x, dy, g_mw, Bt, Bm, T, Mx, My, D, *strides, dS.stride(0),
+                       d_x.stride(0), d_x.stride(1), dy.stride(0), dy.stride(1)),
+                      flags, fine_configs("modal", T, Mx, My, D, text.dtype, arch), FINE_KEY,
+                      lambda m: (triton.cdiv(Bm, m["BB"]), triton.cdiv(D, m["BD"])))
+    return [text_plan, modal_plan], (d_text, g_wt, d_x, d_y, g_mw)
 
 
 def fine_bwd(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
@@ -1151,28 +1246,9 @@ def fine_bwd(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: 
     g_wt / g_mw are gradients w.r.t. the softmaxed weights.  fp16: d_sim is pre-scaled per text
     (d_text) and per clip (d_modal) by a power of two from a bound on its entries, sum_g |dS_g|."""
     text, wt, tmask, x, y, mw, mmask, *tf = prepare_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor)
-    tfloor = tf[0] if tf else None
-    dS = dS.float().contiguous()
-    (Bt, Bm, T, Mx, My, D), strides, flags = _fine_common(text, x, y, mw, tfloor)
-    d_text, d_x = _grad_buffer(text, zero=True), _grad_buffer(x, zero=True)
-    d_y = _grad_buffer(y, zero=True) if y is not None else text.new_empty((0,))
-    g_wt = torch.zeros((Bt, T), dtype=torch.float32, device=text.device)
-    g_mw = torch.zeros(tuple(mw.shape), dtype=torch.float32, device=text.device)
-    if Bt > 0 and Bm > 0:
-        prec, gprec, emu = _precisions(text.dtype, text.device)
-        arch = arch_of(text.device)
-        fp16 = text.dtype == torch.float16
-        tot = dS.abs().sum(0) if fp16 else None  # (Bt, Bm): bounds every d_sim entry of the pair
-        sc_t, sc_m = (_pow2_scale(tot.amax(1)), _pow2_scale(tot.amax(0))) if fp16 else (dS, dS)
-        common = (tmask if tfloor is None else tfloor, x, x if y is None else y, mw, mmask, dS)
-        flags.update(HAS_SCALE=fp16, PREC=prec, GPREC=gprec, EMU=emu)
-        kt = tuned(_fine_bwd_text_kernel, fine_configs("text", T, Mx, My, D, text.dtype, arch), FINE_KEY)
-        kt[lambda m: (_fine_grid_rows(m, Bt, T), triton.cdiv(D, m["BD"]))](
-            text, wt, tmask, *common, sc_t, d_text, g_wt, Bt, Bm, T, Mx, My, D, *strides, dS.stride(0),
-            d_text.stride(0), d_text.stride(1), **flags)
-        dy = d_y if y is not None else d_x
-        km = tuned(_fine_bwd_modal_kernel, fine_configs("modal", T, Mx, My, D, text.dtype, arch), FINE_KEY)
-        km[lambda m: (triton.cdiv(Bm, m["BB"]), triton.cdiv(D, m["BD"]))](
-            text, wt, tmask, *common, sc_m, d_x, dy, g_mw, Bt, Bm, T, Mx, My, D, *strides, dS.stride(0),
-            d_x.stride(0), d_x.stride(1), dy.stride(0), dy.stride(1), **flags)
+    plans, (d_text, g_wt, d_x, d_y, g_mw) = fine_bwd_plans(dS.float().contiguous(), text, wt, tmask, x, y, mw,
+                                                           mmask, tf[0] if tf else None, arch_of(text.device))
+    if text.shape[0] > 0 and x.shape[0] > 0:
+        for pl in plans:
+            pl.run()
     return (d_text.to(text.dtype), g_wt, d_x.to(x.dtype), d_y.to(y.dtype) if y is not None else d_y, g_mw)

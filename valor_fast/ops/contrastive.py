@@ -245,6 +245,17 @@ def _ones_mask(x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
 
+def _floor_as_token(text, wt, tmask, text_floor):
+    """The CUDA C++ kernels take no floor: it rides as one more text token, a zero feature
+    (similarity exactly 0 with every modal token), real for the modal-side max of the floored
+    texts only, weight 0 on the text side, last (so an exact-0 tie goes to the real token: first
+    index wins).  Its gradients are dropped.  (The Triton kernels floor in-kernel: HAS_FLOOR.)"""
+    Bt, _, D = text.shape
+    text = torch.cat([text, text.new_zeros((Bt, 1, D))], 1)
+    wt = torch.cat([wt, wt.new_zeros((Bt, 1))], 1)
+    return text, wt, torch.cat([tmask, text_floor[:, None]], 1)
+
+
 def _fine_sims(backend: str, text, text_weight, text_mask, parts, text_floor=None) -> List[torch.Tensor]:
     """parts: [(modal, weight, mask)] of one group, or two groups x, y -> [S_x] or [S_x, S_y, S_x++y],
     each (Bt, Bm).  text_floor: (Bt,) bool or None (see kc.fine_similarity_ref)."""
@@ -259,6 +270,9 @@ def _fine_sims(backend: str, text, text_weight, text_mask, parts, text_floor=Non
         return out
     wt = kc.masked_softmax(text_weight, text_mask, text)  # (Bt, T), zero at padding
     tmask = _ones_mask(text) if text_mask is None else text_mask
+    if text_floor is not None and backend == "cuda":
+        text, wt, tmask = _floor_as_token(text, wt, tmask, text_floor)
+        text_floor = None
     if len(parts) == 1:
         x, wx, mx = parts[0]
         mw = kc.masked_softmax(wx, mx, x)[None]  # (1, Bm, Mx)
