@@ -918,8 +918,9 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
     1 audio: 64 + 16 columns, none padded; 6% of the MMAs multiply padding), 8 warps (a 128-row
     tile; 4 warps reach 255 registers).  Backward (sim tile and argmaxes recomputed per D block
     of BD columns, next to the d_sim tiles and the accumulator): 8 clips (y padded to 2 slots:
-    22% padding) and BD = 32 where that does not spill; on sm_80 the 128-row backward spills
-    (156-1376 bytes), so it takes one text of 64 rows (48% padding in the backward's sim MMAs).
+    22% padding) and BD = 32 where that does not spill: d_text on sm_90a packs 3 texts in 128
+    rows (22%), d_modal takes one text of 64 rows (48%); on sm_80 the 128-row backward spills
+    (156-1376 bytes), so both take one text of 64 rows, and d_modal 4 clips (61%).
     Every first configuration is audited spill-free in bf16 at VALOR's shape."""
     if kind not in ("fwd", "text", "modal"):
         raise ValueError(f"fine_configs: kind must be fwd, text or modal, got {kind!r}")
@@ -932,12 +933,14 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
         return [_cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 16, 16)),
                 _cfg(4, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16)), _cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16))]
     bd = min(32, max(16, _p2(D)))
-    rb = R if arch.cc >= 90 else max(64, _p2(T))
-    if kind == "text":
-        return [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, rb, 8, 16)),
-                _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, max(64, _p2(T)), 16, 16))]
-    return [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, max(64, _p2(T)), 8, 16)),
-            _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, max(64, _p2(T)), 16, 16))]
+    r64 = max(64, _p2(T))
+    if arch.cc >= 90:  # the alternative: one text of 64 rows against 16 clips (no spills either)
+        alt = [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 16, 16))]
+        first = fine_tile(T, Mx, My, R, 8, 16) if kind == "text" else fine_tile(T, Mx, My, r64, 8, 16)
+    else:  # sm_80: every other audited tile spills; d_modal keeps 4 clips (y padded to 4 slots)
+        alt = []
+        first = fine_tile(T, Mx, My, r64, 8 if kind == "text" else 4, 16)
+    return [_cfg(8, 2, BK=bk, BD=bd, **first)] + alt
 
 
 def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, bool]:
