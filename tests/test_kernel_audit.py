@@ -8,8 +8,9 @@ What CI audits (a representative subset): each family's *default* cases -- a cas
 "/" (a family may instead list its CI cases in `CI_CASES`): the first configuration of the set
 each launcher autotunes over, bf16, at its VALOR shape (attention: ViT-B/16, decoder causal +
 key padding, Swin's bias forward and bias-gradient backward; fused: add+LN 768, bias+GELU 3072,
-CE 4096-column chunks): 28 rows, 25 s user + 3 s system CPU with a cold Triton cache on the
-2-core CI machine for attention + fused.  The full sweep (every configuration of every set, every
+CE 4096-column chunks; contrastive: each kernel at each VALOR batch size): 52 rows (28 attention +
+fused, 24 contrastive), 47 s user + 4 s system CPU with a cold Triton cache on the 2-core CI
+machine (attention + fused alone: 25 s + 3 s).  The full sweep (every configuration of every set, every
 VALOR shape, bf16 / fp16 / fp32: 898 rows, 4 min 52 s user + 34 s system CPU, too long for CI) is
 `python bench/kernel_audit.py --check`, whose rows are committed in bench/results/kernel_audit.jsonl.  The csrc kernels' audit is tests/test_csrc_build.py (its nvcc
 build is shared with the other csrc tests).
