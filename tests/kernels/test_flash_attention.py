@@ -267,7 +267,7 @@ def test_input_validation():
         A.attention(q, k.double(), k)
     with pytest.raises(ValueError, match="head dim 256"):
         flash_attention(torch.randn(1, 1, 4, 256), torch.randn(1, 1, 4, 256), torch.randn(1, 1, 4, 256))
-    with pytest.raises(ValueError, match="bias must be"):  # bias shapes: tests/test_attention_bias.py
+    with pytest.raises(ValueError, match="bias must be"):  # bias shapes: tests/kernels/test_flash_attention_bias.py
         flash_attention(q, k, k, bias=torch.zeros(2, 9, 5))
 
 

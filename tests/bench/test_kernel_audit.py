@@ -27,7 +27,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AUDIT = os.path.join(ROOT, "bench", "kernel_audit.py")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -5,7 +5,7 @@ reference, forward and dq / dk / dv / dbias, for the three bias layouts:
   (nB, H, L, L)    item b uses bias[b % nB] (Swin: clips x windows, window index fastest),
   (B, H, L, L)     one bias per item.
 Window-sized odd L (49 = 7x7, 37) and odd window counts.  Error bound: 2x what eager PyTorch in
-the same dtype is off by, plus a small floor (as tests/test_attention.py).
+the same dtype is off by, plus a small floor (as tests/kernels/test_flash_attention.py).
 """
 import os
 
