@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .model.args import ModelConfig, model_config
+from .model.args import FAMILIES, ModelArgs, ModelConfig, family_config, family_of, model_config  # noqa: F401
 from .utils.log import get_logger
 
 log = get_logger(__name__)
@@ -105,6 +105,53 @@ class LossConfig:
     grouped_decoder: bool = True
     """MGC: run the groups as one decoder pass stacked on the batch, memory K/V projected once
     (False: one pass per group, the unfused baseline; same losses)."""
+
+
+@dataclass
+class CoAVTLossConfig:
+    """The CoAVT objective (train.task=coavt_pretrain; valor_fast/tasks/coavt.py): total =
+    contrastive_weight * (AV-T + A-T + V-T) + matching_weight * matching + lm_weight * LM.  The
+    paper names the three losses; its weights and negative-sampling rule could not be read here,
+    so the defaults are BLIP-2's (unweighted sum; matching negatives sampled in proportion to the
+    contrastive similarity): docs/family.md."""
+    contrastive_weight: float = 1.0
+    """Weight of the summed AV-T + A-T + V-T contrastive losses."""
+    matching_weight: float = 1.0
+    """Weight of the AV-text matching loss."""
+    lm_weight: float = 1.0
+    """Weight of the language-modelling loss."""
+    hard_negatives: str = "sample"
+    """Matching negatives: sample (probability softmax(S / temperature) over non-matching clips of
+    the gathered batch) or hardest (the most similar non-matching clip)."""
+    # rule: hard_negatives in (sample, hardest)
+    label_smoothing: float = 0.1
+    """LM cross-entropy label smoothing."""
+    # rule: 0 <= label_smoothing < 1
+
+
+@dataclass
+class VLSALossConfig:
+    """The VLSA objective (train.task=vlsa_pretrain; valor_fast/tasks/vlsa.py): total =
+    mm_weight * (video + audio + text masked modelling) + gam_weight * (audio-video + audio-text
+    matching) + contrastive_weight * (T-V + T-A + V-A).  Weights and mask ratios: ours (the
+    paper's could not be read here), docs/family.md."""
+    mm_weight: float = 1.0
+    """Weight of each masked-modelling term (video, audio, text)."""
+    gam_weight: float = 1.0
+    """Weight of each global-audio-matching term (audio-video, audio-text)."""
+    contrastive_weight: float = 1.0
+    """Weight of each contrastive term (T-V, T-A, V-A)."""
+    video_mask_ratio: float = 0.6
+    """Share of a clip's video patches masked (the same count every clip)."""
+    # rule: 0 < video_mask_ratio < 1
+    audio_mask_ratio: float = 0.6
+    """Share of a clip's audio patches masked."""
+    # rule: 0 < audio_mask_ratio < 1
+    text_mask_prob: float = 0.15
+    """Share of a caption's tokens (after [CLS]) selected for prediction, at least one."""
+    # rule: 0 < text_mask_prob <= 1
+    norm_pix: bool = True
+    """Video target: each patch's pixels normalised by their own mean and std (MAE)."""
 
 
 @dataclass
@@ -209,15 +256,23 @@ class EvalConfig:
     caption is a query; a clip is found by its best-ranked caption: VATEX, AudioCaps)."""
     qa_max_answer_len: int = 8
     """Max generated answer tokens in QA evaluation."""
+    rerank_k: int = 0
+    """CoAVT retrieval: re-rank each query's top-k candidates by the matching head (score = the
+    match logit averaged over queries + the contrastive S, BLIP-2's practice), reported as
+    retrieval_rerank/...; 0 = off (contrastive scores only)."""
+    # rule: rerank_k >= 0
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelArgs = field(default_factory=ModelConfig)
+    """The model: the dataclass of model.family (ModelConfig, CoAVTArgs or VLSAArgs, model/args.py)."""
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    coavt: CoAVTLossConfig = field(default_factory=CoAVTLossConfig)
+    vlsa: VLSALossConfig = field(default_factory=VLSALossConfig)
 
 
 def _coerce(value: Any, current: Any, name: str) -> Any:
@@ -287,7 +342,9 @@ def _migrate(overrides: dict) -> dict:
 
 
 def check(cfg: Config) -> Config:
-    """Cross-section facts one field cannot check alone: the texts fit the position table."""
+    """Cross-section facts one field cannot check alone: the model section fits its family, the
+    texts fit the position table."""
+    family_of(cfg.model)
     rows = cfg.model.max_positions
     if cfg.data.max_text_len > rows:
         raise ValueError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_positions={rows}")
@@ -315,7 +372,7 @@ def apply_overrides(cfg: Config, overrides: dict) -> Config:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
-    """Build a Config: defaults <- named model size <- recipe YAML <- dotted overrides."""
+    """Build a Config: defaults <- named size of model.family <- recipe YAML <- dotted overrides."""
     raw: dict = {}
     if path:
         if not os.path.exists(path):
@@ -328,8 +385,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     overrides = dict(overrides or {})
-    size = overrides.get("model.size") or raw.get("model", {}).get("size", "tiny")
-    cfg = Config(model=model_config(size))
+    size = overrides.get("model.size") or (raw.get("model") or {}).get("size", "tiny")
+    family = overrides.get("model.family") or (raw.get("model") or {}).get("family", "valor")
+    cfg = Config(model=family_config(str(family), str(size)))
     flat = {f"{s}.{k}": v for s, sec in raw.items() for k, v in (sec or {}).items()}
     flat.update(overrides)
     return check(apply_overrides(cfg, flat))
