@@ -249,9 +249,9 @@ class EvalConfig:
     qa_max_answer_len: int = 8
     """Max generated answer tokens in QA evaluation."""
     rerank_k: int = 16
-    """CoAVT retrieval (model.family=coavt): each text query's top-k clips by the contrastive S
-    are re-ranked by S + the matching head's match probability (BLIP-2's practice; CoAVT's own
-    k could not be read), reported as retrieval_rerank/...; 0 = off (contrastive scores only).
+    """CoAVT retrieval (model.family=coavt): each query's top-k candidates by the contrastive S
+    are re-ranked by S + the matching head's match logit (BLIP-2's practice; CoAVT's own k could
+    not be read), reported as retrieval_rerank/t2av and av2t; 0 = off (contrastive scores only).
     Other families ignore it."""
 
 
@@ -613,7 +613,7 @@ def _cross_batch(cfg: "Config", world: int) -> Optional[str]:
     return None
 
 
-CROSS: List[Callable[["Config", int], Optional[str]]] = [_cross_family, _cross_positions, _cross_frames, _cross_heads,
+CROSS: List[Callable[["Config", int], Optional[str]]] = [_cross_positions, _cross_frames, _cross_heads,
                                                          _cross_batch, _cross_vocab]
 
 
@@ -622,6 +622,9 @@ def validate(cfg: "Config", world: Optional[int] = None) -> "Config":
     violation.  `world`: processes of the run (default: WORLD_SIZE, else 1)."""
     if world is None:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    msg = _cross_family(cfg, world)   # first: the rules to check depend on the family
+    if msg:
+        raise ConfigError(msg)
     rules = rules_of(cfg)
     for sec in fields(cfg):
         section = getattr(cfg, sec.name)

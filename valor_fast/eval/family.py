@@ -30,7 +30,7 @@ from ..model.decoding import NextTokenStepper
 from ..tasks.coavt import query_similarity
 from ..utils.log import get_logger
 from .caption import generate
-from .metrics import caption_metrics, cross_retrieval_metrics, retrieval_metrics
+from .metrics import caption_metrics, check_finite, cross_retrieval_metrics, retrieval_metrics
 
 log = get_logger(__name__)
 _BELOW = 1e4   # re-ranking: candidates outside a query's top-k keep their contrastive order below it
@@ -78,7 +78,7 @@ class _CoAVTStore:
         self.refs: Dict[str, List[str]] = {}
 
 
-def _coavt_batch(model, b: dict, cfg: Config, device, st: _CoAVTStore, captions: bool) -> None:
+def _coavt_batch(model, b: dict, cfg: Config, device, st: _CoAVTStore, captions: bool, source=None) -> None:
     s = model.encode_av(b["video"], b["audio"], b.get("has_audio"))
     q_av = None
     for k in st.q:
@@ -98,6 +98,8 @@ def _coavt_batch(model, b: dict, cfg: Config, device, st: _CoAVTStore, captions:
         st.tmask.append(mask.cpu())
     st.ids.extend(b["video_id"])
     if captions:
+        check_finite(q_av, "decoder memory (AV query outputs)",
+                     f"{source or 'model'}, batch starting at clip {b['video_id'][0]!r}")
         for vid, text, caps in zip(b["video_id"], generate(model, q_av, None, cfg.eval, stepper=NextTokenStepper),
                                    b["captions"]):
             st.preds[vid], st.refs[vid] = text, list(caps)
@@ -132,9 +134,11 @@ def rerank_scores(model, S: torch.Tensor, k: int, av, av_mask, th, tmask, device
 
 
 @torch.no_grad()
-def evaluate_coavt(model, loader, cfg: Config, device, captions: bool = True, autocast=None) -> Dict[str, float]:
+def evaluate_coavt(model, loader, cfg: Config, device, captions: bool = True, autocast=None,
+                   source=None) -> Dict[str, float]:
     """CoAVT retrieval (t2av, t2v, t2a and the reverse; retrieval_rerank/... with eval.rerank_k)
-    and captioning (caption/...) on `loader`'s split."""
+    and captioning (caption/...) on `loader`'s split.  `source` names the model in the
+    NonFiniteScoresError of NaN/Inf scores."""
     was_training = model.training
     model.eval()
     t0 = time.time()
@@ -143,18 +147,18 @@ def evaluate_coavt(model, loader, cfg: Config, device, captions: bool = True, au
     for batch in loader:
         b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with ctx():
-            _coavt_batch(model, b, cfg, device, st, captions)
+            _coavt_batch(model, b, cfg, device, st, captions, source)
     text = torch.cat(st.text)
     metrics: Dict[str, float] = {}
     for k in ("av", "v", "a"):
         tok, w = (torch.cat(x) for x in zip(*st.q[k]))
         S = query_similarity(text, tok, w)
-        metrics.update(retrieval_metrics(S, st.text_to_clip, k))
+        metrics.update(retrieval_metrics(S, st.text_to_clip, k, source=source))
         if k == "av" and cfg.eval.rerank_k > 0:
             with ctx():
                 t2c, c2t = rerank_scores(model, S, cfg.eval.rerank_k, _pad_cat(st.av), _pad_cat(st.av_mask, False),
                                          _pad_cat(st.th), _pad_cat(st.tmask, False), device)
-            metrics.update(_reranked(t2c, c2t, st.text_to_clip))
+            metrics.update(_reranked(t2c, c2t, st.text_to_clip, source))
     if captions and st.preds:
         metrics.update(caption_metrics(st.preds, st.refs))
         metrics["caption/n_clips"] = float(len(st.preds))
@@ -164,11 +168,11 @@ def evaluate_coavt(model, loader, cfg: Config, device, captions: bool = True, au
     return _finish(metrics, len(st.ids), len(st.text_to_clip), t0)
 
 
-def _reranked(t2c: torch.Tensor, c2t: torch.Tensor, text_to_clip: List[int]) -> Dict[str, float]:
+def _reranked(t2c: torch.Tensor, c2t: torch.Tensor, text_to_clip: List[int], source=None) -> Dict[str, float]:
     """retrieval_rerank/t2av/... from the text-query scores, retrieval_rerank/av2t/... from the
     clip-query scores (each direction re-ranked over its own queries' top-k)."""
-    fwd = retrieval_metrics(t2c, text_to_clip, "av")
-    rev = retrieval_metrics(c2t, text_to_clip, "av")
+    fwd = retrieval_metrics(t2c, text_to_clip, "av", source=source)
+    rev = retrieval_metrics(c2t, text_to_clip, "av", source=source)
     out = {k.replace("retrieval/", "retrieval_rerank/"): v for k, v in fwd.items() if "/t2av/" in k}
     out.update({k.replace("retrieval/", "retrieval_rerank/"): v for k, v in rev.items() if "/av2t/" in k})
     return out
@@ -189,7 +193,7 @@ def _vlsa_batch(model, b: dict, cfg: Config, device, feats: Dict[str, list], tex
 
 
 @torch.no_grad()
-def evaluate_vlsa(model, loader, cfg: Config, device, autocast=None) -> Dict[str, float]:
+def evaluate_vlsa(model, loader, cfg: Config, device, autocast=None, source=None) -> Dict[str, float]:
     """VLSA retrieval: t2v, t2a, v2a and the reverse (v2t, a2t, a2v) on `loader`'s split."""
     was_training = model.training
     model.eval()
@@ -204,20 +208,21 @@ def evaluate_vlsa(model, loader, cfg: Config, device, autocast=None) -> Dict[str
             _vlsa_batch(model, b, cfg, device, feats, text_to_clip, n)
         n += len(b["video_id"])
     t, v, a = (torch.cat(feats[k]) for k in ("t", "v", "a"))
-    metrics = cross_retrieval_metrics(t @ v.t(), text_to_clip, "t", "v")
-    metrics.update(cross_retrieval_metrics(t @ a.t(), text_to_clip, "t", "a"))
-    metrics.update(cross_retrieval_metrics(v @ a.t(), list(range(n)), "v", "a"))
+    metrics = cross_retrieval_metrics(t @ v.t(), text_to_clip, "t", "v", source)
+    metrics.update(cross_retrieval_metrics(t @ a.t(), text_to_clip, "t", "a", source))
+    metrics.update(cross_retrieval_metrics(v @ a.t(), list(range(n)), "v", "a", source))
     model.train(was_training)
     return _finish(metrics, n, len(text_to_clip), t0)
 
 
-def evaluate_family(model, loader, cfg: Config, device, captions: bool, autocast=None) -> Dict[str, float]:
+def evaluate_family(model, loader, cfg: Config, device, captions: bool, autocast=None,
+                    source=None) -> Dict[str, float]:
     """The evaluation of cfg.model.family (coavt | vlsa); VLSA has no captioner."""
     if cfg.model.family == "coavt":
-        return evaluate_coavt(model, loader, cfg, device, captions=captions, autocast=autocast)
+        return evaluate_coavt(model, loader, cfg, device, captions=captions, autocast=autocast, source=source)
     if cfg.model.family == "vlsa":
         if captions:
             raise ValueError("VLSA has no text decoder: evaluate it with retrieval (train.task=vlsa_pretrain, "
                              "or valor-fast eval --no-caption)")
-        return evaluate_vlsa(model, loader, cfg, device, autocast=autocast)
+        return evaluate_vlsa(model, loader, cfg, device, autocast=autocast, source=source)
     raise ValueError(f"evaluate_family: model.family={cfg.model.family!r} is not a family model")
