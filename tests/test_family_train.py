@@ -96,13 +96,17 @@ def test_vlsa_recipe_trains_and_evaluates(small_synth, tmp_path):
     # (data/synth.py split_combos: only the held-out test pairs are missing), so nothing in a
     # clip's video predicts its audio: V-A InfoNCE stays at ln(batch) and audio-video matching at
     # ln 2 by construction.  Both are checked to stay at chance (no divergence), not to fall.
+    # Audio-text matching starts to fall only once T-A has aligned the clip states (after ~90
+    # steps of batch 32 in the vlsa_tiny recipe: 0.693 -> ~0.645 by step 200), beyond a CI run:
+    # here it is checked not to rise above chance.
     m, run = _train_and_check("vlsa_tiny", small_synth, tmp_path, KEYS, [f"retrieval/{p}/R@1" for p in pairs],
-                              flat=("vlsa/va", "vlsa/gam_av"),
+                              flat=("vlsa/va", "vlsa/gam_av", "vlsa/gam_at"),
                               **{"train.steps": "24", "model.audio_patch": "16"})
     import math
     last = [h for h in json.loads((run / "history.json").read_text()) if "loss" in h][-1]
     assert last["vlsa/va"] == pytest.approx(math.log(8), abs=0.3)
     assert last["vlsa/gam_av"] == pytest.approx(math.log(2), abs=0.1)
+    assert last["vlsa/gam_at"] < math.log(2) + 0.05
     from valor_fast.cli import main
     out = tmp_path / "m.json"
     assert main(["eval", "--ckpt", str(run / "model.safetensors"), "--out", str(out)]) == 0
