@@ -100,7 +100,7 @@ class ModelConfig:
 
 # VALOR-L's task prompts as bert-base-uncased WordPiece ids ([CLS] sentence [SEP]); upstream
 # tokenises the sentences at run time (model/modeling.py:355-369).  Stated here so that model/
-# needs no tokenizer; tests/test_model.py checks them against data/tokenizer.py.  "qa" holds the
+# needs no tokenizer; tests/model/test_valor.py checks them against data/tokenizer.py.  "qa" holds the
 # inner words only: they are spliced after the question's [CLS].
 TASK_PROMPT_IDS: dict = {
     "contra": (101, 2622, 2653, 1999, 2691, 2686, 102),         # project language in common space
