@@ -190,7 +190,7 @@ def cmd_eval(args, over) -> int:
     from .data.annotations import check_splits
     from .eval.dispatch import evaluate_task
     from .eval.evaluate import format_table
-    from .model.valor import build_model
+    from .model.family import build_model
     from .runtime import autocast_ctx, resolve_device
     from .train.checkpoint import load_model, write_json
     _need_ckpt(args)
@@ -346,7 +346,25 @@ def cmd_info(args, over) -> int:
                else f"vit-{mc.vision_width}/{mc.patch_size}")
         print(f"{s:<8} {enc:<12} {f(c['total'])} {f(c['text'])} {f(c['vision'])} {f(c['audio'])} "
               f"{f(c['decoder_cross_attention'])}")
+    _info_family_rows()
     return 0
+
+
+def _info_family_rows() -> None:
+    """Parameter counts of the CoAVT and VLSA sizes, beside VALOR's (built on the meta device)."""
+    import torch
+    from .model.args import COAVT_SIZES, VLSA_SIZES
+    from .model.coavt import CoAVT
+    from .model.family import count_parameters
+    from .model.vlsa import VLSA
+    f = lambda n: f"{n / 1e6:8.1f}M"  # noqa: E731
+    print(f"\n{'family':<6} {'size':<6} {'total':>9}  components")
+    for fam, sizes, cls in (("coavt", COAVT_SIZES, CoAVT), ("vlsa", VLSA_SIZES, VLSA)):
+        for name, args in sizes.items():
+            with torch.device("meta"):
+                c = count_parameters(cls(args))
+            parts = "  ".join(f"{k} {v / 1e6:.1f}M" for k, v in c.items() if k != "total")
+            print(f"{fam:<6} {name:<6} {f(c['total'])}  {parts}")
 
 
 def _sub(sub, name: str, help: str, overrides: bool = True):
@@ -367,7 +385,7 @@ def _train_parsers(sub) -> None:
     sc = _sub(sub, "config", "show the config fields: type, value, allowed values, docstring")
     sc.add_argument("action", choices=["show"])
     sc.add_argument("--config", default=None, help="recipe whose values to show (default: the defaults)")
-    sc.add_argument("--section", default=None, choices=["model", "data", "loss", "train", "eval"])
+    sc.add_argument("--section", default=None, choices=["model", "data", "loss", "train", "eval", "coavt", "vlsa"])
 
 
 def _model_parsers(sub) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
-from .model.args import SIZES, ModelConfig, model_config
+from .model.args import FAMILIES, FAMILY_SIZES, ModelArgs, ModelConfig, family_config, family_of, model_config  # noqa: F401
 from .utils.log import get_logger
 
 log = get_logger(__name__)
@@ -248,15 +248,66 @@ class EvalConfig:
     caption is a query; a clip is found by its best-ranked caption: VATEX, AudioCaps)."""
     qa_max_answer_len: int = 8
     """Max generated answer tokens in QA evaluation."""
+    rerank_k: int = 16
+    """CoAVT retrieval (model.family=coavt): each query's top-k candidates by the contrastive S
+    are re-ranked by S + the matching head's match logit (BLIP-2's practice; CoAVT's own k could
+    not be read), reported as retrieval_rerank/t2av and av2t; 0 = off (contrastive scores only).
+    Other families ignore it."""
+
+
+@dataclass
+class CoAVTLossConfig:
+    """The CoAVT objective (train.task=coavt_pretrain; valor_fast/tasks/coavt.py): total =
+    contrastive_weight * (AV-T + A-T + V-T) + matching_weight * matching + lm_weight * LM.  The
+    paper names the three losses; its weights and negative-sampling rule could not be read here,
+    so the defaults are BLIP-2's (unweighted sum; matching negatives sampled in proportion to the
+    contrastive similarity): docs/family.md."""
+    contrastive_weight: float = 1.0
+    """Weight of the summed AV-T + A-T + V-T contrastive losses."""
+    matching_weight: float = 1.0
+    """Weight of the AV-text matching loss."""
+    lm_weight: float = 1.0
+    """Weight of the language-modelling loss."""
+    hard_negatives: str = "sample"
+    """Matching negatives: sample (probability softmax(S / temperature) over non-matching clips of
+    the gathered batch) or hardest (the most similar non-matching clip)."""
+    label_smoothing: float = 0.1
+    """LM cross-entropy label smoothing."""
+
+
+@dataclass
+class VLSALossConfig:
+    """The VLSA objective (train.task=vlsa_pretrain; valor_fast/tasks/vlsa.py): total =
+    mm_weight * (video + audio + text masked modelling) + gam_weight * (audio-video + audio-text
+    matching) + contrastive_weight * (T-V + T-A + V-A).  Weights and mask ratios: ours (the
+    paper's could not be read here), docs/family.md."""
+    mm_weight: float = 1.0
+    """Weight of each masked-modelling term (video, audio, text)."""
+    gam_weight: float = 1.0
+    """Weight of each global-audio-matching term (audio-video, audio-text)."""
+    contrastive_weight: float = 1.0
+    """Weight of each contrastive term (T-V, T-A, V-A)."""
+    video_mask_ratio: float = 0.6
+    """Share of a clip's video patches masked (the same count every clip)."""
+    audio_mask_ratio: float = 0.6
+    """Share of a clip's audio patches masked."""
+    text_mask_prob: float = 0.15
+    """Share of a caption's tokens (after [CLS]) selected for prediction, at least one."""
+    norm_pix: bool = True
+    """Video target: each patch's pixels normalised by their own mean and std (MAE)."""
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelArgs = field(default_factory=ModelConfig)
+    """The model: the dataclass of model.family (ModelConfig, CoAVTArgs or VLSAArgs, model/args.py)."""
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    """VALOR's objective (MGA + MGC); the family tasks read their own section below."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    coavt: CoAVTLossConfig = field(default_factory=CoAVTLossConfig)
+    vlsa: VLSALossConfig = field(default_factory=VLSALossConfig)
 
 
 class ConfigError(ValueError):
@@ -401,7 +452,7 @@ GROUP = OneOf("tv", "ta", "tav")
 
 RULES: Dict[str, Rule] = {
     # model
-    "model.size": OneOf(*SIZES), "model.vision": OneOf("clip", "swin"),
+    "model.family": OneOf(*FAMILIES), "model.size": OneOf(*FAMILY_SIZES["valor"]), "model.vision": OneOf("clip", "swin"),
     "model.swin_size": OneOf("", "tiny", "T", "S", "B"), "model.swin_drop_path": Num(hi=1, hi_open=True),
     "model.image_size": POS_INT, "model.patch_size": POS_INT, "model.vision_width": POS_INT,
     "model.vision_layers": POS_INT, "model.vision_heads": POS_INT, "model.text_width": POS_INT,
@@ -446,7 +497,42 @@ RULES: Dict[str, Rule] = {
     "eval.beam": POS_INT, "eval.max_len": POS_INT, "eval.length_penalty": NONNEG, "eval.batch_size": POS_INT,
     "eval.caption_group": GROUP, "eval.retrieval_mode": OneOf("", "fine", "coarse"),
     "eval.retrieval_captions": OneOf("first", "all"), "eval.qa_max_answer_len": POS_INT,
+    "eval.rerank_k": NONNEG_INT,
+    # coavt (the CoAVT objective)
+    "coavt.contrastive_weight": NONNEG, "coavt.matching_weight": NONNEG, "coavt.lm_weight": NONNEG,
+    "coavt.hard_negatives": OneOf("sample", "hardest"), "coavt.label_smoothing": Num(lo=0, hi=1, hi_open=True),
+    # vlsa (the VLSA objective)
+    "vlsa.mm_weight": NONNEG, "vlsa.gam_weight": NONNEG, "vlsa.contrastive_weight": NONNEG,
+    "vlsa.video_mask_ratio": Num(lo=0, hi=1, lo_open=True, hi_open=True),
+    "vlsa.audio_mask_ratio": Num(lo=0, hi=1, lo_open=True, hi_open=True),
+    "vlsa.text_mask_prob": Num(lo=0, hi=1, lo_open=True), "vlsa.norm_pix": ANY,
 }
+
+# The `model` section of the other families (model.family=coavt | vlsa: CoAVTArgs / VLSAArgs):
+# their rules replace RULES' model.* ones (`rules_of`).
+_FAMILY_COMMON: Dict[str, Rule] = {
+    "model.family": OneOf(*FAMILIES), "model.image_size": POS_INT, "model.patch_size": POS_INT,
+    "model.max_frames": POS_INT, "model.audio_mel_bins": Num(lo=16), "model.audio_frames": Num(lo=16),
+    "model.audio_patch": POS_INT, "model.max_slices": POS_INT, "model.width": POS_INT, "model.heads": POS_INT,
+    "model.mlp_ratio": POSITIVE, "model.vocab_size": POS_INT, "model.max_positions": Num(lo=3),
+    "model.contra_dim": POS_INT, "model.temperature": POSITIVE,
+}
+MODEL_RULES: Dict[str, Dict[str, Rule]] = {
+    "coavt": {**_FAMILY_COMMON, "model.size": OneOf(*FAMILY_SIZES["coavt"]), "model.vision_layers": POS_INT,
+              "model.audio_layers": POS_INT, "model.joint_layers": POS_INT, "model.text_layers": POS_INT,
+              "model.query_count": POS_INT, "model.query_layers": POS_INT, "model.query_cross_every": POS_INT,
+              "model.pool": OneOf("cls", "mean")},
+    "vlsa": {**_FAMILY_COMMON, "model.size": OneOf(*FAMILY_SIZES["vlsa"]), "model.layers": POS_INT,
+             "model.global_tokens": POS_INT, "model.pool": OneOf("global", "mean")},
+}
+
+
+def rules_of(cfg: "Config") -> Dict[str, Rule]:
+    """The rule of every field of `cfg`: RULES, with the model.* rules of cfg.model's family."""
+    fam = getattr(cfg.model, "family", "valor")
+    if fam == "valor" or fam not in MODEL_RULES:
+        return RULES
+    return {**{k: v for k, v in RULES.items() if not k.startswith("model.")}, **MODEL_RULES[fam]}
 
 
 def _cross_positions(cfg: "Config", world: int) -> Optional[str]:
@@ -461,8 +547,33 @@ def _cross_positions(cfg: "Config", world: int) -> Optional[str]:
     return None
 
 
+def _cross_family(cfg: "Config", world: int) -> Optional[str]:
+    try:
+        family_of(cfg.model)
+    except ValueError as e:
+        return str(e)
+    return None   # (the task fits the family: tasks.build_task, which knows each task's family)
+
+
+def _cross_family_shapes(cfg: "Config", world: int) -> Optional[str]:
+    # CoAVT / VLSA: the slot tables and head split of their own dataclasses
+    m, d = cfg.model, cfg.data
+    for key, n, slots, what in (("data.frames_train", d.frames_train, m.max_frames, "model.max_frames"),
+                                ("data.frames_test", d.frames_test, m.max_frames, "model.max_frames"),
+                                ("data.audio_slices", d.audio_slices, m.max_slices, "model.max_slices")):
+        if n > slots:
+            return f"{key}={n}: must be <= {what} ({slots}, the embedding's slots)"
+    if m.patch_size > m.image_size:
+        return f"model.patch_size={m.patch_size}: must be <= model.image_size ({m.image_size})"
+    if m.width % m.heads:
+        return f"model.heads={m.heads}: must divide model.width ({m.width})"
+    return None
+
+
 def _cross_frames(cfg: "Config", world: int) -> Optional[str]:
     m, d = cfg.model, cfg.data
+    if m.family != "valor":
+        return _cross_family_shapes(cfg, world)
     for key, n in (("data.frames_train", d.frames_train), ("data.frames_test", d.frames_test),
                    ("data.audio_slices", d.audio_slices)):
         if n > m.max_frames:
@@ -481,6 +592,8 @@ def _cross_vocab(cfg: "Config", world: int) -> Optional[str]:
 
 def _cross_heads(cfg: "Config", world: int) -> Optional[str]:
     m = cfg.model
+    if m.family != "valor":
+        return None   # one width for every tower: _cross_family_shapes
     pairs = [("text", m.text_width, m.text_heads), ("audio", m.audio_width, m.audio_heads)]
     if m.vision == "clip":
         pairs.append(("vision", m.vision_width, m.vision_heads))
@@ -509,11 +622,15 @@ def validate(cfg: "Config", world: Optional[int] = None) -> "Config":
     violation.  `world`: processes of the run (default: WORLD_SIZE, else 1)."""
     if world is None:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    msg = _cross_family(cfg, world)   # first: the rules to check depend on the family
+    if msg:
+        raise ConfigError(msg)
+    rules = rules_of(cfg)
     for sec in fields(cfg):
         section = getattr(cfg, sec.name)
         for f in fields(section):
             key = f"{sec.name}.{f.name}"
-            rule = RULES.get(key)
+            rule = rules.get(key)
             if rule is None:
                 raise ConfigError(f"{key}: the field has no rule in valor_fast.config.RULES (add one)")
             rule.check(key, getattr(section, f.name))
@@ -701,10 +818,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, wo
     flat = read_recipe(find_recipe(path)) if path else {}
     source = f"config {path}:" if path else "override"
     overrides = dict(overrides or {})
-    size = overrides.get("model.size", flat.get("model.size", "tiny"))
-    if size not in SIZES:
-        raise ConfigError(f"model.size={size!r}: must be one of {' | '.join(SIZES)}")
-    cfg = Config(model=model_config(size))
+    family = str(overrides.get("model.family", flat.get("model.family", "valor")))
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family={family!r}: must be one of {' | '.join(FAMILIES)}")
+    sizes = FAMILY_SIZES[family]
+    size = str(overrides.get("model.size", flat.get("model.size", "tiny")))
+    if size not in sizes:
+        raise ConfigError(f"model.size={size!r}: must be one of {' | '.join(sizes)} (model.family={family})")
+    cfg = Config(model=family_config(family, size))
     apply_overrides(cfg, flat, source)
     apply_overrides(cfg, overrides)
     return validate(cfg, world)
@@ -749,7 +870,8 @@ def show(cfg: Config, section: Optional[str] = None, width: int = 100) -> str:
     secs = [f.name for f in fields(cfg)]
     if section is not None and section not in secs:
         raise ConfigError(f"--section {section!r}: choose one of {', '.join(secs)}")
-    default = Config(model=model_config(cfg.model.size))
+    default = Config(model=family_config(cfg.model.family, cfg.model.size))
+    rules = rules_of(cfg)
     lines = []
     for sec in secs if section is None else [section]:
         part, base = getattr(cfg, sec), getattr(default, sec)
@@ -759,7 +881,7 @@ def show(cfg: Config, section: Optional[str] = None, width: int = 100) -> str:
             key, cur, dflt = f"{sec}.{f.name}", getattr(part, f.name), getattr(base, f.name)
             note = "" if cur == dflt else f"   (default {dflt!r})"
             lines.append(f"  {key}: {type_name(cur)} = {cur!r}{note}")
-            lines.append(f"      allowed: {RULES[key].allowed() if key in RULES else '(no rule)'}")
+            lines.append(f"      allowed: {rules[key].allowed() if key in rules else '(no rule)'}")
             lines += textwrap.wrap(docs.get(f.name, "(no docstring)"), width, initial_indent="      ",
                                    subsequent_indent="      ")
         lines.append("")

@@ -134,11 +134,12 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
 
 def format_table(metrics: Dict[str, float]) -> str:
     rows = []
-    for g in ("t2av", "t2v", "t2a", "av2t", "v2t", "a2t"):
-        k = f"retrieval/{g}"
-        if f"{k}/R@1" in metrics:
-            rows.append(f"  {g:>5}  R@1 {metrics[k+'/R@1']:.3f}  R@5 {metrics[k+'/R@5']:.3f}  "
-                        f"R@10 {metrics[k+'/R@10']:.3f}  MdR {metrics[k+'/MdR']:.1f}")
+    for pre, tag in (("retrieval", ""), ("retrieval_rerank", " (re-ranked)")):
+        for g in ("t2av", "t2v", "t2a", "av2t", "v2t", "a2t", "v2a", "a2v"):
+            k = f"{pre}/{g}"
+            if f"{k}/R@1" in metrics:
+                rows.append(f"  {g:>5}  R@1 {metrics[k+'/R@1']:.3f}  R@5 {metrics[k+'/R@5']:.3f}  "
+                            f"R@10 {metrics[k+'/R@10']:.3f}  MdR {metrics[k+'/MdR']:.1f}{tag}")
     cap = [f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("caption/") and k != "caption/n_clips"]
     if cap:
         rows.append("  caption " + "  ".join(cap))

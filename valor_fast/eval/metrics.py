@@ -120,13 +120,23 @@ def retrieval_metrics(sim: torch.Tensor, text_to_clip: Sequence[int], name: str,
     `source` (the checkpoint scored) names the model in the error for NaN/Inf scores.
     ties: pessimistic (a tie counts against the model) | expected (uniformly random tie-break,
     in expectation: a constant model scores exactly chance)."""
+    return cross_retrieval_metrics(sim, text_to_clip, "t", name, source, ties)
+
+
+def cross_retrieval_metrics(sim: torch.Tensor, row_to_col: Sequence[int], rows: str, cols: str,
+                            source: Optional[str] = None, ties: str = "pessimistic") -> Dict[str, float]:
+    """Retrieval both ways between two sets: sim (N_rows, N_cols), row_to_col[r] = the column
+    item of row r (a column may own several rows).  Keys `retrieval/<rows>2<cols>/...` (each
+    row a query) and `retrieval/<cols>2<rows>/...` (each column a query, found by its
+    best-ranked row): e.g. rows "t", cols "v" for text <-> video, rows "v", cols "a" for video
+    <-> audio.  ties and source as in `retrieval_metrics`."""
     if ties not in ("pessimistic", "expected"):
         raise ValueError(f"ties must be pessimistic or expected, got {ties!r}")
     owners: List[List[int]] = [[] for _ in range(sim.shape[1])]
-    for t, c in enumerate(text_to_clip):
+    for t, c in enumerate(row_to_col):
         owners[c].append(t)
     out: Dict[str, float] = {}
-    for mat, gt, prefix in ((sim, [[c] for c in text_to_clip], f"t2{name}"), (sim.t(), owners, f"{name}2t")):
+    for mat, gt, prefix in ((sim, [[c] for c in row_to_col], f"{rows}2{cols}"), (sim.t(), owners, f"{cols}2{rows}")):
         greater, tied = rank_counts(mat, gt, source, f"{prefix} similarity")
         if ties == "pessimistic":
             out.update(recall_metrics(greater + tied + 1, f"retrieval/{prefix}"))

@@ -1,13 +1,20 @@
 """Model arguments beside the model: the `ModelConfig` dataclass (one docstring per field), the
-named sizes and the helpers that resolve them.  Imports nothing from the package, so model/ builds
-from it and the top-level `valor_fast.config.Config` embeds it."""
+named sizes and the helpers that resolve them, for every model family: VALOR (`ModelConfig`,
+`SIZES`), CoAVT (`CoAVTArgs`, `COAVT_SIZES`) and VLSA (`VLSAArgs`, `VLSA_SIZES`).  This is the one
+place sizes live: `family_config(family, size)` resolves a named size of a family, and the run's
+`model` section is that family's dataclass (`model.family` picks it).  Imports nothing from the
+package, so model/ builds from it and the top-level `valor_fast.config.Config` embeds it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Dict, Union
 
 
 @dataclass
 class ModelConfig:
+    family: str = "valor"
+    """Model family: valor (this dataclass), coavt (`CoAVTArgs`) or vlsa (`VLSAArgs`); the
+    `model` section of a run is the family's dataclass."""
     size: str = "tiny"
     """Named size: tiny (CPU), base (ViT-B/16 + BERT-base + AST-base), large (ViT-L/14 + ...),
     valor_b (the paper's VALOR-B: Video Swin-B + BERT-base + AST), valor_l (VALOR-L: CLIP ViT-L/14
@@ -145,3 +152,170 @@ def model_config(size: str, **over) -> ModelConfig:
     kw = dict(SIZES[size])
     kw.update(over)
     return ModelConfig(size=size, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# CoAVT (arXiv 2401.12264): what the paper fixes and what was chosen, docs/family.md
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class CoAVTArgs:
+    family: str = "coavt"
+    """Model family (fixed: this dataclass is CoAVT's `model` section)."""
+    size: str = "coavt"
+    """Named size (COAVT_SIZES): tiny (CPU) or coavt (the paper's)."""
+    image_size: int = 224
+    """Frame side in pixels (the paper: 224)."""
+    patch_size: int = 16
+    """Video patch side (16: 196 patches a 224 px frame)."""
+    max_frames: int = 10
+    """Frame-embedding slots (the paper samples 10 frames a clip): data.frames_* must fit."""
+    audio_mel_bins: int = 128
+    """Mel bins of the fbank (the paper: 128); the data loaders compute their fbank with this many."""
+    audio_frames: int = 512
+    """Fbank frames a slice; the paper's 1024 x 128 spectrogram is 2 slices of 512 (data.audio_slices=2)."""
+    audio_patch: int = 16
+    """Audio patch side over (mel, time): 16 gives the paper's 512 patches for 1024 x 128."""
+    max_slices: int = 2
+    """Slice-embedding slots for the audio: data.audio_slices must fit."""
+    width: int = 768
+    """Hidden size of every tower (ViT-B / BERT-base)."""
+    heads: int = 12
+    """Attention heads of every tower."""
+    mlp_ratio: float = 4.0
+    """MLP hidden = width * mlp_ratio in the AV encoder, the query encoder and the text tower."""
+    vision_layers: int = 11
+    """Modality-specific vision layers (the paper: 11)."""
+    audio_layers: int = 11
+    """Modality-specific audio layers (the paper: 11)."""
+    joint_layers: int = 1
+    """Shared joint layers over the audio, video and audio+video streams (the paper: 1)."""
+    text_layers: int = 12
+    """BERT text encoder depth; the same layers decode for the LM loss."""
+    vocab_size: int = 30522
+    """WordPiece vocabulary (bert-base-uncased)."""
+    max_positions: int = 512
+    """Rows of the BERT position table: data.max_text_len and eval.max_len + 2 must fit."""
+    query_count: int = 32
+    """Learnable queries (BLIP-2's Q-Former count; see docs/family.md)."""
+    query_layers: int = 12
+    """Query-encoder depth."""
+    query_cross_every: int = 2
+    """A cross-attention to the audiovisual tokens every this many query layers (BLIP-2: 2)."""
+    contra_dim: int = 256
+    """Contrastive space size."""
+    pool: str = "cls"
+    """The text's contrastive feature: cls (the [CLS] state, BLIP-2's) or mean (the mean over the
+    real tokens: from-scratch CPU models, whose [CLS] starts with little of the input and lets
+    InfoNCE collapse, as VALOR's model.pool=mean)."""
+    temperature: float = 0.07
+    """Initial contrastive temperature (learnable)."""
+
+
+COAVT_SIZES: Dict[str, CoAVTArgs] = {
+    # CPU size, like VALOR's tiny: width 128, 1 + 1 modality layers, 1 joint, 2 text, 2 query layers
+    "tiny": CoAVTArgs(size="tiny", image_size=64, max_frames=8, audio_mel_bins=64, audio_frames=512,
+                      max_slices=2, width=128, heads=4, vision_layers=1, audio_layers=1, joint_layers=1,
+                      text_layers=2, query_count=8, query_layers=2, query_cross_every=1, contra_dim=128,
+                      pool="mean"),
+    "coavt": CoAVTArgs(),
+}
+
+
+def coavt_args(size: str, **over) -> CoAVTArgs:
+    """The CoAVTArgs of a named size, with `over` fields replaced."""
+    return _resolve("CoAVT", COAVT_SIZES, CoAVTArgs, size, over)
+
+
+# ------------------------------------------------------------------------------------------------
+# VLSA (arXiv 2405.07202): what the paper fixes and what was chosen, docs/family.md
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class VLSAArgs:
+    family: str = "vlsa"
+    """Model family (fixed: this dataclass is VLSA's `model` section)."""
+    size: str = "vlsa"
+    """Named size (VLSA_SIZES): tiny (CPU) or vlsa (ViT-B-sized)."""
+    image_size: int = 224
+    """Frame side in pixels."""
+    patch_size: int = 16
+    """Video patch side."""
+    max_frames: int = 8
+    """Frame-embedding slots: data.frames_* must fit."""
+    audio_mel_bins: int = 128
+    """Mel bins of the fbank; the data loaders compute their fbank with this many."""
+    audio_frames: int = 512
+    """Fbank frames a slice."""
+    audio_patch: int = 16
+    """Audio patch side over (mel, time)."""
+    max_slices: int = 2
+    """Slice-embedding slots for the audio: data.audio_slices must fit."""
+    width: int = 768
+    """Hidden size of the shared transformer."""
+    heads: int = 12
+    """Attention heads."""
+    layers: int = 12
+    """Depth of the shared transformer."""
+    mlp_ratio: float = 4.0
+    """MLP hidden = width * mlp_ratio."""
+    vocab_size: int = 30522
+    """WordPiece vocabulary (bert-base-uncased)."""
+    max_positions: int = 512
+    """Rows of the text position table: data.max_text_len must fit."""
+    global_tokens: int = 1
+    """Learned global tokens per modality; the modality's global feature is their mean."""
+    pool: str = "global"
+    """A modality's clip-level state (contrastive features, audio matching): global (the mean of
+    its global tokens, the paper's) or mean (the mean over its global tokens and real patch /
+    word tokens: from-scratch CPU models, whose global tokens start with ~no input signal and
+    let InfoNCE collapse, as VALOR's model.pool=mean)."""
+    contra_dim: int = 256
+    """Contrastive space size."""
+    temperature: float = 0.07
+    """Initial contrastive temperature (learnable)."""
+
+
+VLSA_SIZES: Dict[str, VLSAArgs] = {
+    "tiny": VLSAArgs(size="tiny", image_size=64, max_frames=8, audio_mel_bins=64, audio_frames=512, width=128,
+                     heads=4, layers=2, contra_dim=128, pool="mean"),
+    "vlsa": VLSAArgs(),
+}
+
+
+def vlsa_args(size: str, **over) -> VLSAArgs:
+    """The VLSAArgs of a named size, with `over` fields replaced."""
+    return _resolve("VLSA", VLSA_SIZES, VLSAArgs, size, over)
+
+
+def _resolve(name: str, sizes: dict, cls, size: str, over: dict):
+    if size not in sizes:
+        raise ValueError(f"unknown {name} size {size!r}; choose one of {sorted(sizes)}")
+    bad = sorted(set(over) - {f.name for f in fields(cls)})
+    if bad:
+        raise ValueError(f"unknown {name} argument(s) {bad}")
+    return replace(sizes[size], **over)
+
+
+# ------------------------------------------------------------------------------------------------
+# the families
+# ------------------------------------------------------------------------------------------------
+ModelArgs = Union[ModelConfig, CoAVTArgs, VLSAArgs]
+FAMILIES: Dict[str, type] = {"valor": ModelConfig, "coavt": CoAVTArgs, "vlsa": VLSAArgs}
+FAMILY_SIZES: Dict[str, dict] = {"valor": SIZES, "coavt": COAVT_SIZES, "vlsa": VLSA_SIZES}
+
+
+def family_config(family: str, size: str, **over) -> ModelArgs:
+    """The `model` section of a named size of `family` (valor | coavt | vlsa), `over` replaced."""
+    if family not in FAMILIES:
+        raise ValueError(f"model.family must be one of {tuple(FAMILIES)}, got {family!r}")
+    if family == "valor":
+        return model_config(size, **over)
+    return (coavt_args if family == "coavt" else vlsa_args)(size, **over)
+
+
+def family_of(cfg: ModelArgs) -> str:
+    """The family of a `model` section, checked against its dataclass (ValueError naming both)."""
+    fam = getattr(cfg, "family", None)
+    if fam not in FAMILIES or not isinstance(cfg, FAMILIES[fam]):
+        raise ValueError(f"model.family={fam!r} does not fit the model section {type(cfg).__name__} "
+                         f"(families: {', '.join(f'{k}={v.__name__}' for k, v in FAMILIES.items())})")
+    return fam

@@ -17,7 +17,6 @@ bias+GELU through ops.fused, like the VALOR blocks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import fused as fops
+from .args import COAVT_SIZES, CoAVTArgs, coavt_args  # noqa: F401  (the args live in model/args.py)
 from .layers import Attention, PreNormBlock, _gelu_linear, _ln, init_weights
 from .patch_embed import AudioPatchEmbed, VideoPatchEmbed
 from .text import BertText
@@ -38,69 +38,9 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-@dataclass
-class CoAVTArgs:
-    image_size: int = 224
-    """Frame side in pixels (the paper: 224)."""
-    patch_size: int = 16
-    """Video patch side (16: 196 patches a 224 px frame)."""
-    max_frames: int = 10
-    """Frame-embedding slots (the paper samples 10 frames a clip)."""
-    audio_mel_bins: int = 128
-    """Mel bins of the fbank (the paper: 128)."""
-    audio_frames: int = 512
-    """Fbank frames a slice; the paper's 1024 x 128 spectrogram is 2 slices of 512 (data.audio_slices=2)."""
-    audio_patch: int = 16
-    """Audio patch side over (mel, time): 16 gives the paper's 512 patches for 1024 x 128."""
-    max_slices: int = 2
-    """Slice-embedding slots for the audio."""
-    width: int = 768
-    """Hidden size of every tower (ViT-B / BERT-base)."""
-    heads: int = 12
-    """Attention heads of every tower."""
-    mlp_ratio: float = 4.0
-    """MLP hidden = width * mlp_ratio in the AV encoder and the query encoder."""
-    vision_layers: int = 11
-    """Modality-specific vision layers (the paper: 11)."""
-    audio_layers: int = 11
-    """Modality-specific audio layers (the paper: 11)."""
-    joint_layers: int = 1
-    """Shared joint layers over the audio, video and audio+video streams (the paper: 1)."""
-    text_layers: int = 12
-    """BERT text encoder depth; the same layers decode for the LM loss."""
-    vocab_size: int = 30522
-    """WordPiece vocabulary (bert-base-uncased)."""
-    max_text_len: int = 40
-    """Text positions budget (table = max(512, this))."""
-    query_count: int = 32
-    """Learnable queries (BLIP-2's Q-Former count; see docs/family.md)."""
-    query_layers: int = 12
-    """Query-encoder depth."""
-    query_cross_every: int = 2
-    """A cross-attention to the audiovisual tokens every this many query layers (BLIP-2: 2)."""
-    contra_dim: int = 256
-    """Contrastive space size."""
-    temperature: float = 0.07
-    """Initial contrastive temperature (learnable)."""
-
-
-COAVT_SIZES: Dict[str, CoAVTArgs] = {
-    # CPU size, like VALOR's tiny: width 128, 1 + 1 modality layers, 1 joint, 2 text, 2 query layers
-    "tiny": CoAVTArgs(image_size=64, max_frames=8, audio_mel_bins=64, audio_frames=512, max_slices=2,
-                      width=128, heads=4, vision_layers=1, audio_layers=1, joint_layers=1,
-                      text_layers=2, query_count=8, query_layers=2, query_cross_every=1, contra_dim=128),
-    "coavt": CoAVTArgs(),
-}
-
-
-def coavt_args(size: str, **over) -> CoAVTArgs:
-    if size not in COAVT_SIZES:
-        raise ValueError(f"unknown CoAVT size {size!r}; choose one of {sorted(COAVT_SIZES)}")
-    known = {f.name for f in fields(CoAVTArgs)}
-    bad = sorted(set(over) - known)
-    if bad:
-        raise ValueError(f"unknown CoAVT argument(s) {bad}")
-    return replace(COAVT_SIZES[size], **over)
+def _norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    """A stand-alone LayerNorm through the fused op (the eager one when "eager" is forced)."""
+    return _ln(x, ln)[0] if fops.fused_enabled() else ln(x)
 
 
 class JointBlock(nn.Module):
@@ -144,9 +84,10 @@ class JointAVEncoder(nn.Module):
     def forward(self, video: torch.Tensor, audio: torch.Tensor,
                 has_audio: Optional[torch.Tensor] = None) -> Dict[str, Optional[torch.Tensor]]:
         """-> {"a": (B, La, C), "v": (B, Lv, C), "av": (B, La + Lv, C), "av_mask": (B, La + Lv)
-        bool or None}.  Clips without audio (has_audio False) have their audio keys masked in
-        the "av" stream; their "a" stream is computed (on the zero fbank) and must be left out
-        of audio losses by the caller."""
+        bool, or None without has_audio}.  Clips without audio (has_audio False) have their audio
+        keys masked in the "av" stream; their "a" stream is computed (on the zero fbank) and must
+        be left out of audio losses by the caller.  Pass has_audio=None when every clip has audio
+        (known on the host: CoAVTTask.prepare) to keep the joint attention unmasked."""
         a = self.audio_embed(audio) + self.modality.weight[0]
         v = self.video_embed(video) + self.modality.weight[1]
         for blk in self.audio_blocks:
@@ -154,15 +95,15 @@ class JointAVEncoder(nn.Module):
         for blk in self.vision_blocks:
             v = blk(v)
         av_mask = None
-        if has_audio is not None and not bool(has_audio.all()):
-            av_mask = torch.cat([has_audio[:, None].expand(-1, a.shape[1]),
+        if has_audio is not None:   # no value read here (no host sync): the caller decides on the host
+            av_mask = torch.cat([has_audio.to(v.device, torch.bool)[:, None].expand(-1, a.shape[1]),
                                  torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)], 1)
         out = {"a": a, "v": v, "av": torch.cat([a, v], 1)}
         for s in STREAMS:
             x = out[s]
             for blk in self.joint_blocks:
                 x = blk(x, s, av_mask if s == "av" else None)
-            out[s] = self.norm[s](x)
+            out[s] = _norm(x, self.norm[s])
         out["av_mask"] = av_mask
         return out
 
@@ -232,7 +173,7 @@ class CoAVT(nn.Module):
         C, D = a.width, a.contra_dim
         self.av = JointAVEncoder(a)
         self.text = BertText(a.vocab_size, C, a.text_layers, a.heads, int(C * a.mlp_ratio),
-                             max_pos=max(512, a.max_text_len))
+                             max_pos=a.max_positions)
         self.query = QueryEncoder(a)
         self.text_proj = nn.Linear(C, D, bias=False)
         self.query_proj = nn.Linear(C, D, bias=False)
@@ -248,9 +189,18 @@ class CoAVT(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text.encode(ids, mask)
 
-    def text_feature(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) -> (B, D): the [CLS] state, projected and L2-normalised."""
-        return F.normalize(_fp32(self.text_proj(hidden[:, 0])), dim=-1)
+    def text_feature(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L, C) -> (B, D): the [CLS] state (args.pool=cls) or the mean over the real tokens
+        (mean; `mask` (B, L) True = real, None = all), projected and L2-normalised."""
+        if self.args.pool == "cls":
+            x = hidden[:, 0]
+        elif self.args.pool == "mean":
+            w = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if mask is None \
+                else mask.to(hidden.dtype)
+            x = (hidden * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        else:
+            raise ValueError(f"CoAVT pool must be 'cls' or 'mean', got {self.args.pool!r}")
+        return F.normalize(_fp32(self.text_proj(x)), dim=-1)
 
     def queries(self, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Query outputs over one stream's tokens: (B, Lm, C) -> (B, Nq, C)."""
@@ -277,9 +227,13 @@ class CoAVT(nn.Module):
                 self.query.layers]
 
     # ---------------- language model ----------------
-    def decode(self, ids, mask, query_hidden, caches=None, offset: int = 0) -> torch.Tensor:
-        """Causal text pass cross-attending to the query outputs (B, Nq, C) -> (B, L, C)."""
-        return self.text.decode(ids, mask, query_hidden, None, caches=caches, offset=offset)
+    def decode(self, ids, mask, query_hidden, memory_mask=None, caches=None, offset: int = 0) -> torch.Tensor:
+        """Causal text pass cross-attending to the query outputs (B, Nq, C) -> (B, L, C).  The
+        signature is VALOR's (`model.decoding` steps either); the queries need no memory_mask."""
+        return self.text.decode(ids, mask, query_hidden, memory_mask, caches=caches, offset=offset)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.text.logits(hidden)
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Per-row next-token cross-entropy (N,) at hidden rows (N, C), fused and chunked."""

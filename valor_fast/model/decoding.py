@@ -1,5 +1,6 @@
 """Decoding over VALOR's masked decoder: the step state machine (`Stepper`), beam search (beam 1 =
-greedy) and sampling.
+greedy) and sampling; `NextTokenStepper` steps a plain next-token decoder (CoAVT's) through the
+same beam search.
 
 VALOR decodes by feeding `[CLS] w1 .. wt [MASK]` under the causal mask and reading the last
 position.  With the KV cache, the prefix `[CLS] w1 .. wt` is committed once per step and the
@@ -84,12 +85,38 @@ class Stepper:
         return torch.log_softmax(self.model.lm_logits(h[:, -1]).float(), dim=-1)  # (N, V)
 
 
+class NextTokenStepper(Stepper):
+    """The stepper of a plain next-token decoder (CoAVT's LM: position t predicts token t + 1):
+    the next-token distribution is read at the last committed position, so a step is one
+    one-token pass and nothing is peeked (`mask_id` is unused).  Same interface as `Stepper`;
+    `model` needs `decode(ids, mask, memory, memory_mask, caches=, offset=)`, `lm_logits` and
+    `text.layers`."""
+
+    def start(self, n: int, device, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.prefix = (torch.full((n, 1), self.bos_id, dtype=torch.long, device=device) if prompt is None
+                       else prompt.to(device))
+        h = self.model.decode(self.prefix, None, self.memory, self.mmask, caches=self.caches, offset=0)
+        return self._next(h)
+
+    def push(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.prefix.shape[1]
+        self.prefix = torch.cat([self.prefix, tokens[:, None]], 1)
+        if self.use_cache:
+            h = self.model.decode(tokens[:, None], None, None, self.mmask, caches=self.caches, offset=t)
+        else:
+            h = self.model.decode(self.prefix, None, self.memory, self.mmask)
+        return self._next(h)
+
+    def _next(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model.lm_logits(h[:, -1]).float(), dim=-1)   # (N, V)
+
+
 @torch.no_grad()
 def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
                 beam: int = 3, max_len: int = 30, length_penalty: float = 1.0,
                 use_cache: bool = True, prompt: Optional[torch.Tensor] = None,
                 *, bos_id: int, eos_id: int, mask_id: int,
-                task_prompt: Optional[torch.Tensor] = None) -> List[List[int]]:
+                task_prompt: Optional[torch.Tensor] = None, stepper: type = Stepper) -> List[List[int]]:
     """memory (B, Lm, C) -> best token ids (without bos/eos) for each clip.
 
     prompt (B, P), optional: a prefix every hypothesis of a clip starts from (QA: `[CLS] question
@@ -98,7 +125,8 @@ def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]
     model.task_prompts model (rows of one length: no padding, the cached steps attend to all of it).
 
     Hypothesis score = sum log p / len ** length_penalty, len counting eos; a hypothesis ends
-    at eos or at max_len tokens.  beam=1 is greedy search.
+    at eos or at max_len tokens.  beam=1 is greedy search.  `stepper`: Stepper (VALOR's masked
+    decoder) or NextTokenStepper (a plain next-token decoder: CoAVT).
     """
     if beam < 1 or max_len < 1:
         raise ValueError(f"beam ({beam}) and max_len ({max_len}) must be >= 1")
@@ -108,7 +136,9 @@ def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]
     for name, p in (("prompt", prompt), ("task_prompt", task_prompt)):
         if p is not None and (p.dim() != 2 or p.shape[0] != B):
             raise ValueError(f"{name} must be (B={B}, P), got {tuple(p.shape)}")
-    st = Stepper(model, mem, mmask, use_cache, bos_id=bos_id, mask_id=mask_id,
+    if task_prompt is not None and stepper is not Stepper:
+        raise ValueError("task_prompt feeds VALOR's prompt stream: only the masked-decoder Stepper takes it")
+    st = stepper(model, mem, mmask, use_cache, bos_id=bos_id, mask_id=mask_id,
                  task_prompt=None if task_prompt is None else _expand(task_prompt.to(dev), beam))
     P = 1 if prompt is None else prompt.shape[1]
     logp = st.start(B * beam, dev, None if prompt is None else _expand(prompt, beam))  # (B*K, V)
@@ -187,4 +217,4 @@ def sample(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], max
     return seqs, total
 
 
-__all__ = ["Stepper", "beam_search", "sample"]
+__all__ = ["NextTokenStepper", "Stepper", "beam_search", "sample"]

@@ -1,11 +1,13 @@
-"""Model FLOPs of a VALOR training step (matmuls only, forward x 3 for forward + backward), for
-MFU: the dense projections and the attention score/value products of the encoders, the decoder
-passes and the LM head.  Contrastive similarities (O(B) a sample) and norms are not counted."""
+"""Model FLOPs of a training step (matmuls only, forward x 3 for forward + backward), for MFU:
+the dense projections and the attention score/value products of the encoders, the decoder
+passes and the LM / reconstruction heads.  Contrastive similarities (O(B) a sample), the small
+contrastive / matching MLPs (O(C^2) a sample) and norms are not counted.  VALOR:
+`training_flops_per_sample`; CoAVT: `coavt_flops_per_sample`; VLSA: `vlsa_flops_per_sample`."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .args import TASK_PROMPT_IDS, ModelConfig, swin_size_of
+from .args import TASK_PROMPT_IDS, CoAVTArgs, ModelConfig, VLSAArgs, swin_size_of
 from .swin import SWIN_SIZES, clip_window
 
 GROUPS = ("tv", "ta", "tav")
@@ -89,4 +91,59 @@ def training_flops_per_sample(cfg: ModelConfig, *, frames: int, text_len: int, a
                   + cross_flops(text_len + pd, tw, tl, mem))
         f += tl * 2 * 2 * mem * tw * tw                                    # memory K/V once
         f += n * mask_prob * text_len * 2 * tw * cfg.vocab_size           # LM head at the masked rows
+    return 3.0 * f
+
+
+def _patch_flops(a, video_tokens: int, audio_tokens: int) -> float:
+    """Forward FLOPs of the patch projections (Conv2d with stride = kernel: a matmul a patch)."""
+    return 2 * a.width * (video_tokens * 3 * a.patch_size ** 2 + audio_tokens * a.audio_patch ** 2)
+
+
+def _query_flops(a: CoAVTArgs, n_text: int, mem: int) -> float:
+    """Forward FLOPs of one query-encoder pass: self-attention + FFN over the queries (and
+    `n_text` text tokens), cross-attention from the queries to `mem` AV tokens every
+    query_cross_every layers (its K/V projected from the memory)."""
+    C, nq, ffn = a.width, a.query_count, int(a.width * a.mlp_ratio)
+    n_cross = len(range(0, a.query_layers, max(1, a.query_cross_every)))
+    f = encoder_flops(nq + n_text, C, a.query_layers, ffn, nq + n_text)
+    return f + cross_flops(nq, C, n_cross, mem) + n_cross * 2 * 2 * mem * C * C
+
+
+def coavt_flops_per_sample(a: CoAVTArgs, *, frames: int, text_len: int, audio_slices: int = 1) -> float:
+    """FLOPs (3x forward) of one CoAVT pretraining sample (tasks/coavt.py): the patch projections,
+    the vision and audio layers over all of a clip's patches, the joint layer(s) over the a, v and av streams, the text
+    encoder, three query passes (one a stream), three matching passes (queries + text over the av
+    tokens: the positive and the two mined negatives), and the LM pass (the text layers causal,
+    cross-attending to the queries) with its head at every predicted token."""
+    C, ffn = a.width, int(a.width * a.mlp_ratio)
+    lv = frames * (a.image_size // a.patch_size) ** 2
+    la = audio_slices * (a.audio_mel_bins // a.audio_patch) * (a.audio_frames // a.audio_patch)
+    f = _patch_flops(a, lv, la) + encoder_flops(lv, C, a.vision_layers, ffn, lv)
+    f += encoder_flops(la, C, a.audio_layers, ffn, la)
+    f += sum(encoder_flops(n, C, a.joint_layers, ffn, n) for n in (la, lv, la + lv))
+    f += encoder_flops(text_len, C, a.text_layers, ffn, text_len)
+    f += sum(_query_flops(a, 0, m) for m in (la, lv, la + lv))
+    f += 3 * _query_flops(a, text_len, la + lv)
+    n = text_len - 1
+    f += encoder_flops(n, C, a.text_layers, ffn, n) + cross_flops(n, C, a.text_layers, a.query_count)
+    f += a.text_layers * 2 * 2 * a.query_count * C * C                   # query K/V of each layer
+    f += n * (2 * C * C + 2 * C * a.vocab_size)                            # LM head transform + vocab
+    return 3.0 * f
+
+
+def vlsa_flops_per_sample(a: VLSAArgs, *, frames: int, text_len: int, audio_slices: int = 1,
+                          video_mask_ratio: float = 0.6, audio_mask_ratio: float = 0.6,
+                          text_mask_prob: float = 0.15) -> float:
+    """FLOPs (3x forward) of one VLSA pretraining sample (tasks/vlsa.py): the patch projections,
+    the shared transformer
+    over each modality's sequence (global tokens + patches / words: masked patches stay in the
+    sequence as [MASK] embeddings), and the reconstruction heads at the masked places (pixels,
+    fbank values, the tied LM head)."""
+    C, ffn, g = a.width, int(a.width * a.mlp_ratio), a.global_tokens
+    nv = frames * (a.image_size // a.patch_size) ** 2
+    na = audio_slices * (a.audio_mel_bins // a.audio_patch) * (a.audio_frames // a.audio_patch)
+    f = _patch_flops(a, nv, na) + sum(encoder_flops(n + g, C, a.layers, ffn, n + g) for n in (nv, na, text_len))
+    f += video_mask_ratio * nv * 2 * C * 3 * a.patch_size ** 2
+    f += audio_mask_ratio * na * 2 * C * a.audio_patch ** 2
+    f += text_mask_prob * text_len * (2 * C * C + 2 * C * a.vocab_size)
     return 3.0 * f

@@ -167,6 +167,11 @@ class VALOR(nn.Module):
         t = self.temperature if self.temperature_param == "contra_temp" else torch.exp(-self.logit_scale)
         return t.clamp(min=1e-3, max=1.0).squeeze(0)
 
+    def transformer_blocks(self):
+        """The per-block ModuleLists activation checkpointing, compile and FSDP wrap (every
+        family's model defines this): BERT layers, vision blocks, AST blocks."""
+        return [self.text.layers, self.vision.blocks, self.audio.blocks]
+
     # ---------------- decoder ----------------
     def memory(self, video_tokens: torch.Tensor, audio_tokens: torch.Tensor):
         """Decoder memory = cat(video tokens, audio tokens): (B, n*Lv + S*La, text_width),

@@ -15,7 +15,6 @@ heads reconstruct pixels, fbank values and token ids at the masked places.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -23,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import fused as fops
-from .layers import PreNormBlock, _gelu_linear, init_weights
+from .args import VLSA_SIZES, VLSAArgs, vlsa_args  # noqa: F401  (the args live in model/args.py)
+from .layers import PreNormBlock, _gelu_linear, _ln, init_weights
 from .patch_embed import AudioPatchEmbed, VideoPatchEmbed
 from .text import BertEmbeddings, BertLMHead
 
@@ -33,63 +33,6 @@ MODALITIES = ("video", "text", "audio")
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     # features and logits in fp32 at least (bf16 under autocast); float64 stays float64 (tests)
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-@dataclass
-class VLSAArgs:
-    image_size: int = 224
-    """Frame side in pixels."""
-    patch_size: int = 16
-    """Video patch side."""
-    max_frames: int = 8
-    """Frame-embedding slots."""
-    audio_mel_bins: int = 128
-    """Mel bins of the fbank."""
-    audio_frames: int = 512
-    """Fbank frames a slice."""
-    audio_patch: int = 16
-    """Audio patch side over (mel, time)."""
-    max_slices: int = 2
-    """Slice-embedding slots for the audio."""
-    width: int = 768
-    """Hidden size of the shared transformer."""
-    heads: int = 12
-    """Attention heads."""
-    layers: int = 12
-    """Depth of the shared transformer."""
-    mlp_ratio: float = 4.0
-    """MLP hidden = width * mlp_ratio."""
-    vocab_size: int = 30522
-    """WordPiece vocabulary (bert-base-uncased)."""
-    max_text_len: int = 40
-    """Text tokens incl. [CLS]/[SEP] (position table = max(512, this))."""
-    global_tokens: int = 1
-    """Learned global tokens per modality; the modality's global feature is their mean."""
-    pool: str = "global"
-    """A modality's clip-level state (contrastive features, audio matching): global (the mean of
-    its global tokens, the paper's) or mean (the mean over its global tokens and real patch /
-    word tokens: from-scratch CPU models, whose global tokens start with ~no input signal and
-    let InfoNCE collapse, as VALOR's model.pool=mean)."""
-    contra_dim: int = 256
-    """Contrastive space size."""
-    temperature: float = 0.07
-    """Initial contrastive temperature (learnable)."""
-
-
-VLSA_SIZES: Dict[str, VLSAArgs] = {
-    "tiny": VLSAArgs(image_size=64, max_frames=8, audio_mel_bins=64, audio_frames=512, width=128,
-                     heads=4, layers=2, contra_dim=128, pool="mean"),
-    "vlsa": VLSAArgs(),
-}
-
-
-def vlsa_args(size: str, **over) -> VLSAArgs:
-    if size not in VLSA_SIZES:
-        raise ValueError(f"unknown VLSA size {size!r}; choose one of {sorted(VLSA_SIZES)}")
-    bad = sorted(set(over) - {f.name for f in fields(VLSAArgs)})
-    if bad:
-        raise ValueError(f"unknown VLSA argument(s) {bad}")
-    return replace(VLSA_SIZES[size], **over)
 
 
 class MatchHead(nn.Module):
@@ -115,7 +58,7 @@ class VLSA(nn.Module):
         self.video_embed = VideoPatchEmbed(a.image_size, a.patch_size, C, a.max_frames, masked=True)
         self.audio_embed = AudioPatchEmbed(a.audio_mel_bins, a.audio_frames, a.audio_patch, C, a.max_slices,
                                            masked=True)
-        self.text_embed = BertEmbeddings(a.vocab_size, C, max(512, a.max_text_len))
+        self.text_embed = BertEmbeddings(a.vocab_size, C, a.max_positions)
         self.modality = nn.Embedding(len(MODALITIES), C)
         self.global_tokens = nn.Parameter(torch.zeros(len(MODALITIES), a.global_tokens, C))
         self.blocks = nn.ModuleList([PreNormBlock(C, a.heads, a.mlp_ratio) for _ in range(a.layers)])
@@ -142,7 +85,7 @@ class VLSA(nn.Module):
             kpm = torch.cat([torch.ones(B, G, dtype=torch.bool, device=x.device), key_padding_mask], 1)
         for blk in self.blocks:
             h = blk(h, key_padding_mask=kpm)
-        h = self.norm(h)
+        h = _ln(h, self.norm)[0] if fops.fused_enabled() else self.norm(h)
         return h[:, :G], h[:, G:]
 
     def encode_video(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None):

@@ -31,10 +31,13 @@ class Task(torch.nn.Module):
     """The interface (see the module docstring).
 
     evaluation: what eval/ measures for the task - "retrieval" (retrieval only), "caption"
-    (retrieval + captioning) or "qa" (answer accuracy)."""
+    (retrieval + captioning) or "qa" (answer accuracy); how, eval/dispatch.py decides by
+    model.family."""
 
     name: str = ""
     evaluation: str = "caption"
+    family: str = "valor"
+    """The model family (model.family) the task trains; build_task refuses any other."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -55,6 +58,16 @@ class Task(torch.nn.Module):
         (valor_fast.model.flops).  Default: none counted (a task with its own model counts its
         own)."""
         return (), ()
+
+    def flops_per_sample(self, cfg) -> float:
+        """Model FLOPs (forward + backward) of one training sample, for the MFU the trainer
+        logs.  Default: VALOR's count (model.flops.training_flops_per_sample) over
+        `flop_groups`; a task with its own model (CoAVT, VLSA) counts its own."""
+        from ..model.flops import training_flops_per_sample
+        mga_groups, mgc_groups = self.flop_groups()
+        return training_flops_per_sample(cfg.model, frames=cfg.data.frames_train, text_len=cfg.data.max_text_len,
+                                         audio_slices=cfg.data.audio_slices, mga_groups=mga_groups,
+                                         mgc_groups=mgc_groups, mask_prob=cfg.loss.mask_prob)
 
     def prepare(self, batch: dict, generator: torch.Generator) -> dict:
         """Host-side work on a collated CPU batch before it moves to the device: the task's

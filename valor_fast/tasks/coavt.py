@@ -22,34 +22,25 @@ this objective set follows, sums its three losses unweighted).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..config import CoAVTLossConfig
 from ..model.coavt import STREAMS, CoAVT
-from ..ops.distributed import gather_features, gather_no_grad, rank
-from .family_common import global_mean, global_rand, zero_like_graph
+from ..model.flops import coavt_flops_per_sample
+from ..ops.distributed import gather_features, gather_no_grad, rank, world
+from .base import Task, register_task
+from .family_common import check_family_data, global_mean, global_rand
 
 KEYS = ("coavt/avt", "coavt/at", "coavt/vt", "coavt/match", "coavt/lm")
 _GROUP_KEY = {"av": "coavt/avt", "a": "coavt/at", "v": "coavt/vt"}
 
 
-@dataclass
-class CoAVTLossArgs:
-    contrastive_weight: float = 1.0
-    """Weight of the summed AV-T + A-T + V-T contrastive losses."""
-    matching_weight: float = 1.0
-    """Weight of the AV-text matching loss."""
-    lm_weight: float = 1.0
-    """Weight of the language-modelling loss."""
-    hard_negatives: str = "sample"
-    """Matching negatives: sample (probability softmax(S / temperature) over non-matching clips of
-    the gathered batch) or hardest (the most similar non-matching clip)."""
-    label_smoothing: float = 0.1
-    """LM cross-entropy label smoothing."""
+CoAVTLossArgs = CoAVTLossConfig
+"""The objective's settings: the `coavt` section of the run's Config (valor_fast/config.py)."""
 
 
 def query_similarity(text: torch.Tensor, q_tok: torch.Tensor, q_weight: torch.Tensor) -> torch.Tensor:
@@ -60,20 +51,12 @@ def query_similarity(text: torch.Tensor, q_tok: torch.Tensor, q_weight: torch.Te
 def contrastive_losses(text: torch.Tensor, groups: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
                        temperature: torch.Tensor, has_audio: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """InfoNCE per stream over already gathered features: text (N, D), groups name -> (query
-    tokens (N, Nq, D), weights (N, Nq)).  The "a" stream scores only clips with audio (0 when
-    fewer than two have it); "av" keeps every clip (a clip's missing audio is masked in it)."""
+    tokens (N, Nq, D), weights (N, Nq)).  The "a" stream scores only clips with audio (the op's
+    `valid` mask: no host sync; exactly 0 when fewer than two have it); "av" keeps every clip (a
+    clip's missing audio is masked in it)."""
     spec = {k: (tok, w, None) for k, (tok, w) in groups.items()}
-    t3 = text[:, None]
-    if has_audio is None or bool(has_audio.all()) or "a" not in spec:
-        return ops.grouped_contrastive_loss(t3, spec, temperature, mode="fine")
-    out = ops.grouped_contrastive_loss(t3, {k: s for k, s in spec.items() if k != "a"}, temperature, mode="fine")
-    idx = has_audio.nonzero().squeeze(1)
-    tok, w, _ = spec["a"]
-    if idx.numel() >= 2:
-        out["a"] = ops.contrastive_loss(t3[idx], tok[idx], temperature, mode="fine", modal_weight=w[idx])
-    else:
-        out["a"] = zero_like_graph(tok)
-    return out
+    valid = {"a": has_audio.bool()} if has_audio is not None and "a" in spec else None
+    return ops.grouped_contrastive_loss(text[:, None], spec, temperature, mode="fine", valid=valid)
 
 
 def mine_negatives(sim: torch.Tensor, exclude: torch.Tensor, rule: str,
@@ -85,7 +68,8 @@ def mine_negatives(sim: torch.Tensor, exclude: torch.Tensor, rule: str,
     -> (R,) long."""
     if sim.shape != exclude.shape:
         raise ValueError(f"sim {tuple(sim.shape)} and exclude {tuple(exclude.shape)} differ")
-    if not bool((~exclude).any(1).all()):
+    # a value read, so on CPU tensors only; on a GPU CoAVTTask.prepare checked the batch on the host
+    if exclude.device.type == "cpu" and not bool((~exclude).any(1).all()):
         raise ValueError("matching needs a negative for every anchor: the gathered batch holds fewer than "
                          "two distinct clips")
     s = sim.detach().double().masked_fill(exclude, float("-inf"))
@@ -115,36 +99,77 @@ def matching_loss(model: CoAVT, memory: torch.Tensor, memory_mask: Optional[torc
     t_idx = torch.cat([rows, rows, neg_text])
     mm = None if memory_mask is None else memory_mask[av_idx]
     logits = model.match_logits(memory[av_idx], mm, text[t_idx], text_mask[t_idx])
-    R = rows.numel()
-    labels = torch.cat([torch.ones(R, dtype=torch.long), torch.zeros(2 * R, dtype=torch.long)]).to(logits.device)
+    R = rows.shape[0]
+    labels = torch.zeros(3 * R, dtype=torch.long, device=logits.device)
+    labels[:R] = 1
     return F.cross_entropy(logits, labels)
 
 
-def lm_loss(model: CoAVT, ids: torch.Tensor, mask: torch.Tensor, query_hidden: torch.Tensor,
-            label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy, mean over the global batch's predicted tokens: position i
-    (causal, cross-attending to the query outputs) predicts token i + 1 wherever it is real."""
-    h = model.decode(ids[:, :-1], mask[:, :-1], query_hidden)            # (B, L-1, C)
+def lm_plan(ids: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions (N,) in (B * (L-1)) of the decoder rows that predict a real token, their
+    labels (N,)): position i predicts token i + 1 wherever it is real.  A value read: made on the
+    host (CoAVTTask.prepare) so the step has no data-dependent shape."""
     sel = mask[:, 1:]
-    nll = model.lm_loss(h[sel], ids[:, 1:][sel], label_smoothing)
-    return global_mean(nll.sum(), sel.sum())
+    pos = sel.flatten().nonzero().squeeze(1)
+    return pos, ids[:, 1:].flatten()[pos]
 
 
-class CoAVTTask(torch.nn.Module):
+def lm_loss(model: CoAVT, ids: torch.Tensor, mask: torch.Tensor, query_hidden: torch.Tensor,
+            label_smoothing: float = 0.0, plan: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Next-token cross-entropy, mean over the global batch's predicted tokens: position i
+    (causal, cross-attending to the query outputs) predicts token i + 1 wherever it is real.
+    `plan`: `lm_plan(ids, mask)` made on the host (else made here)."""
+    h = model.decode(ids[:, :-1], mask[:, :-1], query_hidden)            # (B, L-1, C)
+    pos, labels = plan if plan is not None else lm_plan(ids, mask)
+    pos, labels = pos.to(h.device), labels.to(h.device)
+    nll = model.lm_loss(h.reshape(-1, h.shape[-1]).index_select(0, pos), labels, label_smoothing)
+    return global_mean(nll.sum(), nll.new_tensor(float(pos.shape[0])))
+
+
+KEY_ORDER = ("loss",) + KEYS
+
+
+@register_task("coavt_pretrain")
+class CoAVTTask(Task):
     """The CoAVT objective as the data-parallel root module: forward(batch) -> {"loss", *KEYS}
-    (the same keys every step).  `prepare` makes the host-side draws (negative sampling)."""
+    (the same keys every step).  `prepare` makes the host-side draws (negative sampling) and
+    plans (LM positions, whether every clip has audio)."""
 
-    def __init__(self, model: CoAVT, cfg: Optional[CoAVTLossArgs] = None):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg or CoAVTLossArgs()
+    family = "coavt"
+    evaluation = "caption"     # retrieval (T->AV, T->V, T->A) + captioning: eval/family.py
+
+    def __init__(self, model: CoAVT, cfg: Optional[CoAVTLossConfig] = None):
+        super().__init__(model)
+        self.cfg = cfg or CoAVTLossConfig()
+        if self.cfg.hard_negatives not in ("sample", "hardest"):
+            raise ValueError(f"coavt.hard_negatives must be sample or hardest, got {self.cfg.hard_negatives!r}")
         self.mined: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         """(negative AV per local text, negative text per local AV) of the last step, indices
         into the gathered batch (for tests and inspection)."""
 
+    @classmethod
+    def from_config(cls, model: CoAVT, cfg) -> "CoAVTTask":
+        check_family_data(cfg)
+        return cls(model, cfg.coavt)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        return KEY_ORDER
+
+    def flops_per_sample(self, cfg) -> float:
+        return coavt_flops_per_sample(self.model.args, frames=cfg.data.frames_train, text_len=cfg.data.max_text_len,
+                                      audio_slices=cfg.data.audio_slices)
+
     def prepare(self, batch: dict, generator: Optional[torch.Generator] = None) -> dict:
         B = batch["text_ids"].shape[0]
-        return {**batch, "coavt_draws": global_rand(B, 2, generator=generator)}
+        idx = batch.get("index")
+        if world() == 1 and B > 0 and (B < 2 or (idx is not None and len(set(idx.tolist())) < 2)):
+            raise ValueError("CoAVT matching needs a negative for every anchor: the batch holds fewer than two "
+                             "distinct clips (raise train.batch_size)")
+        out = {**batch, "coavt_draws": global_rand(B, 2, generator=generator)}
+        out["lm_positions"], out["lm_labels"] = lm_plan(batch["text_ids"], batch["text_mask"])
+        ha = batch.get("has_audio")
+        out["audio_complete"] = ha is None or bool(ha.all())     # host side: the joint layer runs unmasked
+        return out
 
     def _mine(self, batch, t_all, av_all, temp):
         B = batch["text_ids"].shape[0]
@@ -166,10 +191,10 @@ class CoAVTTask(torch.nn.Module):
     def forward(self, batch: dict) -> Dict[str, torch.Tensor]:
         m, c = self.model, self.cfg
         ids, mask, ha = batch["text_ids"], batch["text_mask"], batch.get("has_audio")
-        s = m.encode_av(batch["video"], batch["audio"], ha)
+        s = m.encode_av(batch["video"], batch["audio"], None if batch.get("audio_complete") else ha)
         th = m.encode_text(ids, mask)
         q = {k: m.queries(s[k], s["av_mask"] if k == "av" else None) for k in STREAMS}
-        t_all = gather_features(m.text_feature(th))
+        t_all = gather_features(m.text_feature(th, mask))
         f_all = {k: tuple(gather_features(x) for x in m.query_features(q[k])) for k in STREAMS}
         ha_all = None if ha is None else gather_no_grad(ha.to(th.device))
         temp = m.temp()
@@ -181,7 +206,8 @@ class CoAVTTask(torch.nn.Module):
         match = matching_loss(m, gather_features(s["av"]), None if mm is None else gather_no_grad(mm),
                               gather_features(th, pad_dim=1), gather_features(mask, pad_dim=1, pad_value=False),
                               rows, neg_av, neg_t)
-        lm = lm_loss(m, ids, mask, q["av"], c.label_smoothing)
+        plan = (batch["lm_positions"], batch["lm_labels"]) if "lm_positions" in batch else None
+        lm = lm_loss(m, ids, mask, q["av"], c.label_smoothing, plan)
         out = {_GROUP_KEY[k]: v for k, v in con.items()}
         out["coavt/match"], out["coavt/lm"] = match, lm
         out["loss"] = (c.contrastive_weight * (out["coavt/avt"] + out["coavt/at"] + out["coavt/vt"])

@@ -15,6 +15,18 @@ import torch.distributed as dist
 from ..ops.distributed import rank, world
 
 
+def check_family_data(cfg) -> None:
+    """The data settings fit the family model's embedding tables (ValueError naming the fields):
+    data.frames_train / frames_test <= model.max_frames, data.audio_slices <= model.max_slices."""
+    a, d = cfg.model, cfg.data
+    for name in ("frames_train", "frames_test"):
+        if getattr(d, name) > a.max_frames:
+            raise ValueError(f"data.{name}={getattr(d, name)} exceeds model.max_frames={a.max_frames} "
+                             f"(the {a.family} frame embedding's slots)")
+    if d.audio_slices > a.max_slices:
+        raise ValueError(f"data.audio_slices={d.audio_slices} exceeds model.max_slices={a.max_slices}")
+
+
 def rank_rows(x: torch.Tensor, local: int) -> torch.Tensor:
     """Rows [rank * local, (rank + 1) * local) of a draw made for the global batch."""
     r = rank()
@@ -39,9 +51,3 @@ def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     c = count.clone()
     dist.all_reduce(c)
     return total * n / c.clamp(min=1)
-
-
-def zero_like_graph(x: torch.Tensor) -> torch.Tensor:
-    """A scalar 0 attached to x's graph: keeps a loss key present (and every parameter in the
-    graph, for DDP) on a step where the term has nothing to score."""
-    return x.sum().float() * 0.0

@@ -16,17 +16,19 @@ gam_weight * (av + at) + contrastive_weight * (tv + ta + va), weights 1 (docs/fa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..config import VLSALossConfig
+from ..model.flops import vlsa_flops_per_sample
 from ..model.patch_embed import patchify_audio, patchify_video
 from ..model.vlsa import VLSA
-from ..ops.distributed import gather_features, gather_no_grad, rank, world
-from .family_common import global_mean, global_rand, rank_rows, zero_like_graph
+from ..ops.distributed import gather_features, rank, world
+from .base import Task, register_task
+from .family_common import check_family_data, global_mean, global_rand, rank_rows
 from .mgc import mask_tokens
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -37,22 +39,8 @@ KEYS = ("vlsa/mm_video", "vlsa/mm_audio", "vlsa/mm_text", "vlsa/gam_av", "vlsa/g
         "vlsa/tv", "vlsa/ta", "vlsa/va")
 
 
-@dataclass
-class VLSALossArgs:
-    mm_weight: float = 1.0
-    """Weight of each masked-modelling term (video, audio, text)."""
-    gam_weight: float = 1.0
-    """Weight of each global-audio-matching term (audio-video, audio-text)."""
-    contrastive_weight: float = 1.0
-    """Weight of each contrastive term (T-V, T-A, V-A)."""
-    video_mask_ratio: float = 0.6
-    """Share of a clip's video patches masked (the same count every clip)."""
-    audio_mask_ratio: float = 0.6
-    """Share of a clip's audio patches masked."""
-    text_mask_prob: float = 0.15
-    """Share of a caption's tokens (after [CLS]) selected for prediction, at least one."""
-    norm_pix: bool = True
-    """Video target: each patch's pixels normalised by their own mean and std (MAE)."""
+VLSALossArgs = VLSALossConfig
+"""The objective's settings: the `vlsa` section of the run's Config (valor_fast/config.py)."""
 
 
 def random_patch_mask(local: int, n_patches: int, ratio: float,
@@ -74,16 +62,24 @@ def video_targets(video: torch.Tensor, patch: int, norm_pix: bool = True) -> tor
     return t
 
 
-def masked_patch_loss(tokens: torch.Tensor, head: torch.nn.Module, target: torch.Tensor,
-                      mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def masked_patch_loss(tokens: torch.Tensor, head: torch.nn.Module, target: torch.Tensor, mask: torch.Tensor,
+                      positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) of the per-patch mean squared error at masked patches only: the head runs
-    on the masked token states (K, C) alone.  tokens (B, N, C), target (B, N, P), mask (B, N)."""
+    on the masked token states (K, C) alone.  tokens (B, N, C), target (B, N, P), mask (B, N);
+    positions (K,): the flat indices of the masked patches in (B * N), made on the host
+    (`patch_positions`; else here, a value read)."""
     if mask.shape != tokens.shape[:2] or target.shape[:2] != mask.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)}, target {tuple(target.shape)} and mask "
                          f"{tuple(mask.shape)} disagree")
-    pred = _fp32(head(tokens[mask]))                        # (K, P)
-    err = (pred - _fp32(target[mask])).pow(2).mean(-1)      # (K,)
-    return err.sum(), mask.sum()
+    pos = patch_positions(mask) if positions is None else positions.to(tokens.device)
+    pred = _fp32(head(tokens.reshape(-1, tokens.shape[-1]).index_select(0, pos)))          # (K, P)
+    err = (pred - _fp32(target.reshape(-1, target.shape[-1]).index_select(0, pos))).pow(2).mean(-1)   # (K,)
+    return err.sum(), err.new_tensor(float(pos.shape[0]))
+
+
+def patch_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (K,) of the True entries of a (B, N) mask, row-major (host side)."""
+    return mask.flatten().nonzero().squeeze(1)
 
 
 def gam_loss(model: VLSA, partner: str, audio_glob: torch.Tensor, other_glob: torch.Tensor,
@@ -103,73 +99,96 @@ def gam_loss(model: VLSA, partner: str, audio_glob: torch.Tensor, other_glob: to
 def contrastive_losses(ft: torch.Tensor, fv: torch.Tensor, fa: torch.Tensor, temperature: torch.Tensor,
                        has_audio: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """T-V, T-A, V-A InfoNCE over gathered (N, D) global features; the audio pairs score the
-    clips with audio only (0 when fewer than two have it)."""
-    out = {"tv": ops.contrastive_loss(ft, fv, temperature)}
-    if has_audio is not None and not bool(has_audio.all()):
-        idx = has_audio.nonzero().squeeze(1)
-        if idx.numel() < 2:
-            out["ta"] = out["va"] = zero_like_graph(fa)
-            return out
-        ft, fv, fa = ft[idx], fv[idx], fa[idx]
-    out["ta"] = ops.contrastive_loss(ft, fa, temperature)
-    out["va"] = ops.contrastive_loss(fv, fa, temperature)
-    return out
+    clips with audio only (the op's `valid` mask: no host sync; 0 when fewer than two have it)."""
+    valid = None if has_audio is None else has_audio.bool()
+    return {"tv": ops.contrastive_loss(ft, fv, temperature),
+            "ta": ops.contrastive_loss(ft, fa, temperature, valid=valid),
+            "va": ops.contrastive_loss(fv, fa, temperature, valid=valid)}
 
 
-class VLSATask(torch.nn.Module):
+KEY_ORDER = ("loss",) + KEYS
+PLAN_KEYS = ("mm_text_input", "mm_text_positions", "mm_text_labels", "mm_video_positions", "mm_audio_positions")
+
+
+@register_task("vlsa_pretrain")
+class VLSATask(Task):
     """The VLSA objective as the data-parallel root module: forward(batch) -> {"loss", *KEYS}
     (the same keys every step).  `prepare` draws the patch masks, the word-masking uniforms and
-    the matching partners on the host, for the global batch, keeping this rank's rows."""
+    the matching partners on the host, for the global batch, keeping this rank's rows, and plans
+    the masked places (PLAN_KEYS: flat positions, so the step has no data-dependent shape).
+    `text_len`: the width of the word-masking draws (data.max_text_len): batches padded to any
+    length up to it draw the same uniforms for the same words."""
 
-    def __init__(self, model: VLSA, cfg: Optional[VLSALossArgs] = None):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg or VLSALossArgs()
+    family = "vlsa"
+    evaluation = "retrieval"    # T<->V, T<->A, V<->A: eval/family.py
+
+    def __init__(self, model: VLSA, cfg: Optional[VLSALossConfig] = None, text_len: int = 40):
+        super().__init__(model)
+        self.cfg = cfg or VLSALossConfig()
+        self.text_len = text_len
+
+    @classmethod
+    def from_config(cls, model: VLSA, cfg) -> "VLSATask":
+        check_family_data(cfg)
+        return cls(model, cfg.vlsa, text_len=cfg.data.max_text_len)
+
+    def loss_keys(self) -> Tuple[str, ...]:
+        return KEY_ORDER
+
+    def flops_per_sample(self, cfg) -> float:
+        c = self.cfg
+        return vlsa_flops_per_sample(self.model.args, frames=cfg.data.frames_train, text_len=cfg.data.max_text_len,
+                                     audio_slices=cfg.data.audio_slices, video_mask_ratio=c.video_mask_ratio,
+                                     audio_mask_ratio=c.audio_mask_ratio, text_mask_prob=c.text_mask_prob)
 
     def prepare(self, batch: dict, generator: Optional[torch.Generator] = None) -> dict:
-        a, c = self.model.args, self.cfg
+        c = self.cfg
         B, n = batch["video"].shape[:2]
         S = batch["audio"].shape[1]
-        L = batch["text_ids"].shape[1]
-        if L > a.max_text_len:
-            raise ValueError(f"text_ids have {L} tokens, more than the model's max_text_len {a.max_text_len}")
-        nv = n * self.model.video_embed.per_frame
-        na = S * self.model.audio_embed.per_slice
+        ids, mask = batch["text_ids"], batch["text_mask"]
+        if ids.shape[1] > self.text_len:
+            raise ValueError(f"text_ids have {ids.shape[1]} tokens, more than data.max_text_len={self.text_len}")
         out = dict(batch)
-        out["vlsa_video_mask"] = random_patch_mask(B, nv, c.video_mask_ratio, generator)
-        out["vlsa_audio_mask"] = random_patch_mask(B, na, c.audio_mask_ratio, generator)
-        out["vlsa_text_draws"] = global_rand(B, a.max_text_len, 3, generator=generator)
+        out["vlsa_video_mask"] = random_patch_mask(B, n * self.model.video_embed.per_frame, c.video_mask_ratio, generator)
+        out["vlsa_audio_mask"] = random_patch_mask(B, S * self.model.audio_embed.per_slice, c.audio_mask_ratio, generator)
+        out["vlsa_text_draws"] = global_rand(B, self.text_len, 3, generator=generator)
         N = B * world()
         if N < 2:
             raise ValueError("global audio matching needs at least two clips in the global batch")
         out["vlsa_partners"] = rank_rows(torch.randint(1, N, (N, 2), generator=generator), B)
+        inp, sel = mask_tokens(ids, mask, c.text_mask_prob, self.model.args.vocab_size, draws=out["vlsa_text_draws"])
+        out["mm_text_input"], out["mm_text_positions"] = inp, patch_positions(sel)
+        out["mm_text_labels"] = ids.flatten()[out["mm_text_positions"]]
+        am = out["vlsa_audio_mask"]
+        if batch.get("has_audio") is not None:
+            am = am & batch["has_audio"].bool()[:, None]      # clips without audio reconstruct no audio
+        out["mm_video_positions"], out["mm_audio_positions"] = patch_positions(out["vlsa_video_mask"]), patch_positions(am)
         return out
 
-    def _masked_modelling(self, batch, hv, ht, ha_tok, sel, has_audio):
+    def _masked_modelling(self, batch, hv, ht, ha_tok):
         m, c = self.model, self.cfg
-        vm, am = batch["vlsa_video_mask"], batch["vlsa_audio_mask"]
-        if has_audio is not None:
-            am = am & has_audio[:, None]
         tv = video_targets(batch["video"], m.args.patch_size, c.norm_pix)
         ta = patchify_audio(_fp32(batch["audio"]), m.args.audio_patch)
-        out = {"vlsa/mm_video": global_mean(*masked_patch_loss(hv, m.video_head, tv, vm)),
-               "vlsa/mm_audio": global_mean(*masked_patch_loss(ha_tok, m.audio_head, ta, am))}
-        nll = m.text_mlm_loss(ht[sel], batch["text_ids"][sel])
-        out["vlsa/mm_text"] = global_mean(nll.sum(), sel.sum())
+        out = {"vlsa/mm_video": global_mean(*masked_patch_loss(hv, m.video_head, tv, batch["vlsa_video_mask"],
+                                                               batch["mm_video_positions"])),
+               "vlsa/mm_audio": global_mean(*masked_patch_loss(ha_tok, m.audio_head, ta, batch["vlsa_audio_mask"],
+                                                               batch["mm_audio_positions"]))}
+        pos = batch["mm_text_positions"].to(ht.device)
+        nll = m.text_mlm_loss(ht.reshape(-1, ht.shape[-1]).index_select(0, pos), batch["mm_text_labels"].to(ht.device))
+        out["vlsa/mm_text"] = global_mean(nll.sum(), nll.new_tensor(float(pos.shape[0])))
         return out
 
     def forward(self, batch: dict) -> Dict[str, torch.Tensor]:
         m, c = self.model, self.cfg
-        if "vlsa_video_mask" not in batch:
-            raise ValueError("VLSATask needs the draws of VLSATask.prepare(batch, generator) in the batch")
+        if any(k not in batch for k in ("vlsa_video_mask",) + PLAN_KEYS):
+            raise ValueError("VLSATask needs the draws and plan of VLSATask.prepare(batch, generator) in the batch")
         ids, mask, has_audio = batch["text_ids"], batch["text_mask"], batch.get("has_audio")
-        inp, sel = mask_tokens(ids, mask, c.text_mask_prob, m.args.vocab_size, draws=batch["vlsa_text_draws"])
         gv, hv = m.encode_video(batch["video"], batch["vlsa_video_mask"])
-        gt, ht = m.encode_text(inp, mask)
+        gt, ht = m.encode_text(batch["mm_text_input"], mask)
         ga, ha_tok = m.encode_audio(batch["audio"], batch["vlsa_audio_mask"])
-        out = self._masked_modelling(batch, hv, ht, ha_tok, sel, has_audio)
-        ha_all = None if has_audio is None else gather_no_grad(has_audio.to(ids.device))
+        out = self._masked_modelling(batch, hv, ht, ha_tok)
         pv, pt, pa = m.pooled(gv, hv), m.pooled(gt, ht, mask), m.pooled(ga, ha_tok)
+        ha_all = None if has_audio is None else gather_features(has_audio.to(ids.device).bool())
         con = contrastive_losses(*(gather_features(m.global_feature(k, x)) for k, x in
                                    (("text", pt), ("video", pv), ("audio", pa))), m.temp(), ha_all)
         out.update({f"vlsa/{k}": v for k, v in con.items()})

@@ -14,8 +14,12 @@ log = get_logger(__name__)
 
 
 def transformer_blocks(model: nn.Module) -> List[nn.ModuleList]:
-    """The per-block ModuleLists of VALOR: BERT layers, ViT blocks, AST blocks."""
-    return [model.text.layers, model.vision.blocks, model.audio.blocks]
+    """The per-block ModuleLists of any family's model (`model.transformer_blocks()`: VALOR's
+    BERT layers, vision and AST blocks; CoAVT's vision, audio, joint, text and query layers;
+    VLSA's shared transformer)."""
+    if not hasattr(model, "transformer_blocks"):
+        raise TypeError(f"{type(model).__name__} defines no transformer_blocks(): parallelize cannot find its blocks")
+    return list(model.transformer_blocks())
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:

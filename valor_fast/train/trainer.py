@@ -37,11 +37,10 @@ from ..data.media import BadMediaError, BadMediaTracker
 from ..data.sampler import step_generator
 from ..data.synth import prepare_data
 from ..eval.dispatch import evaluate_task
-from ..model.valor import build_model, count_parameters
+from ..model.family import build_model, count_parameters
 from ..runtime import autocast_ctx, seed_all
 from ..tasks import build_task
 from ..tasks.pretrain import move_batch
-from ..model.flops import training_flops_per_sample
 from ..utils.flops import device_peak_tflops
 from ..utils.log import get_logger
 from .checkpoint import (CheckpointManager, NonFiniteCheckpointError, app_state, export_model_state,
@@ -130,11 +129,7 @@ class Trainer:
                                     os.path.join(self.run_dir, "tb") if self.tc.tensorboard and info.is_main else None)
         self.metrics.history = self._prior_history()
         self.micro = self.tc.batch_size // (info.world * self.tc.grad_accum)
-        mga_groups, mgc_groups = self.objective.flop_groups()
-        self.flops_sample = training_flops_per_sample(cfg.model, frames=cfg.data.frames_train,
-                                                      text_len=cfg.data.max_text_len, audio_slices=cfg.data.audio_slices,
-                                                      mga_groups=mga_groups, mgc_groups=mgc_groups,
-                                                      mask_prob=cfg.loss.mask_prob)
+        self.flops_sample = self.objective.flops_per_sample(cfg)   # the task counts its model's FLOPs
         self.peak = device_peak_tflops(self.device)
         self.skipped, self.bad_total = 0, 0
         self.bad = torch.zeros((), device=self.device)   # device-side non-finite flag: no host sync a step
