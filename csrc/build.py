@@ -5,14 +5,14 @@
     python csrc/build.py --out DIR --emulate      # the CPU emulation build (tests only)
 
 Called by setup.py (`--out <build_lib>/valor_fast/_lib`) when nvcc is on PATH, and by
-tests/test_csrc_build.py.  One nvcc invocation per source with every arch as a -gencode; PTX for
+tests/csrc/test_csrc_build.py.  One nvcc invocation per source with every arch as a -gencode; PTX for
 the lowest plain arch is embedded too, so newer GPUs can JIT it.  Loaded at run time by
 valor_fast/ops/_cuda.py (or from $VALOR_FAST_CUDA_LIB).
 
 --ptxas-log writes ptxas's per-kernel report (registers, spill stores / loads, stack) for every
 arch to FILE; bench/kernel_audit.py reads it.  --emulate compiles the same sources with the host
 C++ compiler into libvalor_fast_cuda_emu.so (csrc/emulate/vf_emulate.h): the kernels run on the
-CPU with emulated PTX, for tests/test_csrc_emulated.py.  Only the C ABI is exported (the kernels'
+CPU with emulated PTX, for tests/csrc/test_csrc_contrastive.py.  Only the C ABI is exported (the kernels'
 host stubs stay hidden).
 """
 import argparse

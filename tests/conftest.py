@@ -1,4 +1,5 @@
 import os
+import zlib
 
 # Triton kernels run on the CPU through the interpreter in CI (no GPU there).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -7,10 +8,33 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Fresh random inputs every session, reproducible on demand: the session draws a base seed (or
+# takes VALOR_FAST_TEST_SEED), each test seeds torch with crc32(base, test id), so one test's seed
+# does not depend on which other tests ran.  The base is in pytest's header, and a failing test's
+# report carries its seed and the command line that replays it.
+_BASE_SEED = int(os.environ.get("VALOR_FAST_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+def _test_seed(nodeid: str) -> int:
+    return zlib.crc32(nodeid.encode(), _BASE_SEED) & 0x7FFFFFFF
+
+
+def pytest_report_header(config):
+    return f"valor-fast test seed: VALOR_FAST_TEST_SEED={_BASE_SEED}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("seed", f"torch seed {_test_seed(item.nodeid)}; replay with "
+                                        f"VALOR_FAST_TEST_SEED={_BASE_SEED} pytest '{item.nodeid}'"))
+
+
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # fresh random inputs every run (the seed is printed on failure by pytest's -ra summary via the id)
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fresh_seed(request):
+    seed = _test_seed(request.node.nodeid)
     torch.manual_seed(seed)
     yield seed
 

@@ -281,7 +281,7 @@ def test_local_loss_path_in_one_process(backend, mode):
     """The local loss (rows vs gathered columns, separate rectangle kernels) against the square
     path: in one process gather_negatives holds this process's tensors (offset 0, world 1), so
     both must give the same loss and gradients while running different kernel calls.  The
-    across-process equality is tests/test_contrastive_dist.py."""
+    across-process equality is tests/ops/test_distributed_negatives.py."""
     B = 6
     inp = _fine_inputs(B, 5, 3, 1, 16)
     inp.update(pt=_feat(B, 16), pv=_feat(B, 16), pa=_feat(B, 16), va=_valid(B, "random"))

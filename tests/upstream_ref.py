@@ -1,7 +1,7 @@
 """Upstream VALOR semantics in float64, computed directly from an upstream-layout state dict.
 
 An independent re-derivation of docs/upstream.md (TXH-mercury/VALOR @ 1b51e66) for the conversion
-parity test (tests/test_upstream_parity.py): pure torch, importing nothing from valor_fast.  It
+parity test (tests/model/test_upstream_parity.py): pure torch, importing nothing from valor_fast.  It
 has two halves:
 
   * `build_state_dict(dims)`: a small model's state dict with upstream's key names and tensor

@@ -427,6 +427,10 @@ class Trainer:
     def checkpoint(self) -> None:
         """A resumable sharded checkpoint of the step reached (collective)."""
         self.last_good_ckpt = self.ckpts.save(self.step, app_state(self.task, self.opt), {"step": self.step})
+        if self.info.is_main:
+            # history.json beside every checkpoint, so a kill -9 keeps the records a resume
+            # continues (the resume keeps those up to its step; later ones it replays)
+            self.metrics.write(self.run_dir)
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, split: str) -> Dict[str, float]:

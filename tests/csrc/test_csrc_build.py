@@ -1,7 +1,7 @@
 """csrc/ builds with nvcc for sm_80 and sm_90a, exports the C ABI the ctypes loader binds, passes the
 ahead-of-time kernel audit (bench/kernel_audit.py: no spills in 16-bit paths, shared memory within
 the limit, tensor-core instructions in every matrix kernel), and the loader reports (rather than
-raises) when it cannot be used.  Running the kernels: tests/test_csrc_contrastive.py (emulated on
+raises) when it cannot be used.  Running the kernels: tests/csrc/test_csrc_contrastive.py (emulated on
 the CPU; the real library on a GPU).  One nvcc build (with the ptxas report) serves every test here."""
 import ctypes
 import json
@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.join(ROOT, "csrc", "build.py")
 AUDIT = os.path.join(ROOT, "bench", "kernel_audit.py")
 SYMBOLS = ("vf_version", "vf_probe", "vf_error_string", "vf_coarse_lse", "vf_coarse_grad", "vf_fine_fwd",

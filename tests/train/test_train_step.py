@@ -20,7 +20,7 @@ from valor_fast.ops import fused as fused_ops
 from valor_fast.tasks.mgc import mgc_loss
 from valor_fast.tasks.pretrain import pretrain_step_losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import bench.train_step as ts  # noqa: E402
 

@@ -10,14 +10,12 @@ import torch
 
 from valor_fast.config import DataConfig
 from valor_fast.data.dataset import VideoAudioTextDataset, collate
-from valor_fast.data.fbank import (kaldi_fbank_batched, slice_fbank, slice_fbank_batched,
-                                   slice_windows, valor_fbank, valor_fbank_batched)
 from valor_fast.data.media import BadMediaError, BadMediaTracker, ReplacementOrder
 from valor_fast.utils import deps
 
 HAS_DALI = deps.HAS_DALI
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia-dali not installed (pip install nvidia-dali-cuda130)")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.environ.get("VALOR_FAST_GOLDEN", os.path.join(REPO, "..", "shared", "golden", "fbank"))
 SIZE = 32
 # one 8-bit level of a frame, in CLIP-normalised units (the smallest channel std is 0.26)
@@ -271,73 +269,6 @@ def test_dali_frame_folders_match_cpu_path(synth_root, tmp_path):
     # JPEG decoders differ in IDCT and chroma upsampling by a few levels
     assert (a["video"] - b["video"]).abs().mean() < 2 * LEVEL
     assert (a["video"] - b["video"]).abs().max() < 12 * LEVEL
-
-
-# -- the device fbank ---------------------------------------------------------------------------
-def _golden():
-    man = os.path.join(GOLDEN, "manifest.json")
-    if not os.path.exists(man):
-        return []
-    return sorted(json.load(open(man))["files"].items())
-
-
-@pytest.mark.skipif(not _golden(), reason=f"golden fbank files not found at {GOLDEN}")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batched_fbank_matches_kaldi_golden(dtype):
-    """All golden clips in one padded batch (different lengths and rates grouped by rate)."""
-    import soundfile as sf
-    by_rate = {}
-    for name, meta in _golden():
-        by_rate.setdefault(meta["sample_rate"], []).append((name, meta))
-    for sr, items in by_rate.items():
-        waves = [torch.from_numpy(sf.read(os.path.join(GOLDEN, m["wav"]), dtype="int16")[0] / 32768.0) for _, m in items]
-        waves.append(torch.randn(sr // 3, dtype=torch.float64) * 0.1)   # a shorter filler clip
-        lengths = torch.tensor([w.numel() for w in waves])
-        x = torch.zeros(len(waves), int(lengths.max()), dtype=dtype)
-        for r, w in enumerate(waves):
-            x[r, :w.numel()] = w.to(dtype)
-        for r, (name, meta) in enumerate(items):
-            bins = 64 if "valor64" in name else 128
-            fb, n = kaldi_fbank_batched(x, lengths, sr, num_mel_bins=bins, dtype=dtype)
-            ref = torch.from_numpy(np.load(os.path.join(GOLDEN, name)))
-            assert int(n[r]) == ref.shape[0] and fb.shape[2] == bins
-            diff = (fb[r, :ref.shape[0]].double() - ref).abs()
-            if dtype == torch.float32:
-                diff = diff[ref > -10.0]   # float32 round-off near Kaldi's floor: see the docstring
-            assert diff.max().item() <= 1e-3, (name, diff.max().item())
-            assert (fb[r, ref.shape[0]:] == 0).all()
-
-
-def test_batched_fbank_and_slices_match_the_per_clip_path():
-    g = torch.Generator().manual_seed(3)
-    lens = [16000 * 7 + 123, 300, 16000 * 2, 16000 * 12 + 5]   # 300: under one 25 ms window
-    waves = [torch.randn(n, generator=g, dtype=torch.float64) * 0.2 for n in lens]
-    x = torch.zeros(len(lens), max(lens), dtype=torch.float64)
-    for r, w in enumerate(waves):
-        x[r, :w.numel()] = w
-    fb, n = valor_fbank_batched(x, torch.tensor(lens), 16000, 64, dtype=torch.float64)
-    for r, w in enumerate(waves):
-        ref = valor_fbank(w, 16000)
-        assert int(n[r]) == ref.shape[0]
-        torch.testing.assert_close(fb[r, :ref.shape[0]], ref, atol=1e-9, rtol=0)
-    # the slice windows drawn from one generator state are the same on both paths
-    for train in (False, True):
-        wins, ref = [], []
-        for r, w in enumerate(waves):
-            g1 = torch.Generator().manual_seed(r)
-            g2 = torch.Generator().manual_seed(r)
-            ref.append(slice_fbank(valor_fbank(w, 16000), 2, train, g1))
-            wins.append(slice_windows(int(n[r]), 2, train, g2))
-        torch.testing.assert_close(slice_fbank_batched(fb, n, wins), torch.stack(ref), atol=1e-9, rtol=0)
-
-
-def test_batched_fbank_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"\(B, N\)"):
-        kaldi_fbank_batched(torch.zeros(100))
-    with pytest.raises(ValueError, match="exceed"):
-        kaldi_fbank_batched(torch.zeros(2, 100), torch.tensor([50, 200]))
-    fb, n = kaldi_fbank_batched(torch.zeros(2, 1000), torch.tensor([0, 1000]))
-    assert n.tolist() == [0, 4] and (fb[0] == 0).all()
 
 
 def test_data_check_cli(planted, tmp_path):

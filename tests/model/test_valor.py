@@ -146,5 +146,5 @@ def test_moved_config_fields_still_load(tmp_path):
         load_config(None, {"model.gradient_checkpointing": "true"})
     with pytest.raises(ValueError, match="model.audio_mel_bins alone"):
         load_config(None, {"data.audio_mel_bins": "128", "model.audio_mel_bins": "64"})
-    with pytest.raises(ValueError, match="data.max_text_len=600 exceeds model.max_positions=512"):
+    with pytest.raises(ValueError, match=r"data.max_text_len=600: must be <= model.max_positions \(512\)"):
         load_config(None, {"data.max_text_len": "600"})

@@ -35,7 +35,7 @@ import torch
 from valor_fast.kernels import contrastive as kc
 from valor_fast.ops.contrastive_op import make_ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.join(ROOT, "csrc", "build.py")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

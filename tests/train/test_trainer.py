@@ -60,7 +60,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 def test_stale_synthetic_folder_is_regenerated(tmp_path, monkeypatch):
     """A synthetic folder of ours with other settings is regenerated; one without our owner
-    marker is never touched (tests/test_guard_data.py has the refusals)."""
+    marker is never touched (tests/data/test_synth.py has the refusals)."""
     import valor_fast.data.synth as synth
     from valor_fast.data.synth import prepare_data
     from valor_fast.utils.fs import ForeignContentError, write_owner_marker
