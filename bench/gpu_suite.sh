@@ -11,7 +11,7 @@
 #   build   csrc/ for sm_80 + sm_90a (python csrc/build.py --out valor_fast/_lib)               40
 #   tests   the kernels' tests on the GPU: VALOR_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest
 #           tests/test_attention.py test_attention_bias.py test_fused_ops.py test_contrastive.py
-#           test_csrc_contrastive.py (float64-checked forward and every gradient)              130
+#           csrc/test_csrc_contrastive.py (float64-checked forward and every gradient)              130
 #   bench   valor-fast bench --quick --find-max-batch (bench/run_all.py: measured matmul / copy
 #           peaks, the attention / contrastive / fused kernels, caption tokens/s with and without
 #           the KV cache, the base train step eager vs fast with its largest batch)             170
@@ -86,7 +86,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
   > "$LOGS/nvidia-smi.csv" 2>&1 && cat "$LOGS/nvidia-smi.csv"
 
 KERNEL_TESTS=(tests/test_attention.py tests/test_attention_bias.py tests/test_fused_ops.py tests/test_contrastive.py
-              tests/test_csrc_contrastive.py)
+              tests/csrc/test_csrc_contrastive.py)
 
 if [ "$DRY" = 1 ]; then
   # CPU: the same entry points, parsed and imported, inputs built small; no timings recorded
