@@ -23,7 +23,13 @@ error of all gradients together, and each loss term), and every single gradient 
 looser per-tensor bound (8 x eager's, plus the floor) so one wrong kernel output cannot hide in a
 large model.  Floors: 2 u relative for a loss term, and 0.05 relative plus 2 u of the model's
 RMS gradient for a tensor (a tensor whose gradient is all rounding noise has no useful relative
-error).  NaN or Inf never passes.
+error).  NaN or Inf never passes.  After the first optimiser step the trajectories part: Adam's
+first update is lr * g / |g| = lr * sign(g) per element, so wherever rounding flips the sign of a
+noise-level gradient element the weights differ by 2 lr, whichever path rounded; the step-2 grad
+norm was seen 2-4% off fp32 on the Triton path while eager bf16 happened to land 0.2% off.  So
+losses and grad norms from the second step on get a further 5% relative floor: they check that
+the fused-AdamW trajectory stays finite and close, not bit-level agreement (the gradients, all
+compared at step 1, carry the kernel check).
 
 Sizes are tiny (width 32, 1 layer per tower, 16 px frames, 8-token captions, a global batch of
 4 clips, one of them without audio so the T-A / T-AV masks cross ranks, 2 optimiser steps) to keep
@@ -66,6 +72,7 @@ SMALL = dict(image_size=16, patch_size=8, vision_width=32, vision_heads=2, visio
 GLOBAL_B, FRAMES, TEXT_LEN, STEPS, WORLD = 4, 2, 8, 2, 2
 NO_AUDIO = 3            # global index of the clip without audio (rank 1's second clip)
 U = 2.0 ** -8           # bf16 unit roundoff
+LATER_STEP_FLOOR = 0.05  # relative, for losses / grad norms after the first optimiser step (docstring)
 TRAIN = TrainConfig(lr=1e-4, grad_clip=5.0)
 
 
@@ -239,13 +246,14 @@ def bound_ratios(got: dict, ref: dict, yard: dict) -> list:
     for step, (gl, rl) in enumerate(zip(got["losses"], ref["losses"])):
         assert gl.keys() == rl.keys(), (step, gl.keys(), rl.keys())
         for k in rl:
-            tol = 2 * y_loss[k] + 2 * U * abs(rl[k])
+            tol = 2 * y_loss[k] + 2 * U * abs(rl[k]) + LATER_STEP_FLOOR * bool(step) * abs(rl[k])
             r = e["loss"][step][k] / tol if math.isfinite(gl[k]) else math.inf
             out.append((r, f"step {step + 1} {k}: {gl[k]:.6f} vs fp32 {rl[k]:.6f} (eager bf16 |err| "
                            f"{y['loss'][step][k]:.2e}, largest {y_loss[k]:.2e})"))
     for step, g in enumerate(e["grad_norm"]):
         ok = math.isfinite(got["grad_norm"][step])
-        out.append((g / (2 * y_gn + 2 * U) if ok else math.inf, f"step {step + 1} grad norm rel err {g:.2e} "
+        out.append((g / (2 * y_gn + 2 * U + LATER_STEP_FLOOR * bool(step)) if ok else math.inf,
+                    f"step {step + 1} grad norm rel err {g:.2e} "
                                                                 f"(eager bf16 {y['grad_norm'][step]:.2e})"))
     out.append((e["total"] / (2 * y["total"] + 2 * U), f"all step-1 gradients: rel L2 err {e['total']:.2e} "
                                                        f"(eager bf16 {y['total']:.2e})"))
@@ -271,7 +279,8 @@ def check_close(got: dict, ref: dict, yard: dict, label: str) -> str:
 
 @pytest.fixture(scope="module")
 def seed():
-    return int.from_bytes(os.urandom(4), "little") % 100000
+    """Fresh each run (printed in every result line); VALOR_FAST_STEP_SEED=N replays one."""
+    return int(os.environ.get("VALOR_FAST_STEP_SEED") or int.from_bytes(os.urandom(4), "little") % 100000)
 
 
 @pytest.fixture(scope="module")
@@ -345,23 +354,36 @@ def test_one_process_bf16_triton_step_matches_fp32_eager(seed, interp, reference
 
 
 def test_the_bounds_catch_small_errors(references, one_process):
-    """The check can fail: a 5% error in every gradient (the whole-model bound is ~2.5% at
-    these sizes), a 25% error in the largest gradient tensor alone (its own bound: 5% + 8x
-    eager's), a 3% error in one loss term, a NaN anywhere each breaks a bound (on the passing
-    result above)."""
+    """The check can fail: each corruption below is twice the tolerance of the bound it targets
+    (the tolerances scale with the measured eager bf16 noise, which varies with the draw: the
+    step-1 gradients' rel L2 error of eager bf16 was 0.9% on one seed and 10% on another, the
+    fine MGA projections' gradients cancelling), and a NaN anywhere fails (on the passing result
+    above): every gradient scaled (the whole-model bound), the largest gradient tensor alone (its
+    own bound), one loss term (its bound)."""
     import copy
     got, _ = one_process
     ref, yard = references["fine"]
     assert max(r for r, _ in bound_ratios(got, ref, yard)) <= 1.0
+    y = _errors(yard, ref)
     big = max(ref["grads"], key=lambda n: float(ref["grads"][n].norm()))
+    big_ref = float(ref["grads"][big].double().norm())
+    all_tol = 2 * y["total"] + 2 * U
+    big_tol = (8 * y["per"][big] + 0.05 * big_ref
+               + 2 * U * y["rms"] * math.sqrt(ref["grads"][big].numel())) / big_ref
+    k = "mgc/tv"
+    loss_tol = (2 * max(s[k] for s in y["loss"]) + 2 * U * abs(ref["losses"][0][k])) / abs(ref["losses"][0][k])
 
     def scale_all(g):
-        for t in g["grads"].values():
-            t.mul_(1.05)
+        for n, t in g["grads"].items():   # the corruption is relative to the reference gradient
+            t.copy_(ref["grads"][n] * (1 + 2 * all_tol))
 
-    for name, edit in (("all grads x1.05", scale_all),
-                       ("largest grad x1.25", lambda g: g["grads"][big].mul_(1.25)),
-                       ("loss x1.03", lambda g: g["losses"][0].__setitem__("mgc/tv", g["losses"][0]["mgc/tv"] * 1.03)),
+    def scale_big(g):
+        g["grads"][big].copy_(ref["grads"][big] * (1 + 2 * big_tol))
+
+    def scale_loss(g):
+        g["losses"][0][k] = ref["losses"][0][k] * (1 + 2 * loss_tol)
+
+    for name, edit in (("all grads", scale_all), ("largest grad", scale_big), ("loss term", scale_loss),
                        ("NaN", lambda g: g["grads"][big].view(-1)[0].fill_(float("nan")))):
         bad = copy.deepcopy(got)
         edit(bad)
