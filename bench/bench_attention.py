@@ -69,7 +69,7 @@ def _require_cuda():
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU: torch.cuda.is_available() is False "
               f"(torch {torch.__version__}).  Correctness on the CPU is covered by "
-              "tests/test_attention.py under TRITON_INTERPRET=1.", file=sys.stderr)
+              "tests/kernels/test_flash_attention.py under TRITON_INTERPRET=1.", file=sys.stderr)
         sys.exit(2)
     try:
         import triton  # noqa: F401

@@ -36,7 +36,7 @@ def _require_cuda():
         sys.exit("bench_contrastive.py: TRITON_INTERPRET=1 is set; unset it (interpreter timings mean nothing)")
     if not torch.cuda.is_available():
         sys.exit("bench_contrastive.py needs a CUDA GPU: torch.cuda.is_available() is False "
-                 f"(torch {torch.__version__}).  Correctness on CPU is covered by tests/test_contrastive.py "
+                 f"(torch {torch.__version__}).  Correctness on CPU is covered by tests/kernels/test_contrastive.py "
                  "under TRITON_INTERPRET=1.")
 
 

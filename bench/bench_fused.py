@@ -36,7 +36,7 @@ def _require_cuda():
     if not torch.cuda.is_available():
         sys.exit("bench_fused.py needs a CUDA GPU: torch.cuda.is_available() is False "
                  f"(torch {torch.__version__}).  Correctness on CPU is covered by "
-                 "tests/test_fused_ops.py under TRITON_INTERPRET=1.")
+                 "tests/kernels/test_{add_layer_norm,bias_gelu,lm_head_ce}.py under TRITON_INTERPRET=1.")
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -309,10 +309,12 @@ def build_csrc(out_dir: str, archs=(80, 90)) -> Tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 def audit_triton(fn, signature: Dict[str, str], constexprs: Dict[str, object], num_warps: int, num_stages: int,
                  arch: int, config: Optional[dict] = None, mma_kernel: Optional[bool] = None,
-                 is_16bit: Optional[bool] = None) -> dict:
+                 is_16bit: Optional[bool] = None, attrs: Optional[dict] = None) -> dict:
     """Compile one @triton.jit kernel for sm_80 / sm_90a (no GPU needed) and audit its cubin.
 
-    signature: {arg: "*bf16" | "i32" | "fp32" | "constexpr" ...}; constexprs: {name: value}.
+    signature: {arg: "*bf16" | "i32" | "fp32" | "constexpr" ...}; constexprs: {name or (index,): value};
+    attrs: Triton's per-argument specialisation ({(index,): [["tt.divisibility", 16]]}), as a launch
+    derives it (`triton_launch_spec`); without it no argument is assumed 16-divisible.
     mma_kernel defaults to "the TTIR has a tt.dot"; is_16bit to "a pointer argument is 16-bit"."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -320,11 +322,12 @@ def audit_triton(fn, signature: Dict[str, str], constexprs: Dict[str, object], n
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise TypeError(f"{getattr(fn, '__name__', fn)!r} is not a JITFunction (TRITON_INTERPRET=1 replaces "
                         "kernels with interpreter stand-ins: run the audit with TRITON_INTERPRET=0)")
+    names = list(signature)
     cfg = dict(config or {}, num_warps=num_warps, num_stages=num_stages,
-               constexprs={k: v for k, v in constexprs.items()})
+               constexprs={(names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()})
     name = fn.__name__
     try:
-        k = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:  # noqa: BLE001  (any compiler failure is a finding, with its message)
         row = dict(kernel=name, source="triton", arch=ARCHS[arch]["sass"], config=cfg,
@@ -354,6 +357,23 @@ def audit_triton(fn, signature: Dict[str, str], constexprs: Dict[str, object], n
         is_16bit = any(str(t).lstrip("*") in ("fp16", "bf16") for t in signature.values() if str(t).startswith("*"))
     return make_row(name, "triton", arch, cfg, num_warps * 32, int(k.metadata.shared),
                     res.get(key, {}), ptx.get(key), sass.get(key, Counter()), bool(mma_kernel), bool(is_16bit))
+
+
+def triton_launch_spec(fn, args: tuple, kwargs: dict, arch: int = 90) -> Tuple[Dict[str, str], dict, dict]:
+    """(signature, constexprs, attrs) of `fn[grid](*args, **kwargs)` exactly as a launch derives them
+    (Triton's own argument binder): integer arguments equal to 1 become constexprs, pointers and
+    integers divisible by 16 get the divisibility hint that lets the compiler vectorise.  Tensors
+    may be small CPU stand-ins with the real dtypes (only their dtype and alignment are read);
+    integer arguments must be the real values (strides, lengths).  kwargs: the constexprs, and
+    num_warps / num_stages which are options, not arguments."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, dict(kwargs), bound, specialization, options)
+    return signature, constexprs, attrs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +416,60 @@ class TritonCase:
         fn, sig, cex = self.make()
         return [audit_triton(fn, sig, cex, self.num_warps, self.num_stages, cc, dict(self.config, case=self.name))
                 for cc in archs]
+
+
+@dataclass
+class LaunchCase:
+    """One kernel at one shape under the launch configurations its launcher chooses per
+    architecture.  build(cc) -> [(fn, args, kwargs, config)]: the launcher's own arguments (see
+    `triton_launch_spec`) with the constexprs and num_warps / num_stages of one configuration in
+    kwargs; config (a dict) is recorded in the row.  Identical compilations (the same kernel,
+    specialisation and options for one arch, e.g. two shapes whose arguments specialise alike)
+    are audited once per process and their row reused under each case's name."""
+    name: str
+    build: Callable[[int], list]
+    mma_kernel: Optional[bool] = None
+    is_16bit: Optional[bool] = None
+
+    def run(self, archs) -> List[dict]:
+        rows = []
+        for cc in archs:
+            for fn, args, kwargs, config in self.build(cc):
+                kw = dict(kwargs)
+                nw, ns = kw.pop("num_warps", 4), kw.pop("num_stages", 2)
+                sig, cex, attrs = triton_launch_spec(fn, args, kw, cc)
+                key = (fn.__name__, cc, nw, ns, repr(sorted(sig.items())), repr(sorted(cex.items(), key=str)),
+                       repr(sorted(attrs.items())), self.mma_kernel, self.is_16bit)
+                if key not in _LAUNCH_MEMO:
+                    _LAUNCH_MEMO[key] = audit_triton(fn, sig, cex, nw, ns, cc, {}, self.mma_kernel, self.is_16bit,
+                                                     attrs)
+                row = dict(_LAUNCH_MEMO[key])
+                row["config"] = dict(row.get("config", {}), **config, case=self.name)
+                rows.append(row)
+        return rows
+
+
+_LAUNCH_MEMO: Dict[tuple, dict] = {}
+
+
+def plan_case(name: str, make_launch: Callable[[int], object], info: dict, configs: str = "all",
+              is_16bit: Optional[bool] = None) -> LaunchCase:
+    """A LaunchCase over a launcher's plan: make_launch(cc) -> a kernels._launch.Launch (the
+    kernel, its arguments and the configurations the launcher would autotune over on cc).
+    configs: "all" of them, "default" (the first: what runs untuned) or "rest" (all but the
+    first, when a "default" case covers it).  info goes into each row's config with the
+    configuration (`launch`), its rank in the set and the set's size."""
+    if configs not in ("all", "default", "rest"):
+        raise ValueError(f"plan_case: configs must be all | default | rest, got {configs!r}")
+
+    def build(cc: int) -> list:
+        launch = make_launch(cc)
+        first = 1 if configs == "rest" else 0
+        last = 1 if configs == "default" else len(launch.configs)
+        return [(launch.kernel, launch.args, dict(launch.constexprs, **c.kwargs()),
+                 dict(info, launch=str(c), rank=r, of=len(launch.configs), default=r == 0))
+                for r, c in enumerate(launch.configs) if first <= r < last]
+    return LaunchCase(name, build, is_16bit=is_16bit)
 
 
 def _bias_gelu_fwd():
@@ -454,7 +528,8 @@ def table(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="exit 1 on any finding (compile error, smem, spills, no TC)")
-    p.add_argument("--only", default=None, help="comma list of case names (or prefixes): csrc, bias_gelu_fwd...")
+    p.add_argument("--only", default=None, help="comma list of case names or prefixes (an entry that is a case's "
+                   "exact name selects that case alone): csrc, attn_fwd, attn_, bias_gelu_fwd/...")
     p.add_argument("--arch", default="80,90", help="compute capabilities (default 80,90 = sm_80, sm_90a)")
     p.add_argument("--csrc-lib", default=None, help="audit this prebuilt library (needs --ptxas-log) instead")
     p.add_argument("--ptxas-log", default=None, help="the ptxas -v log of --csrc-lib")
@@ -473,7 +548,8 @@ def main(argv=None) -> int:
         cases[0] = CsrcCase(lib=args.csrc_lib, ptxas_log=args.ptxas_log)
     if args.only:
         want = [w.strip() for w in args.only.split(",") if w.strip()]
-        cases = [c for c in cases if any(c.name.startswith(w) for w in want)]
+        names = {c.name for c in cases}
+        cases = [c for c in cases if any(c.name == w if w in names else c.name.startswith(w) for w in want)]
         if not cases:
             p.error(f"--only {args.only}: no case matches; cases: {', '.join(c.name for c in all_cases())}")
     env = env_row()

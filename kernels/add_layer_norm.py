@@ -5,7 +5,9 @@ LayerNorm input); fusing saves one read and one write of the (rows, width) activ
 forward and the separate add/LN passes in the backward.
 
 Contents: `add_layer_norm_ref` (plain torch, any dtype incl. float64), the Triton forward and
-backward kernels, the launchers, the custom ops `valor_fast::add_layer_norm_fwd` / `_bwd` (fake
+backward kernels, `add_layer_norm_configs` (launch configurations per width, dtype and architecture: the
+launchers autotune over them, bench/audit_fused.py compiles each for sm_80 / sm_90a), the
+launchers, the custom ops `valor_fast::add_layer_norm_fwd` / `_bwd` (fake
 impls + register_autograd: the one autograd path, eager and under torch.compile, which traces them
 as opaque nodes) and the functional entry point `add_layer_norm`.
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
+from ._launch import Launch, LaunchConfig, config, launch_arch, unique
 
 MAX_WIDTH = 8192  # one row per program: wider rows would need a split-row (two-pass) kernel
 
@@ -155,9 +158,36 @@ def _check(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias
     return n
 
 
-def _num_warps(block: int) -> int:
-    # ~8 fp32 elements per thread at 1k, capped at 16 warps for 8k rows (register pressure)
-    return min(max(block // 256, 1), 16)
+def add_layer_norm_configs(N: int, dtype: torch.dtype, cc: Optional[int] = None,
+                           kernel: str = "fwd") -> Tuple[LaunchConfig, ...]:
+    """Launch configurations (num_warps, num_stages; the row tile BLOCK is next_pow2(N), not
+    tuned) of the forward ("fwd") or backward ("bwd") kernel for rows of width N on compute
+    capability cc (None: the interpreter).  First the default: ~8 fp32 elements per thread
+    (4 warps at 768 / 1024 wide rows), capped at 16 warps for 8k rows (register pressure); the
+    autotuner also tries twice and half the warps.  The backward loops over rows, so its
+    software pipelining depth (num_stages) is a choice too.  dtype: part of the contract (a
+    future 16-bit-specific set), unused today."""
+    if kernel not in ("fwd", "bwd"):
+        raise ValueError(f"add_layer_norm_configs: kernel must be 'fwd' or 'bwd', got {kernel!r}")
+    base = min(max(triton.next_power_of_2(N) // 256, 1), 16)
+    stages = 1 if kernel == "fwd" else 2
+    if cc is None:
+        return (config(base, stages),)
+    out = [config(base, stages), config(min(2 * base, 16), stages), config(max(base // 2, 1), stages)]
+    if kernel == "bwd":
+        out.append(config(base, 3))
+    return unique(out)
+
+
+def _fwd_plan(x2: Tensor, r2: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], y: Tensor, s: Tensor,
+              mean: Tensor, rstd: Tensor, eps: float, has_res: bool, cc: Optional[int]) -> Launch:
+    """The forward launch over the (M, N) rows of x2 (r2 / s: dummies when not has_res)."""
+    m, n = x2.shape
+    args = (x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, y, s, mean, rstd,
+            x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), n, float(eps))
+    cex = dict(HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=triton.next_power_of_2(n))
+    return Launch(_add_ln_fwd_kernel, lambda meta: (m,), args, cex, add_layer_norm_configs(n, x2.dtype, cc, "fwd"),
+                  key=("N", "HAS_RES", "HAS_W", "HAS_B"), label="add_layer_norm fwd")
 
 
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -175,15 +205,8 @@ def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[T
         r2 = s = x2  # dummies, never touched (HAS_RES=False)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(n)
     if m > 0:
-        _add_ln_fwd_kernel[(m,)](
-            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
-            y, s, mean, rstd,
-            x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), n, float(eps),
-            HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK=block, num_warps=_num_warps(block),
-        )
+        _fwd_plan(x2, r2, weight, bias, y, s, mean, rstd, eps, residual is not None, launch_arch(x.device)).run()
     s_out = s.view(x.shape) if residual is not None else x.new_empty((0,))
     return y.view(x.shape), s_out, mean, rstd
 
@@ -193,6 +216,20 @@ def _bwd_programs(m: int, device: torch.device) -> int:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(m, sms * 4))  # a few resident programs per SM; P*N fp32 partials are tiny
     return max(1, min(m, 4))  # CPU interpreter: few programs, each a Python loop over rows
+
+
+def _bwd_plan(s2: Tensor, weight: Optional[Tensor], dy2: Tensor, dso2: Tensor, dx: Tensor, mean: Tensor,
+              rstd: Tensor, dw_part: Tensor, db_part: Tensor, p: int, has_bias: bool, has_dso: bool,
+              cc: Optional[int]) -> Launch:
+    """The backward launch: p programs, each over cdiv(M, p) consecutive rows."""
+    m, n = s2.shape
+    has_w = weight is not None
+    args = (s2, weight if has_w else s2, dy2, dso2, dx, mean, rstd, dw_part if has_w else dx,
+            db_part if has_bias else dx, s2.stride(0), dy2.stride(0), dso2.stride(0), dx.stride(0), m, n,
+            triton.cdiv(m, p))
+    cex = dict(HAS_W=has_w, HAS_B=has_bias, HAS_DSO=has_dso, BLOCK=triton.next_power_of_2(n))
+    return Launch(_add_ln_bwd_kernel, lambda meta: (p,), args, cex, add_layer_norm_configs(n, s2.dtype, cc, "bwd"),
+                  key=("N", "HAS_W", "HAS_B", "HAS_DSO"), label="add_layer_norm bwd")
 
 
 def add_layer_norm_bwd(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
@@ -207,19 +244,12 @@ def add_layer_norm_bwd(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Te
     dx = torch.empty((m, n), dtype=dx_dtype, device=s.device)
     dso2 = _rows(dres_out, n) if dres_out is not None else dy2
     p = _bwd_programs(m, s.device)
-    rows_per_prog = triton.cdiv(m, p) if m > 0 else 1
     has_w = weight is not None
     dw_part = torch.empty((p, n) if has_w else (0,), dtype=torch.float32, device=s.device)
     db_part = torch.empty((p, n) if has_bias else (0,), dtype=torch.float32, device=s.device)
-    block = triton.next_power_of_2(n)
     if m > 0:
-        _add_ln_bwd_kernel[(p,)](
-            s2, weight if has_w else s2, dy2, dso2, dx, mean, rstd,
-            dw_part if has_w else dx, db_part if has_bias else dx,
-            s2.stride(0), dy2.stride(0), dso2.stride(0), dx.stride(0), m, n, rows_per_prog,
-            HAS_W=has_w, HAS_B=has_bias, HAS_DSO=dres_out is not None,
-            BLOCK=block, num_warps=_num_warps(block),
-        )
+        _bwd_plan(s2, weight, dy2, dso2, dx, mean, rstd, dw_part, db_part, p, has_bias, dres_out is not None,
+                  launch_arch(s.device)).run()
     else:
         dw_part.zero_()
         db_part.zero_()

@@ -7,7 +7,9 @@ the forward reads x once and writes y once, and the backward reads x and dy once
 reduces dbias in the same pass.  The pre-activation `x + bias` is recomputed in fp32, never stored.
 
 Contents: `bias_gelu_ref` (plain torch, any dtype incl. float64), the Triton forward and backward
-kernels, the launchers, the custom ops `valor_fast::bias_gelu_fwd` / `_bwd` (fake impls +
+kernels, `bias_gelu_configs` (launch configurations per width, dtype and architecture: the
+launchers autotune over them, bench/audit_fused.py compiles each for sm_80 / sm_90a), the
+launchers, the custom ops `valor_fast::bias_gelu_fwd` / `_bwd` (fake impls +
 register_autograd: the one autograd path, eager and under torch.compile) and the functional entry
 points `bias_gelu` and `quick_gelu`.
 """
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
+from ._launch import Launch, LaunchConfig, config, launch_arch, unique
 
 # activation codes (a constexpr in the kernels, so each variant compiles to its own straight code)
 _ACTS = {"none": 0, "tanh": 1, "quick": 2}
@@ -142,12 +145,37 @@ def _check(x: Tensor, bias: Optional[Tensor]) -> int:
     return n
 
 
-def _blocks(n: int, device: torch.device) -> Tuple[int, int, int]:
-    # 16 x 128..256 tiles: 2-4k elements per program, bias tile reused over 16 rows.  On the CPU
-    # interpreter a larger row tile means fewer (slow) Python-level program launches.
-    block_n = min(256, triton.next_power_of_2(n))
-    block_m = 16 if device.type == "cuda" else 32
-    return block_m, block_n, 4
+# the backward's row groups are multiples of this many rows: of every BLOCK_M in the sets below,
+# so only the last tile of the last group is ragged whichever configuration the tuner picks
+_ROW_QUANTUM = 32
+
+
+def bias_gelu_configs(N: int, dtype: torch.dtype, cc: Optional[int] = None,
+                      kernel: str = "fwd") -> Tuple[LaunchConfig, ...]:
+    """Launch configurations (BLOCK_M rows x BLOCK_N columns, num_warps, num_stages) of the
+    forward ("fwd") or backward ("bwd") kernel for (rows, N) activations on compute capability cc
+    (None: the interpreter).  First the default: 16 x 256 tiles of 4 warps (4k elements per
+    program, the bias tile reused over 16 rows); the tuner also tries 32 x 256 on 8 warps and,
+    forward, 8 x 512 on 4 (longer contiguous rows), backward, 8 x 256 on 4 (it holds x, dy and
+    the GELU derivative per element: half the registers, twice the resident programs).
+    Interpreter: 32-row tiles (fewer, slower Python-level programs).  dtype: part of the
+    contract, unused today (the kernels compute in fp32 whatever the I/O type)."""
+    if kernel not in ("fwd", "bwd"):
+        raise ValueError(f"bias_gelu_configs: kernel must be 'fwd' or 'bwd', got {kernel!r}")
+    bn = min(256, triton.next_power_of_2(N))
+    if cc is None:
+        return (config(4, 2, BLOCK_M=32, BLOCK_N=bn),)
+    third = (config(4, 2, BLOCK_M=8, BLOCK_N=min(512, triton.next_power_of_2(N))) if kernel == "fwd" else
+             config(4, 2, BLOCK_M=8, BLOCK_N=bn))
+    return unique((config(4, 2, BLOCK_M=16, BLOCK_N=bn), config(8, 2, BLOCK_M=32, BLOCK_N=bn), third))
+
+
+def _fwd_plan(x2: Tensor, bias: Optional[Tensor], y: Tensor, act: int, cc: Optional[int]) -> Launch:
+    m, n = x2.shape
+    args = (x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), m, n)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    return Launch(_bias_gelu_fwd_kernel, grid, args, dict(HAS_B=bias is not None, ACT=act),
+                  bias_gelu_configs(n, x2.dtype, cc, "fwd"), key=("N", "HAS_B", "ACT"), label="bias_gelu fwd")
 
 
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
@@ -156,14 +184,33 @@ def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str = "none") 
     x2 = _rows(x, n)  # (M, N)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bm, bn, nw = _blocks(n, x.device)
     if m > 0:
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-        _bias_gelu_fwd_kernel[grid](
-            x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), m, n,
-            HAS_B=bias is not None, ACT=act, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-        )
+        _fwd_plan(x2, bias, y, act, launch_arch(x.device)).run()
     return y.view(x.shape)
+
+
+def _bwd_groups(m: int, n: int, device: torch.device) -> Tuple[int, int]:
+    """(row groups P, rows per group): enough programs to fill the GPU (~4 per SM over all
+    256-wide column blocks), each group a multiple of _ROW_QUANTUM rows."""
+    if device.type == "cuda":
+        target = torch.cuda.get_device_properties(device).multi_processor_count * 4
+    else:
+        target = 2
+    n_col = triton.cdiv(n, min(256, triton.next_power_of_2(n)))
+    p = max(1, min(triton.cdiv(m, _ROW_QUANTUM), triton.cdiv(target, n_col)))
+    rows_per_prog = triton.cdiv(triton.cdiv(m, p), _ROW_QUANTUM) * _ROW_QUANTUM
+    return triton.cdiv(m, rows_per_prog), rows_per_prog
+
+
+def _bwd_plan(x2: Tensor, bias: Optional[Tensor], dy2: Tensor, dx: Tensor, db_part: Tensor, p: int,
+              rows_per_prog: int, act: int, cc: Optional[int]) -> Launch:
+    m, n = x2.shape
+    has_b = bias is not None
+    args = (x2, bias if has_b else x2, dy2, dx, db_part if has_b else dx, x2.stride(0), dy2.stride(0), dx.stride(0),
+            m, n, rows_per_prog)
+    return Launch(_bias_gelu_bwd_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p), args,
+                  dict(HAS_B=has_b, ACT=act), bias_gelu_configs(n, x2.dtype, cc, "bwd"), key=("N", "HAS_B", "ACT"),
+                  label="bias_gelu bwd")
 
 
 def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str = "none"):
@@ -173,25 +220,11 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: st
     x2, dy2 = _rows(x, n), _rows(dy, n)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bm, bn, nw = _blocks(n, x.device)
-    n_col = triton.cdiv(n, bn)
-    # enough row groups to fill the GPU (~4 programs per SM over all column blocks), each a
-    # multiple of BLOCK_M rows so only the last tile of the last group is ragged
-    if x.device.type == "cuda":
-        target = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
-    else:
-        target = 2
-    p = max(1, min(triton.cdiv(m, bm), triton.cdiv(target, n_col))) if m > 0 else 1
-    rows_per_prog = triton.cdiv(triton.cdiv(m, p), bm) * bm if m > 0 else bm
-    p = triton.cdiv(m, rows_per_prog) if m > 0 else 1
+    p, rows_per_prog = _bwd_groups(m, n, x.device) if m > 0 else (1, _ROW_QUANTUM)
     has_b = bias is not None
     db_part = torch.zeros((p, n) if has_b else (0,), dtype=torch.float32, device=x.device)
     if m > 0:
-        _bias_gelu_bwd_kernel[(n_col, p)](
-            x2, bias if has_b else x2, dy2, dx, db_part if has_b else dx,
-            x2.stride(0), dy2.stride(0), dx.stride(0), m, n, rows_per_prog,
-            HAS_B=has_b, ACT=act, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-        )
+        _bwd_plan(x2, bias, dy2, dx, db_part, p, rows_per_prog, act, launch_arch(x.device)).run()
     db = db_part.sum(0) if has_b else x.new_empty((0,))
     return dx.view(x.shape), db
 

@@ -8,14 +8,21 @@ ops (the same four functions, same signatures, as the CUDA C++ backend in valor_
     coarse_lse(a, b, temp, lab_off, valid_b)            -> (lse, label logit)   per row of a
     coarse_grad(a, b, temp, scale, lse_a, lse_b, lab_off, lab_coef, tsum, valid_a, valid_b)
                                                           -> (d a, row sums of P * z)
-    fine_fwd(text, wt, tmask, x, y, mw, mmask)           -> S (G, Bt, Bm)
-    fine_bwd(dS, text, wt, tmask, x, y, mw, mmask)       -> (d text, d wt, d x, d y, d mw)
+    fine_fwd(text, wt, tmask, x, y, mw, mmask[, tfloor]) -> S (G, Bt, Bm)
+    fine_bwd(dS, text, wt, tmask, x, y, mw, mmask[, tfloor]) -> (d text, d wt, d x, d y, d mw)
+(tfloor, the text_floor mask, is Triton-only: valor_fast.ops passes the CUDA C++ backend the floor
+as one more text token instead), each built from a `*_plan(s)` function that returns the launch
+(`Plan`: kernel, arguments, constexprs, autotuning configurations, grid) for a target
+architecture, so the ahead-of-time audit compiles exactly what a launch runs;
 plus `check_coarse_args` / `prepare_fine_args` (validation and layout, shared by both backends).
 
 coarse  text (B, D) x modal (B, D), z = text @ modal^T / tau.  The (B, B) logits are never stored:
         forward: `coarse_lse` streams column tiles of the other side and keeps an online
                  log-sum-exp per row; it runs twice (text rows vs modal columns, modal rows vs
                  text columns), so only lse_t (B,) and lse_m (B,) and the label logits are saved.
+                 Rows alone give cdiv(B, 64) programs (64 at B = 4096 for 132 SMs), so the
+                 columns are split too (320 programs at B = 4096 on an H100) and a second small
+                 kernel merges the splits' (max, sum) pairs in a fixed order.
                  A second pass instead of column atomics keeps it deterministic.
         backward: FlashAttention style: `coarse_grad` recomputes z tiles and forms
                  P = exp(z - lse_row) + exp(z - lse_col) - 2 * onehot(label), then dA = P @ B.
@@ -29,10 +36,12 @@ coarse  text (B, D) x modal (B, D), z = text @ modal^T / tau.  The (B, B) logits
         local:   rows are this rank's B, columns all ranks' N*B (labels offset by rank*B); the
                  same two kernels run on the rectangles, with the label diagonal shifted.
 
-fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D).  Each clip's
-        tokens are laid out in P = next_pow2(Mx + My) "slots" (x tokens, then y tokens), and one
-        program scores one text against BB clips: a (TP, BB*P) tile of token sims from one tl.dot,
-        reshaped to (TP, BB, P).  From that one read of the features come the three groups:
+fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D).  One program
+        scores AT = R // T texts packed into R token rows (3 x 40 = 120 of 128 at VALOR's T = 40)
+        against BB clips, as two tiles of token sims: x slots (BB x PX columns, PX = next_pow2(Mx))
+        and y slots (BB x PY), so 4 frames + 1 audio are 64 + 16 columns, none padded; 6% of the
+        similarity MMAs multiply padding at VALOR's shape (61% with one 64-row text against 8
+        slots a clip).  From that one read of the features come the three groups:
             x  : text-side max over x slots, modal-side softmax(w_x) over x slots
             y  : same over y slots
             xy : text-side max = max(max_x, max_y); modal side over the concatenated softmax
@@ -52,13 +61,17 @@ fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D)
 
 Numerics: 16-bit inputs go to tl.dot as-is (exact products, fp32 accumulation); fp32 inputs use
 tf32 when torch allows it for matmuls, else tf32x3.  The gradient products (fp32 P / d_sim times
-features) use tf32x3 (tf32 when allowed for fp32 inputs), so bf16/fp16 gradients are within an
-output rounding of eager's fp32 math.  Under TRITON_INTERPRET (CPU) everything is upcast to fp32
-IEEE (the interpreter's bf16 dot is wrong: `mma` in kernels/_common.py).
+16-bit features) run on 16-bit tensor cores as a hi + lo pair of the input's type (two MMAs,
+~2^-16 relative: within twice eager's float64-checked error, where one 16-bit rounding is not;
+fp16 pre-scales P / d_sim by a power of two so small values stay normal); fp32 inputs keep
+tf32x3 (tf32 when allowed).  Under TRITON_INTERPRET (CPU) everything is upcast to fp32 IEEE and
+the hi / lo split rounded by hand (the interpreter's bf16 dot and casts are wrong: `mma` in
+kernels/_common.py, `_round16`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+import functools
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -266,9 +279,55 @@ def grouped_contrastive_loss_ref(text, groups, temperature, *, mode, text_weight
 # kernel limits (the dispatcher reads these; the CUDA C++ kernels enforce the same ones)
 # ----------------------------------------------------------------------------------------------
 MAX_D = 1024       # feature size: the D loop of the z tiles, BD-wide gradient blocks
-MAX_T = 128        # text tokens (TP rows of the fine tile)
-MAX_SLOTS = 128    # modal tokens per clip, Mx + My (P slots of the fine tile)
+MAX_T = 128        # text tokens (rows of the fine tile)
+MAX_SLOTS = 128    # modal tokens per clip, Mx + My
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ATMAX = 8          # texts packed into one fine tile (bounds the per-text reduction loop)
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers: 16-bit gradient products
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _round16(x, DT: tl.constexpr, EMU: tl.constexpr):
+    """fp32 -> the 16-bit type DT, round to nearest even.  EMU (TRITON_INTERPRET): the rounded
+    value stays fp32 and bf16 is rounded by hand (the interpreter's bf16 cast truncates)."""
+    if EMU:
+        if DT == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = u + 0x7FFF + ((u >> 16) & 1)
+            return ((u >> 16) << 16).to(tl.float32, bitcast=True)
+        else:
+            return x.to(tl.float16).to(tl.float32)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _gmma(g, b, TRANS_G: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
+    """g (an fp32 gradient tile: P or d_sim; transposed first with TRANS_G) @ b (features) with
+    fp32 accumulation.  GPREC:
+      "hilo"    16-bit b: g = hi + lo, both in b's type (round to nearest), two tensor-core MMAs
+                with exact products: ~2^-16 relative (bf16; 2^-22 fp16), fp32-grade.
+      "single"  one 16-bit rounding of g, one MMA (~2^-9 relative for bf16): too coarse against
+                the float64 check (see `_precisions`), kept so the tests can show it.
+      other     "tf32" / "tf32x3" / "ieee": g and b in fp32 (fp32 inputs)."""
+    if GPREC == "hilo" or GPREC == "single":
+        hi = _round16(g, b.dtype, EMU)
+        if GPREC == "hilo":
+            lo = _round16(g - hi.to(tl.float32), b.dtype, EMU)
+        if TRANS_G:
+            hi = tl.trans(hi)
+            if GPREC == "hilo":
+                lo = tl.trans(lo)
+        acc = mma(hi, b, "upcast" if EMU else "native")
+        if GPREC == "hilo":
+            acc += mma(lo, b, "upcast" if EMU else "native")
+        return acc
+    else:
+        if TRANS_G:
+            g = tl.trans(g)
+        return mma(g, b, GPREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,57 +349,79 @@ def _coarse_z_tile(A, Bp, rows, cols, rmask, cmask, D, sa, sb,
 
 @triton.jit
 def _coarse_lse_kernel(
-    A, Bp, Temp, VB, LSE, ZL,  # A (Ra, D) rows, Bp (Rb, D) columns; VB (Rb,) uint8; LSE / ZL (Ra,) fp32 out
-    Ra, Rb, D, sa, sb, lab_off,
+    A, Bp, Temp, VB, PART,  # A (Ra, D) rows, Bp (Rb, D) columns; VB (Rb,) uint8; PART (3, nsplit, Ra) fp32 out
+    Ra, Rb, D, sa, sb, lab_off, cols_per_split,
     HAS_VALID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per row i of A: logsumexp_j z_ij over the (valid) columns and the label logit
-    z_{i, i + lab_off}.  A row with no valid column stores lse = +inf (its P is then 0)."""
+    """Per row i of A over the (valid) columns of split program_id(1) (cols_per_split columns
+    each): running max m, sum of exp(z - m), and the label logit z_{i, i + lab_off} if the label
+    falls in the split (0 otherwise).  `_coarse_lse_merge_kernel` combines the splits."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
     rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < Ra
+    c_lo = split * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, Rb)
     inv_t = 1.0 / tl.load(Temp).to(tl.float32)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     s_i = tl.zeros((BM,), dtype=tl.float32)
     zl = tl.zeros((BM,), dtype=tl.float32)
-    for n0 in range(0, Rb, BN):
+    for n0 in range(c_lo, c_hi, BN):
         cols = (n0 + tl.arange(0, BN)).to(tl.int64)
-        cmask = cols < Rb
+        cmask = cols < c_hi
         z = _coarse_z_tile(A, Bp, rows, cols, rmask, cmask, D, sa, sb, BM, BN, BK, PREC) * inv_t
-        zl += tl.sum(tl.where(cols[None, :] == rows[:, None] + lab_off, z, 0.0), axis=1)
+        zl += tl.sum(tl.where((cols[None, :] == rows[:, None] + lab_off) & cmask[None, :], z, 0.0), axis=1)
+        live = cmask
         if HAS_VALID:
             live = cmask & (tl.load(VB + cols, mask=cmask, other=0) != 0)
-            z = tl.where(live[None, :], z, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            # a tile of excluded columns can leave m_new = -inf: shift by 0 there (exp(-inf) = 0)
-            m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            z = tl.where(cmask[None, :], z, float("-inf"))
-            # every tile holds >= 1 live column, so m_new is finite and exp(m_i - m_new) never sees inf - inf
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            m_sh = m_new
+        z = tl.where(live[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        # a tile of excluded columns can leave m_new = -inf: shift by 0 there (exp(-inf) = 0)
+        m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
         s_i = s_i * tl.exp(m_i - m_sh) + tl.sum(tl.exp(z - m_sh[:, None]), axis=1)
         m_i = m_new
-    if HAS_VALID:
-        lse = tl.where(s_i > 0, m_i + tl.log(tl.where(s_i > 0, s_i, 1.0)), float("inf"))
-    else:
-        lse = m_i + tl.log(s_i)
-    tl.store(LSE + rows, lse, mask=rmask)
-    tl.store(ZL + rows, zl, mask=rmask)
+    out = PART + split * Ra + rows
+    tl.store(out, m_i, mask=rmask)
+    tl.store(out + nsplit * Ra, s_i, mask=rmask)
+    tl.store(out + 2 * nsplit * Ra, zl, mask=rmask)
+
+
+@triton.jit
+def _coarse_lse_merge_kernel(PART, LSE, ZL, Ra, nsplit, BR: tl.constexpr):
+    """The column splits' (max, sum, label) -> lse (+inf for a row with no valid column) and the
+    label logit, splits in ascending order (deterministic)."""
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    rm = rows < Ra
+    m = tl.full((BR,), float("-inf"), dtype=tl.float32)
+    for k in range(0, nsplit):
+        m = tl.maximum(m, tl.load(PART + k * Ra + rows, mask=rm, other=float("-inf")))
+    m_sh = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.zeros((BR,), dtype=tl.float32)
+    z = tl.zeros((BR,), dtype=tl.float32)
+    for k in range(0, nsplit):
+        mk = tl.load(PART + k * Ra + rows, mask=rm, other=float("-inf"))
+        s += tl.load(PART + (nsplit + k) * Ra + rows, mask=rm, other=0.0) * tl.exp(mk - m_sh)
+        z += tl.load(PART + (2 * nsplit + k) * Ra + rows, mask=rm, other=0.0)
+    lse = tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), float("inf"))
+    tl.store(LSE + rows, lse, mask=rm)
+    tl.store(ZL + rows, z, mask=rm)
 
 
 @triton.jit
 def _coarse_grad_kernel(
     A, Bp, Temp, Scale, LSE_A, LSE_B, VA, VB, DA, TSUM,  # VA (Ra,) / VB (Rb,) uint8; DA (Ra, D) out (A's dtype); TSUM (Ra,) fp32 out
-    Ra, Rb, D, sa, sb, sda, lab_off, lab_coef,
+    Ra, Rb, D, sa, sb, sda, lab_off, lab_coef, pscale,
     HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, HAS_VALID: tl.constexpr, COMPUTE_TSUM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    PREC: tl.constexpr, GPREC: tl.constexpr,
+    PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """dA[i, dblock] = scale * sum_j P_ij B[j, dblock] with
     P_ij = exp(z_ij - lse_a_i) [HAS_LSE_A] + exp(z_ij - lse_b_j) [HAS_LSE_B] - lab_coef [j == i + lab_off],
     and P_ij = 0 where row i or column j is excluded [HAS_VALID];
-    TSUM_i = sum_j P_ij z_ij (the temperature gradient, up to a factor), written by D block 0."""
+    TSUM_i = sum_j P_ij z_ij (the temperature gradient, up to a factor), written by D block 0.
+    pscale: a power of two P is multiplied by before its 16-bit split (fp16: |P| <= 2 + coef
+    scaled below 2^12, so small probabilities stay normal), divided out at the end."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -373,8 +454,8 @@ def _coarse_grad_kernel(
         if COMPUTE_TSUM:
             tacc += tl.sum(p * z, axis=1)
         b = tl.load(Bp + cols[:, None] * sb + dcols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc += mma(p, b, GPREC)  # (BM, BN) @ (BN, BD)
-    acc = acc * scale
+        acc += _gmma(p * pscale, b, False, GPREC, EMU)  # (BM, BN) @ (BN, BD)
+    acc = acc * (scale / pscale)
     tl.store(DA + rows[:, None] * sda + dcols[None, :], acc.to(DA.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
     if COMPUTE_TSUM:
@@ -384,244 +465,535 @@ def _coarse_grad_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # fine: Triton kernels
+#
+# Tile layout (no padding at VALOR's shape): rows are AT = min(R // T, ATMAX) texts x T tokens
+# packed back to back (row r = token r % T of text a0 + r // T; 3 x 40 = 120 of R = 128 rows);
+# columns come as two tiles, one per group: BB clips x PX slots of x (4 frames) and BB clips x PY
+# slots of y (1 audio), PX / PY the groups' sizes rounded up to powers of two (so a clip's slots
+# reshape to (R, BB, PX) for the text-side max).  The modal-side max over a text's tokens is a
+# masked reduction per packed text (AT of them).  At T = 40, 4 + 1 slots: 6% of the similarity
+# MMAs multiply padding (was 61% with one text of 64 rows x 8 slots a clip).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fine_sim_tile(Text, a, st_b, st_t, Xp, Yp, sx_b, sx_m, sy_b, sy_m, b0, Bm, T, Mx, My, D,
-                   TP: tl.constexpr, BB: tl.constexpr, P: tl.constexpr, BK: tl.constexpr,
-                   PREC: tl.constexpr):
-    """Token sims of text a against clips b0 .. b0+BB: (TP, BB*P) fp32, column c = clip c // P,
-    slot c % P (x tokens in slots [0, Mx), y tokens in [Mx, Mx + My)); padding columns are 0."""
-    t = tl.arange(0, TP)
-    c = tl.arange(0, BB * P)
-    s = c % P
-    b = (b0 + c // P).to(tl.int64)
-    live = (b < Bm) & (s < Mx + My)
-    isx = s < Mx
-    xoff = b * sx_b + s * sx_m
-    yoff = b * sy_b + (s - Mx) * sy_m
-    acc = tl.zeros((TP, BB * P), dtype=tl.float32)
+def _fine_rows(a0, Bt, T, AT, R: tl.constexpr):
+    """Rows of a tile: token i of text a (int64) for row r, its text within the block al, live."""
+    r = tl.arange(0, R)
+    al = r // T
+    i = r - al * T
+    a = al.to(tl.int64) + a0
+    return r, al, i, a, (al < AT) & (a < Bt)
+
+
+@triton.jit
+def _fine_cols(b0, Bm, Mg, BB: tl.constexpr, PG: tl.constexpr):
+    """One group's columns: slot s of clip b (int64) for column c = (b - b0) * PG + s, live."""
+    c = tl.arange(0, BB * PG)
+    s = c % PG
+    b = (b0 + c // PG).to(tl.int64)
+    return b, s, (b < Bm) & (s < Mg)
+
+
+@triton.jit
+def _fine_sims(Text, st_b, st_t, a, i, rlive, Xp, sx_b, sx_m, bx, sx, xlive, Yp, sy_b, sy_m, by, sy, ylive, D,
+               HAS_Y: tl.constexpr, R: tl.constexpr, CX: tl.constexpr, CY: tl.constexpr, BK: tl.constexpr,
+               PREC: tl.constexpr):
+    """Token sims (R, CX) against the x slots and (R, CY) against the y slots, fp32 (dead rows and
+    columns are 0); one read of each text chunk serves both."""
+    simx = tl.zeros((R, CX), dtype=tl.float32)
+    simy = tl.zeros((R, CY), dtype=tl.float32)
+    toff = a * st_b + i * st_t
+    xoff = bx * sx_b + sx * sx_m
+    yoff = by * sy_b + sy * sy_m
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < D
-        ta = tl.load(Text + a * st_b + t[:, None] * st_t + ks[None, :],
-                     mask=(t < T)[:, None] & km[None, :], other=0.0)  # (TP, BK)
-        xv = tl.load(Xp + xoff[None, :] + ks[:, None], mask=(live & isx)[None, :] & km[:, None], other=0.0)
-        yv = tl.load(Yp + yoff[None, :] + ks[:, None], mask=(live & ~isx)[None, :] & km[:, None], other=0.0)
-        acc += mma(ta, xv + yv, PREC)  # (TP, BK) @ (BK, BB*P)
-    return acc
+        t = tl.load(Text + toff[:, None] + ks[None, :], mask=rlive[:, None] & km[None, :], other=0.0)  # (R, BK)
+        xv = tl.load(Xp + xoff[None, :] + ks[:, None], mask=xlive[None, :] & km[:, None], other=0.0)
+        simx += mma(t, xv, PREC)  # (R, BK) @ (BK, CX)
+        if HAS_Y:
+            yv = tl.load(Yp + yoff[None, :] + ks[:, None], mask=ylive[None, :] & km[:, None], other=0.0)
+            simy += mma(t, yv, PREC)
+    return simx, simy
 
 
 @triton.jit
-def _fine_masks(WT, TM, MW, MM, a, b0, Bm, T, Mx, My, s_mw_g, HAS_Y: tl.constexpr,
-                TP: tl.constexpr, BB: tl.constexpr, P: tl.constexpr):
-    """Token validity and softmaxed weights around one (text a, clip block) tile."""
-    t = tl.arange(0, TP)
-    tin = t < T
-    tval = tin & (tl.load(TM + a * T + t, mask=tin, other=0) != 0)   # (TP,) real text tokens
-    wt = tl.load(WT + a * T + t, mask=tin, other=0.0)                # (TP,) softmax(w_text), 0 at padding
-    b = (b0 + tl.arange(0, BB)).to(tl.int64)
-    bval = b < Bm
-    s = tl.arange(0, P)
-    S_ = Mx + My
-    moff = b[:, None] * S_ + s[None, :]
-    mm = bval[:, None] & (s < S_)[None, :]
-    mval = mm & (tl.load(MM + moff, mask=mm, other=0) != 0)          # (BB, P) real modal tokens
-    wx = tl.load(MW + moff, mask=mm, other=0.0)                       # (BB, P) group x weights
-    xmask = mval & (s < Mx)[None, :]
+def _fine_text_meta(WT, TM, a, i, rlive, T):
+    """(R,) real text tokens and their softmaxed weights (0 at padding)."""
+    off = a * T + i
+    tval = rlive & (tl.load(TM + off, mask=rlive, other=0) != 0)
+    return tval, tl.load(WT + off, mask=rlive, other=0.0)
+
+
+@triton.jit
+def _fine_slot_meta(MW, MM, s_mw_g, b, s, live, S_, s0, g_own, HAS_Y: tl.constexpr):
+    """One group's columns (slot-layout index s0 + s of clip b): real modal tokens, the group's own
+    softmaxed weights (MW row g_own) and the concatenation's (MW row 2; = own without y)."""
+    off = b * S_ + s0 + s
+    val = live & (tl.load(MM + off, mask=live, other=0) != 0)
+    w = tl.load(MW + g_own * s_mw_g + off, mask=live, other=0.0)
     if HAS_Y:
-        wy = tl.load(MW + s_mw_g + moff, mask=mm, other=0.0)
-        wxy = tl.load(MW + 2 * s_mw_g + moff, mask=mm, other=0.0)
-        ymask = mval & (s >= Mx)[None, :]
+        wc = tl.load(MW + 2 * s_mw_g + off, mask=live, other=0.0)
     else:
-        wy = wx
-        wxy = wx
-        ymask = xmask
-    return tval, wt, b, bval, xmask, ymask, wx, wy, wxy
+        wc = w
+    return val, w, wc
+
+
+@triton.jit
+def _fine_text_max(sim, val, R: tl.constexpr, BB: tl.constexpr, PG: tl.constexpr):
+    """Text side: each (token row, clip)'s best real slot of the group, (R, BB) max and argmax
+    (first slot on ties, like torch.max)."""
+    s3 = tl.where(tl.reshape(val, (BB, PG))[None, :, :], tl.reshape(sim, (R, BB, PG)), float("-inf"))
+    return tl.max(s3, axis=2), tl.argmax(s3, axis=2, tie_break_left=True)
+
+
+@triton.jit
+def _fine_modal_max(sim, seg, fl, HAS_FLOOR: tl.constexpr):
+    """Modal side for one text (rows `seg`: its real tokens): each column's best token, (C,) max,
+    argmax row (first on ties) and whether that max passes a gradient.  With the text's floor
+    (text_floor) a max below 0 becomes 0 and passes none; an exact 0 keeps its token."""
+    m = tl.where(seg[:, None], sim, float("-inf"))
+    mx = tl.max(m, axis=0)
+    am = tl.argmax(m, axis=0, tie_break_left=True)
+    ok = mx > float("-inf")
+    if HAS_FLOOR:
+        cut = fl & (mx < 0)
+        mx = tl.where(cut, 0.0, mx)
+        ok = ok & ~cut
+    return mx, am, ok
+
+
+@triton.jit
+def _fine_floor(TF, a, like, Bt, HAS_FLOOR: tl.constexpr):
+    """Text a's floor flag as a vector shaped like `like` (False without text_floor).  Scalars are
+    broadcast by arithmetic first: the interpreter rejects a mask made of vector & scalar bool."""
+    av = a + 0 * like
+    if HAS_FLOOR:
+        return tl.load(TF + av, mask=av < Bt, other=0) != 0
+    else:
+        return av < 0
 
 
 @triton.jit
 def _fine_fwd_kernel(
-    Text, WT, TM, Xp, Yp, MW, MM, S,  # S (G, Bt, Bm) fp32 out
+    Text, WT, TM, TF, Xp, Yp, MW, MM, S,  # TF (Bt,) uint8 floors; S (G, Bt, Bm) fp32 out
     Bt, Bm, T, Mx, My, D,
     st_b, st_t, sx_b, sx_m, sy_b, sy_m, s_mw_g, s_s_g,
-    HAS_Y: tl.constexpr, TP: tl.constexpr, BB: tl.constexpr, P: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, R: tl.constexpr, BB: tl.constexpr, PX: tl.constexpr,
+    PY: tl.constexpr, BK: tl.constexpr, ATMAX: tl.constexpr, PREC: tl.constexpr,
 ):
-    a = tl.program_id(0).to(tl.int64)
+    AT = tl.minimum(R // T, ATMAX)
+    a0 = tl.program_id(0) * AT
     b0 = tl.program_id(1) * BB
-    sim = _fine_sim_tile(Text, a, st_b, st_t, Xp, Yp, sx_b, sx_m, sy_b, sy_m, b0, Bm, T, Mx, My, D,
-                         TP, BB, P, BK, PREC)
-    sim3 = tl.reshape(sim, (TP, BB, P))
-    tval, wt, b, bval, xmask, ymask, wx, wy, wxy = _fine_masks(WT, TM, MW, MM, a, b0, Bm, T, Mx, My, s_mw_g,
-                                                               HAS_Y, TP, BB, P)
-    # text side: best modal token of the group for each text token, softmax(w_text)-weighted
-    t2m_x = tl.max(tl.where(xmask[None, :, :], sim3, float("-inf")), axis=2)  # (TP, BB)
-    wpos = wt[:, None] > 0
-    st_x = tl.sum(wt[:, None] * tl.where(wpos, t2m_x, 0.0), axis=0)  # (BB,)
-    # modal side: best real text token for each modal slot, weighted by the group's softmax
-    m2t = tl.max(tl.where(tval[:, None, None], sim3, float("-inf")), axis=0)  # (BB, P)
-    sm_x = tl.sum(wx * tl.where(wx > 0, m2t, 0.0), axis=1)
-    out = S + a * Bm + b
-    tl.store(out, 0.5 * (st_x + sm_x), mask=bval)
+    r, al_r, i, a_r, rlive = _fine_rows(a0, Bt, T, AT, R)
+    bx, sx, xlive = _fine_cols(b0, Bm, Mx, BB, PX)
+    by, sy, ylive = _fine_cols(b0, Bm, My, BB, PY)
+    simx, simy = _fine_sims(Text, st_b, st_t, a_r, i, rlive, Xp, sx_b, sx_m, bx, sx, xlive, Yp, sy_b, sy_m,
+                            by, sy, ylive, D, HAS_Y, R, BB * PX, BB * PY, BK, PREC)
+    tval, wt = _fine_text_meta(WT, TM, a_r, i, rlive, T)
+    xval, wx, wxc = _fine_slot_meta(MW, MM, s_mw_g, bx, sx, xlive, Mx + My, 0, 0, HAS_Y)
+    wpos = (wt > 0)[:, None]
+    t2m_x, ax_ = _fine_text_max(simx, xval, R, BB, PX)              # (R, BB)
+    tx = tl.where(wpos, wt[:, None] * t2m_x, 0.0)
     if HAS_Y:
-        t2m_y = tl.max(tl.where(ymask[None, :, :], sim3, float("-inf")), axis=2)
-        t2m_xy = tl.maximum(t2m_x, t2m_y)  # max over the concatenation = max of the two maxima
-        st_y = tl.sum(wt[:, None] * tl.where(wpos, t2m_y, 0.0), axis=0)
-        st_xy = tl.sum(wt[:, None] * tl.where(wpos, t2m_xy, 0.0), axis=0)
-        sm_y = tl.sum(wy * tl.where(wy > 0, m2t, 0.0), axis=1)
-        sm_xy = tl.sum(wxy * tl.where(wxy > 0, m2t, 0.0), axis=1)
-        tl.store(out + s_s_g, 0.5 * (st_y + sm_y), mask=bval)
-        tl.store(out + 2 * s_s_g, 0.5 * (st_xy + sm_xy), mask=bval)
+        yval, wy, wyc = _fine_slot_meta(MW, MM, s_mw_g, by, sy, ylive, Mx + My, Mx, 1, HAS_Y)
+        t2m_y, ay_ = _fine_text_max(simy, yval, R, BB, PY)
+        ty = tl.where(wpos, wt[:, None] * t2m_y, 0.0)
+        txy = tl.where(wpos, wt[:, None] * tl.maximum(t2m_x, t2m_y), 0.0)  # max over x ++ y
+    bb = b0 + tl.arange(0, BB)
+    bval = bb < Bm
+    for al in range(0, AT):
+        a = tl.full((), 0, tl.int64) + a0 + al  # int64 (a python int when both are, under the interpreter)
+        om = bval & ((a + 0 * bb) < Bt)
+        seg = al_r == al
+        # text side: softmax(w_text)-weighted sum over the text's tokens; modal side: each slot's
+        # best real token, weighted by the group's softmax over the clip's slots
+        mxx, amx_, okx_ = _fine_modal_max(simx, seg & tval, _fine_floor(TF, a, bx, Bt, HAS_FLOOR), HAS_FLOOR)
+        sm_x = tl.sum(tl.reshape(tl.where(wx > 0, wx * mxx, 0.0), (BB, PX)), axis=1)
+        out = S + a * Bm + bb
+        tl.store(out, 0.5 * (tl.sum(tl.where(seg[:, None], tx, 0.0), axis=0) + sm_x), mask=om)
+        if HAS_Y:
+            mxy, amy_, oky_ = _fine_modal_max(simy, seg & tval, _fine_floor(TF, a, by, Bt, HAS_FLOOR), HAS_FLOOR)
+            sm_y = tl.sum(tl.reshape(tl.where(wy > 0, wy * mxy, 0.0), (BB, PY)), axis=1)
+            sm_xy = (tl.sum(tl.reshape(tl.where(wxc > 0, wxc * mxx, 0.0), (BB, PX)), axis=1)
+                     + tl.sum(tl.reshape(tl.where(wyc > 0, wyc * mxy, 0.0), (BB, PY)), axis=1))
+            tl.store(out + s_s_g, 0.5 * (tl.sum(tl.where(seg[:, None], ty, 0.0), axis=0) + sm_y), mask=om)
+            tl.store(out + 2 * s_s_g, 0.5 * (tl.sum(tl.where(seg[:, None], txy, 0.0), axis=0) + sm_xy), mask=om)
 
 
 @triton.jit
-def _fine_dsim(sim3, DS, a, b, bval, Bm, s_ds_g, tval, wt, xmask, ymask, wx, wy, wxy,
-               HAS_Y: tl.constexpr, TP: tl.constexpr, BB: tl.constexpr, P: tl.constexpr):
-    """d loss / d sim for one (text a, clip block) tile, (TP, BB, P) fp32: the upstream dS of
-    each group routed to the argmax positions; plus the finite maxima for the weight grads."""
-    t = tl.arange(0, TP)
-    s = tl.arange(0, P)
-    dsx = tl.load(DS + a * Bm + b, mask=bval, other=0.0)  # (BB,)
-    simx = tl.where(xmask[None, :, :], sim3, float("-inf"))
-    t2m_x = tl.max(simx, axis=2)                               # (TP, BB)
-    ax = tl.argmax(simx, axis=2, tie_break_left=True)          # (TP, BB) first max, like torch
-    hx = s[None, None, :] == ax[:, :, None]                    # (TP, BB, P) one-hot
-    fx = tl.where(t2m_x > float("-inf"), t2m_x, 0.0)                     # finite maxima (clip with no x token: 0)
-    m2t = tl.max(tl.where(tval[:, None, None], sim3, float("-inf")), axis=0)   # (BB, P)
-    am = tl.argmax(tl.where(tval[:, None, None], sim3, float("-inf")), axis=0, tie_break_left=True)  # (BB, P)
-    fm = tl.where(m2t > float("-inf"), m2t, 0.0)
+def _fine_onehot(c, am, mx, R: tl.constexpr, BB: tl.constexpr, PG: tl.constexpr):
+    """(R, BB) values c placed at slot am of their clip: (R, BB * PG); nothing where the max is -inf."""
+    hit = (tl.arange(0, PG)[None, None, :] == am[:, :, None]) & (mx > float("-inf"))[:, :, None]
+    return tl.reshape(tl.where(hit, c[:, :, None], 0.0), (R, BB * PG))
+
+
+@triton.jit
+def _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, tval, wt, bb, bval,
+               bx, xval, wx, wxc, by, yval, wy, wyc,
+               HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, WANT_GM: tl.constexpr, R: tl.constexpr,
+               BB: tl.constexpr, PX: tl.constexpr, PY: tl.constexpr):
+    """d loss / d sim of one tile, (R, BB*PX) and (R, BB*PY) fp32: each group's dS routed to the
+    argmaxes (text side: the best slot per token and clip, weight 1/2 softmax(w_text); modal
+    side: the best real token per slot and text, weight 1/2 w_slot, none where floored).  Also
+    gt (R, BB): d / d softmax(w_text) before the 1/2, and with WANT_GM, per column, the block's
+    sum of 1/2 dS x modal-side max (d / d the slot weights: x own, x concat, y own, y concat)."""
+    dmask = rlive[:, None] & bval[None, :]
+    dso = a_r[:, None] * Bm + bb[None, :]
+    d0 = tl.load(DS + dso, mask=dmask, other=0.0)  # (R, BB): dS_x of each token row's text vs each clip
+    t2m_x, ax = _fine_text_max(simx, xval, R, BB, PX)
+    fx = tl.where(t2m_x > float("-inf"), t2m_x, 0.0)
+    hw = (0.5 * wt)[:, None]
     if HAS_Y:
-        dsy = tl.load(DS + s_ds_g + a * Bm + b, mask=bval, other=0.0)
-        dsxy = tl.load(DS + 2 * s_ds_g + a * Bm + b, mask=bval, other=0.0)
-        simy = tl.where(ymask[None, :, :], sim3, float("-inf"))
-        t2m_y = tl.max(simy, axis=2)
-        ay = tl.argmax(simy, axis=2, tie_break_left=True)
-        hy = s[None, None, :] == ay[:, :, None]
+        d1 = tl.load(DS + s_ds_g + dso, mask=dmask, other=0.0)
+        d2 = tl.load(DS + 2 * s_ds_g + dso, mask=dmask, other=0.0)
+        t2m_y, ay = _fine_text_max(simy, yval, R, BB, PY)
         fy = tl.where(t2m_y > float("-inf"), t2m_y, 0.0)
         xwin = t2m_x >= t2m_y  # ties go to x: torch.max over cat([x, y]) returns the first index
-        cx = dsx[None, :] + tl.where(xwin, dsxy[None, :], 0.0)   # (TP, BB)
-        cy = dsy[None, :] + tl.where(xwin, 0.0, dsxy[None, :])
-        dsim = tl.where(hx, cx[:, :, None], 0.0) + tl.where(hy, cy[:, :, None], 0.0)
-        gt = dsx[None, :] * fx + dsy[None, :] * fy + dsxy[None, :] * tl.maximum(fx, fy)  # (TP, BB)
-        cm = wx * dsx[:, None] + wy * dsy[:, None] + wxy * dsxy[:, None]                # (BB, P)
+        dx = _fine_onehot(hw * (d0 + tl.where(xwin, d2, 0.0)), ax, t2m_x, R, BB, PX)
+        dy = _fine_onehot(hw * (d1 + tl.where(xwin, 0.0, d2)), ay, t2m_y, R, BB, PY)
+        gt = d0 * fx + d1 * fy + d2 * tl.maximum(fx, fy)
     else:
-        dsy = dsx
-        dsxy = dsx
-        dsim = tl.where(hx, dsx[None, :, None], 0.0)
-        gt = dsx[None, :] * fx
-        cm = wx * dsx[:, None]
-    # text side carries 1/2 softmax(w_text)_i (zero for padded tokens), modal side 1/2 w_m
-    dsim = dsim * (0.5 * wt)[:, None, None]
-    dsim += tl.where(t[:, None, None] == am[None, :, :], 0.5 * cm[None, :, :], 0.0)
-    return dsim, gt, fm, dsx, dsy, dsxy
+        dx = _fine_onehot(hw * d0, ax, t2m_x, R, BB, PX)
+        dy = tl.zeros((R, BB * PY), dtype=tl.float32)
+        gt = d0 * fx
+    gmx = tl.zeros((BB * PX,), dtype=tl.float32)
+    gmxc = tl.zeros((BB * PX,), dtype=tl.float32)
+    gmy = tl.zeros((BB * PY,), dtype=tl.float32)
+    gmyc = tl.zeros((BB * PY,), dtype=tl.float32)
+    for al in range(0, AT):
+        a = tl.full((), 0, tl.int64) + a0 + al  # int64 (a python int when both are, under the interpreter)
+        seg = (al_r == al) & tval
+        xm = (bx < Bm) & ((a + 0 * bx) < Bt)
+        x0 = tl.load(DS + a * Bm + bx, mask=xm, other=0.0)  # (CX,) dS_x(a, column's clip)
+        mxx, amx, okx = _fine_modal_max(simx, seg, _fine_floor(TF, a, bx, Bt, HAS_FLOOR), HAS_FLOOR)
+        if HAS_Y:
+            x2 = tl.load(DS + 2 * s_ds_g + a * Bm + bx, mask=xm, other=0.0)
+            cmx = 0.5 * (wx * x0 + wxc * x2)
+        else:
+            cmx = 0.5 * wx * x0
+        dx += tl.where((r[:, None] == amx[None, :]) & okx[None, :], cmx[None, :], 0.0)
+        if WANT_GM:
+            gmx += 0.5 * x0 * tl.where(mxx > float("-inf"), mxx, 0.0)
+            if HAS_Y:
+                gmxc += 0.5 * x2 * tl.where(mxx > float("-inf"), mxx, 0.0)
+        if HAS_Y:
+            ym = (by < Bm) & ((a + 0 * by) < Bt)
+            y1 = tl.load(DS + s_ds_g + a * Bm + by, mask=ym, other=0.0)
+            y2 = tl.load(DS + 2 * s_ds_g + a * Bm + by, mask=ym, other=0.0)
+            mxy, amy, oky = _fine_modal_max(simy, seg, _fine_floor(TF, a, by, Bt, HAS_FLOOR), HAS_FLOOR)
+            dy += tl.where((r[:, None] == amy[None, :]) & oky[None, :], (0.5 * (wy * y1 + wyc * y2))[None, :], 0.0)
+            if WANT_GM:
+                fmy = tl.where(mxy > float("-inf"), mxy, 0.0)
+                gmy += 0.5 * y1 * fmy
+                gmyc += 0.5 * y2 * fmy
+    return dx, dy, gt, gmx, gmxc, gmy, gmyc
 
 
 @triton.jit
 def _fine_bwd_text_kernel(
-    Text, WT, TM, Xp, Yp, MW, MM, DS, DText, GWT,  # DText (Bt, T, D) text dtype; GWT (Bt, T) fp32
+    Text, WT, TM, TF, Xp, Yp, MW, MM, DS, SC, DText, GWT,  # SC (Bt,) fp32 pre-scales; DText (Bt, T, D); GWT (Bt, T)
     Bt, Bm, T, Mx, My, D,
     st_b, st_t, sx_b, sx_m, sy_b, sy_m, s_mw_g, s_ds_g, sdt_b, sdt_t,
-    HAS_Y: tl.constexpr, TP: tl.constexpr, BB: tl.constexpr, P: tl.constexpr, BK: tl.constexpr,
-    BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, HAS_SCALE: tl.constexpr, R: tl.constexpr, BB: tl.constexpr,
+    PX: tl.constexpr, PY: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ATMAX: tl.constexpr,
+    PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    a = tl.program_id(0).to(tl.int64)
+    """d_text[block texts, D block] = sum over clip blocks of d_sim @ features, and the text weight
+    gradients (D block 0).  fp16: d_sim rows are pre-scaled by their text's power of two (SC)."""
+    AT = tl.minimum(R // T, ATMAX)
+    a0 = tl.program_id(0) * AT
     pid_d = tl.program_id(1)
-    t = tl.arange(0, TP)
+    r, al_r, i, a_r, rlive = _fine_rows(a0, Bt, T, AT, R)
+    tval, wt = _fine_text_meta(WT, TM, a_r, i, rlive, T)
     dcols = pid_d * BD + tl.arange(0, BD)
     dmask = dcols < D
-    acc = tl.zeros((TP, BD), dtype=tl.float32)
-    gwt = tl.zeros((TP,), dtype=tl.float32)
-    c = tl.arange(0, BB * P)
-    s = c % P
+    if HAS_SCALE:
+        sc = tl.load(SC + a_r, mask=rlive, other=1.0)
+    else:
+        sc = tl.full((R,), 1.0, dtype=tl.float32)
+    acc = tl.zeros((R, BD), dtype=tl.float32)
+    gwt = tl.zeros((R,), dtype=tl.float32)
     for b0 in range(0, Bm, BB):
-        sim = _fine_sim_tile(Text, a, st_b, st_t, Xp, Yp, sx_b, sx_m, sy_b, sy_m, b0, Bm, T, Mx, My, D,
-                             TP, BB, P, BK, PREC)
-        sim3 = tl.reshape(sim, (TP, BB, P))
-        tval, wt, b, bval, xmask, ymask, wx, wy, wxy = _fine_masks(WT, TM, MW, MM, a, b0, Bm, T, Mx, My,
-                                                                   s_mw_g, HAS_Y, TP, BB, P)
-        dsim, gt, fm, dsx, dsy, dsxy = _fine_dsim(sim3, DS, a, b, bval, Bm, s_ds_g, tval, wt, xmask, ymask,
-                                                  wx, wy, wxy, HAS_Y, TP, BB, P)
+        bx, sx, xlive = _fine_cols(b0, Bm, Mx, BB, PX)
+        by, sy, ylive = _fine_cols(b0, Bm, My, BB, PY)
+        simx, simy = _fine_sims(Text, st_b, st_t, a_r, i, rlive, Xp, sx_b, sx_m, bx, sx, xlive, Yp, sy_b, sy_m,
+                                by, sy, ylive, D, HAS_Y, R, BB * PX, BB * PY, BK, PREC)
+        xval, wx, wxc = _fine_slot_meta(MW, MM, s_mw_g, bx, sx, xlive, Mx + My, 0, 0, HAS_Y)
+        yval, wy, wyc = _fine_slot_meta(MW, MM, s_mw_g, by, sy, ylive, Mx + My, Mx, 1, HAS_Y)
+        bb = b0 + tl.arange(0, BB)
+        dx, dy, gt, _, _, _, _ = _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, tval,
+                                            wt, bb, bb < Bm, bx, xval, wx, wxc, by, yval, wy, wyc,
+                                            HAS_Y, HAS_FLOOR, False, R, BB, PX, PY)
         gwt += 0.5 * tl.sum(gt, axis=1)
-        # feature columns of the tile, (BB*P, BD)
-        bc = (b0 + c // P).to(tl.int64)
-        live = (bc < Bm) & (s < Mx + My)
-        isx = s < Mx
-        xv = tl.load(Xp + (bc * sx_b + s * sx_m)[:, None] + dcols[None, :],
-                     mask=(live & isx)[:, None] & dmask[None, :], other=0.0)
-        yv = tl.load(Yp + (bc * sy_b + (s - Mx) * sy_m)[:, None] + dcols[None, :],
-                     mask=(live & ~isx)[:, None] & dmask[None, :], other=0.0)
-        acc += mma(tl.reshape(dsim, (TP, BB * P)), xv + yv, GPREC)
-    tl.store(DText + a * sdt_b + t[:, None] * sdt_t + dcols[None, :], acc.to(DText.dtype.element_ty),
-             mask=(t < T)[:, None] & dmask[None, :])
+        xv = tl.load(Xp + (bx * sx_b + sx * sx_m)[:, None] + dcols[None, :],
+                     mask=xlive[:, None] & dmask[None, :], other=0.0)  # (CX, BD)
+        acc += _gmma(dx * sc[:, None], xv, False, GPREC, EMU)
+        if HAS_Y:
+            yv = tl.load(Yp + (by * sy_b + sy * sy_m)[:, None] + dcols[None, :],
+                         mask=ylive[:, None] & dmask[None, :], other=0.0)
+            acc += _gmma(dy * sc[:, None], yv, False, GPREC, EMU)
+    acc = acc / sc[:, None]
+    tl.store(DText + (a_r * sdt_b + i * sdt_t)[:, None] + dcols[None, :], acc.to(DText.dtype.element_ty),
+             mask=rlive[:, None] & dmask[None, :])
     if pid_d == 0:
-        tl.store(GWT + a * T + t, gwt, mask=t < T)
+        tl.store(GWT + a_r * T + i, gwt, mask=rlive)
 
 
 @triton.jit
 def _fine_bwd_modal_kernel(
-    Text, WT, TM, Xp, Yp, MW, MM, DS, DX, DY, GMW,  # DX/DY like Xp/Yp; GMW (G, Bm, Mx+My) fp32
+    Text, WT, TM, TF, Xp, Yp, MW, MM, DS, SC, DX, DY, GMW,  # SC (Bm,) fp32 pre-scales; GMW (G, Bm, Mx+My)
     Bt, Bm, T, Mx, My, D,
     st_b, st_t, sx_b, sx_m, sy_b, sy_m, s_mw_g, s_ds_g, sdx_b, sdx_m, sdy_b, sdy_m,
-    HAS_Y: tl.constexpr, TP: tl.constexpr, BB: tl.constexpr, P: tl.constexpr, BK: tl.constexpr,
-    BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, HAS_SCALE: tl.constexpr, R: tl.constexpr, BB: tl.constexpr,
+    PX: tl.constexpr, PY: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ATMAX: tl.constexpr,
+    PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
+    """d_x / d_y[block clips, D block] = sum over text blocks of d_sim^T @ text, and the slot
+    weight gradients (D block 0).  fp16: d_sim columns are pre-scaled by their clip's power of two."""
+    AT = tl.minimum(R // T, ATMAX)
     b0 = tl.program_id(0) * BB
     pid_d = tl.program_id(1)
-    t = tl.arange(0, TP)
+    bx, sx, xlive = _fine_cols(b0, Bm, Mx, BB, PX)
+    by, sy, ylive = _fine_cols(b0, Bm, My, BB, PY)
+    xval, wx, wxc = _fine_slot_meta(MW, MM, s_mw_g, bx, sx, xlive, Mx + My, 0, 0, HAS_Y)
+    yval, wy, wyc = _fine_slot_meta(MW, MM, s_mw_g, by, sy, ylive, Mx + My, Mx, 1, HAS_Y)
+    bb = b0 + tl.arange(0, BB)
     dcols = pid_d * BD + tl.arange(0, BD)
     dmask = dcols < D
-    acc = tl.zeros((BB * P, BD), dtype=tl.float32)
-    gx = tl.zeros((BB, P), dtype=tl.float32)
-    gy = tl.zeros((BB, P), dtype=tl.float32)
-    gxy = tl.zeros((BB, P), dtype=tl.float32)
-    for a in range(0, Bt):
-        sim = _fine_sim_tile(Text, a, st_b, st_t, Xp, Yp, sx_b, sx_m, sy_b, sy_m, b0, Bm, T, Mx, My, D,
-                             TP, BB, P, BK, PREC)
-        sim3 = tl.reshape(sim, (TP, BB, P))
-        tval, wt, b, bval, xmask, ymask, wx, wy, wxy = _fine_masks(WT, TM, MW, MM, a, b0, Bm, T, Mx, My,
-                                                                   s_mw_g, HAS_Y, TP, BB, P)
-        dsim, gt, fm, dsx, dsy, dsxy = _fine_dsim(sim3, DS, a, b, bval, Bm, s_ds_g, tval, wt, xmask, ymask,
-                                                  wx, wy, wxy, HAS_Y, TP, BB, P)
-        gx += 0.5 * dsx[:, None] * fm
+    if HAS_SCALE:
+        scx = tl.load(SC + bx, mask=bx < Bm, other=1.0)
+        scy = tl.load(SC + by, mask=by < Bm, other=1.0)
+    else:
+        scx = tl.full((BB * PX,), 1.0, dtype=tl.float32)
+        scy = tl.full((BB * PY,), 1.0, dtype=tl.float32)
+    accx = tl.zeros((BB * PX, BD), dtype=tl.float32)
+    accy = tl.zeros((BB * PY, BD), dtype=tl.float32)
+    gmx = tl.zeros((BB * PX,), dtype=tl.float32)
+    gmxc = tl.zeros((BB * PX,), dtype=tl.float32)
+    gmy = tl.zeros((BB * PY,), dtype=tl.float32)
+    gmyc = tl.zeros((BB * PY,), dtype=tl.float32)
+    for a0 in range(0, Bt, AT):
+        r, al_r, i, a_r, rlive = _fine_rows(a0, Bt, T, AT, R)
+        tval, wt = _fine_text_meta(WT, TM, a_r, i, rlive, T)
+        simx, simy = _fine_sims(Text, st_b, st_t, a_r, i, rlive, Xp, sx_b, sx_m, bx, sx, xlive, Yp, sy_b, sy_m,
+                                by, sy, ylive, D, HAS_Y, R, BB * PX, BB * PY, BK, PREC)
+        dx, dy, _, g0, g1, g2, g3 = _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive,
+                                               tval, wt, bb, bb < Bm, bx, xval, wx, wxc, by, yval, wy, wyc,
+                                               HAS_Y, HAS_FLOOR, True, R, BB, PX, PY)
+        gmx += g0
+        gmxc += g1
+        gmy += g2
+        gmyc += g3
+        ta = tl.load(Text + (a_r * st_b + i * st_t)[:, None] + dcols[None, :],
+                     mask=rlive[:, None] & dmask[None, :], other=0.0)  # (R, BD)
+        accx += _gmma(dx * scx[None, :], ta, True, GPREC, EMU)  # (CX, R) @ (R, BD)
         if HAS_Y:
-            gy += 0.5 * dsy[:, None] * fm
-            gxy += 0.5 * dsxy[:, None] * fm
-        ta = tl.load(Text + a * st_b + t[:, None] * st_t + dcols[None, :],
-                     mask=(t < T)[:, None] & dmask[None, :], other=0.0)  # (TP, BD)
-        acc += mma(tl.trans(tl.reshape(dsim, (TP, BB * P))), ta, GPREC)  # (BB*P, TP) @ (TP, BD)
-    c = tl.arange(0, BB * P)
-    s = c % P
-    bc = (b0 + c // P).to(tl.int64)
-    live = (bc < Bm) & (s < Mx + My)
-    isx = s < Mx
-    tl.store(DX + (bc * sdx_b + s * sdx_m)[:, None] + dcols[None, :], acc.to(DX.dtype.element_ty),
-             mask=(live & isx)[:, None] & dmask[None, :])
-    if HAS_Y:
-        tl.store(DY + (bc * sdy_b + (s - Mx) * sdy_m)[:, None] + dcols[None, :], acc.to(DY.dtype.element_ty),
-                 mask=(live & ~isx)[:, None] & dmask[None, :])
-    # modal weight grads (w.r.t. the softmaxed weights), written by D block 0
-    bb = (b0 + tl.arange(0, BB)).to(tl.int64)
-    sp = tl.arange(0, P)
-    goff = bb[:, None] * (Mx + My) + sp[None, :]
-    gm = (bb < Bm)[:, None] & (sp < Mx + My)[None, :]
+            accy += _gmma(dy * scy[None, :], ta, True, GPREC, EMU)
+    S_ = Mx + My
+    tl.store(DX + (bx * sdx_b + sx * sdx_m)[:, None] + dcols[None, :], (accx / scx[:, None]).to(DX.dtype.element_ty),
+             mask=xlive[:, None] & dmask[None, :])
     if pid_d == 0:
-        tl.store(GMW + goff, gx, mask=gm)
-        if HAS_Y:
-            tl.store(GMW + s_mw_g + goff, gy, mask=gm)
-            tl.store(GMW + 2 * s_mw_g + goff, gxy, mask=gm)
+        tl.store(GMW + bx * S_ + sx, gmx, mask=xlive)
+    if HAS_Y:
+        tl.store(DY + (by * sdy_b + sy * sdy_m)[:, None] + dcols[None, :],
+                 (accy / scy[:, None]).to(DY.dtype.element_ty), mask=ylive[:, None] & dmask[None, :])
+        if pid_d == 0:
+            tl.store(GMW + s_mw_g + by * S_ + Mx + sy, gmy, mask=ylive)
+            tl.store(GMW + 2 * s_mw_g + bx * S_ + sx, gmxc, mask=xlive)
+            tl.store(GMW + 2 * s_mw_g + by * S_ + Mx + sy, gmyc, mask=ylive)
 
 
 # ----------------------------------------------------------------------------------------------
-# configuration
+# launch configurations: pure functions of (shape, dtype, arch), read by the launchers below and
+# by the ahead-of-time audit (bench/audit_contrastive.py).  Each returns the autotuning set (the
+# first is the default: what CI audits and what runs without tuning); every entry passes the
+# audit (no spills in 16-bit paths, shared memory in the limit, HMMA / HGMMA) on sm_80 and sm_90a.
+# arch None = the CPU interpreter: one small config, tiles chosen so the tests' odd shapes cross
+# row / column / clip / text blocks and column splits.
 # ----------------------------------------------------------------------------------------------
-def _precisions(dtype: torch.dtype, device: torch.device) -> Tuple[str, str]:
-    """(PREC for the feature products, GPREC for the fp32-by-feature gradient products)."""
-    if device.type != "cuda":  # only reachable under TRITON_INTERPRET
-        return "upcast", "ieee"
+class Arch(NamedTuple):
+    cc: int    # compute capability x 10: 80 (A100), 90 (H100; sm_90a)
+    sms: int   # streaming multiprocessors
+
+
+A100 = Arch(80, 108)
+H100 = Arch(90, 132)
+
+
+def arch_of(device: torch.device) -> Optional[Arch]:
+    """The launch target of tensors on `device`: None on the CPU (TRITON_INTERPRET)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> Arch:
+    p = torch.cuda.get_device_properties(index)
+    return Arch(p.major * 10 + p.minor, p.multi_processor_count)
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _cfg(num_warps: int, num_stages: int, **meta) -> dict:
+    return dict(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def _bk(D: int, dtype: torch.dtype) -> int:
+    # 128-byte K chunks (64 16-bit / 32 fp32 elements), at most D rounded up to 16
+    return min(64 if dtype != torch.float32 else 32, max(16, _p2(D)))
+
+
+def coarse_lse_configs(D: int, dtype: torch.dtype, arch: Optional[Arch]) -> List[dict]:
+    """`_coarse_lse_kernel`: (BM, BN) z tiles.  64 x 64 on one warpgroup (4 warps: a 64 x 64
+    wgmma on sm_90a; 8 warps would split it into two thin 64 x 32 ones), 128-row tiles on 8.
+    Audited (bf16, D = 512): sm_80 BK = 64 with 3 stages spills 32 bytes, BK = 32 none (161
+    registers); sm_90a BK = 64, 3 stages: 144 registers, none."""
+    if arch is None:
+        return [_cfg(1, 1, BM=8, BN=8, BK=16)]
+    bk = _bk(D, dtype)
+    first = _cfg(4, 3, BM=64, BN=64, BK=min(bk, 32) if arch.cc < 90 else bk)
+    return [first, _cfg(4, 2, BM=64, BN=64, BK=bk), _cfg(8, 3, BM=128, BN=64, BK=bk)]
+
+
+def coarse_lse_split(Ra: int, Rb: int, arch: Optional[Arch]) -> Tuple[int, int]:
+    """(splits, columns per split) of the column axis.  Rows alone give cdiv(Ra, 64) programs, 64
+    at B = 4096 for 132 SMs: split the columns until there are >= 2 programs per SM (each split
+    >= 256 columns; splits are multiples of 128 columns, every config's BN divides them) and merge
+    the partial log-sum-exps (`_coarse_lse_merge_kernel`).  Interpreter: 8-column splits."""
+    if Rb <= 0:
+        return 1, 1
+    gran, min_tiles = (8, 1) if arch is None else (128, 2)
+    tiles = _cdiv(Rb, gran)
+    want = _cdiv(Rb, gran) if arch is None else _cdiv(2 * arch.sms, _cdiv(Ra, 64))
+    n = max(1, min(want, tiles // min_tiles))
+    per = _cdiv(tiles, n)
+    return _cdiv(tiles, per), per * gran
+
+
+def coarse_grad_configs(D: int, dtype: torch.dtype, arch: Optional[Arch]) -> List[dict]:
+    """`_coarse_grad_kernel`: 64 x 64 z tiles on 4 warps, dA blocks of BD columns (z recomputed
+    once per D block: 8x at D = 512 with BD = 64, the trade for no (B, D) fp32 atomics).
+    Audited (bf16, D = 512): BD = 128 on 4 warps spills (520 bytes sm_80, 72 sm_90a); BD = 64 on
+    4 warps none (254 / 185 registers); BD = 128 on 8 warps none (207 / 190), half the z recompute."""
+    if arch is None:
+        return [_cfg(1, 1, BM=8, BN=8, BK=16, BD=16)]
+    bk, bd = _bk(D, dtype), min(64, max(16, _p2(D)))
+    return [_cfg(4, 2, BM=64, BN=64, BK=bk, BD=bd), _cfg(8, 2, BM=64, BN=64, BK=bk, BD=min(128, max(16, _p2(D)))),
+            _cfg(4, 2, BM=64, BN=64, BK=bk, BD=min(bd, 32))]
+
+
+def fine_tile(T: int, Mx: int, My: int, R: int, BB: int, min_cols: int) -> dict:
+    """Tile constexprs: R rows (pow2 >= T), BB clips, PX / PY slots per clip for x / y (pow2, and
+    BB * P >= min_cols: tl.dot's smallest N on CUDA is 16).  PY = PX without a y group."""
+    px, py = _p2(Mx), (_p2(My) if My else 0)
+    bb = max(1, min(BB, 128 // max(px, py)))
+    PX = max(px, min_cols // bb)
+    return dict(R=R, BB=bb, PX=PX, PY=max(py, min_cols // bb) if My else PX)
+
+
+def fine_waste(T: int, Mx: int, My: int, R: int, BB: int, PX: int, PY: int, **_) -> float:
+    """Share of the similarity MMAs of full tiles that multiply padding (rows past AT * T, slots
+    past Mx / My)."""
+    AT = min(R // T, ATMAX)
+    return 1.0 - (AT * T * (Mx + My)) / (R * (PX + (PY if My else 0)))
+
+
+def fine_waste_unpacked(T: int, Mx: int, My: int) -> float:
+    """The same share for the layout before (one text of next_pow2(T) >= 16 rows x BB clips of
+    next_pow2(Mx + My) slots): 61% at T = 40, 4 + 1 slots."""
+    return 1.0 - (T * (Mx + My)) / (max(16, _p2(T)) * _p2(Mx + My))
+
+
+def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype,
+                 arch: Optional[Arch]) -> List[dict]:
+    """kind "fwd" / "text" (d_text) / "modal" (d_modal).  Rows: 64 for T <= 32 (AT = 64 // T
+    texts), else 128 (3 x 40 = 120 live at VALOR's T = 40).  Forward: 16 clips a tile (4 frames +
+    1 audio: 64 + 16 columns, none padded; 6% of the MMAs multiply padding), 8 warps (a 128-row
+    tile; 4 warps reach 255 registers).  Backward (sim tile and argmaxes recomputed per D block
+    of BD columns, next to the d_sim tiles and the accumulator): 8 clips (y padded to 2 slots:
+    22% padding) and BD = 32 where that does not spill: d_text on sm_90a packs 3 texts in 128
+    rows (22%), d_modal takes one text of 64 rows (48%); on sm_80 the 128-row backward spills
+    (156-1376 bytes), so both take one text of 64 rows, and d_modal 4 clips (61%).
+    Every first configuration is audited spill-free in bf16 at VALOR's shape."""
+    if kind not in ("fwd", "text", "modal"):
+        raise ValueError(f"fine_configs: kind must be fwd, text or modal, got {kind!r}")
+    if arch is None:
+        t = fine_tile(T, Mx, My, 16 if T <= 8 else _p2(T), 4, 8)
+        return [_cfg(1, 1, BK=16, **t, **({} if kind == "fwd" else dict(BD=16)))]
+    R = 64 if T <= 32 else 128
+    bk = _bk(D, dtype)
+    if kind == "fwd":
+        return [_cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 16, 16)),
+                _cfg(4, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16)), _cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16))]
+    bd = min(32, max(16, _p2(D)))
+    r64 = max(64, _p2(T))
+    if arch.cc >= 90:  # the alternative: one text of 64 rows against 16 clips (no spills either)
+        alt = [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 16, 16))]
+        first = fine_tile(T, Mx, My, R, 8, 16) if kind == "text" else fine_tile(T, Mx, My, r64, 8, 16)
+    else:  # sm_80: every other audited tile spills; d_modal keeps 4 clips (y padded to 4 slots)
+        alt = []
+        first = fine_tile(T, Mx, My, r64, 8 if kind == "text" else 4, 16)
+    return [_cfg(8, 2, BK=bk, BD=bd, **first)] + alt
+
+
+def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, bool]:
+    """(PREC for the feature products, GPREC for the fp32-by-feature gradient products, EMU).
+    16-bit inputs: features as-is on tensor cores; gradient products as a 16-bit hi + lo pair
+    (two MMAs with exact products, fp32 accumulation: P / d_sim kept to ~2^-16 relative).  One
+    16-bit rounding of P / d_sim ("single", one MMA) is cheaper but too coarse: 15-57% of the bf16
+    gradient elements then differ from round(float64 truth), against <= 1.3% with hi / lo (the
+    same scheme measured on the csrc kernels, tests/test_csrc_contrastive.py; here
+    tests/kernels/test_contrastive.py::test_gradient_products_single_rounding_is_too_coarse).
+    fp32: tf32 when torch allows it for matmuls, else tf32x3.  arch None: the CPU interpreter
+    (EMU: 16-bit operands upcast, hi / lo rounded by hand: the products a tensor core forms)."""
+    if arch is None:  # only reachable under TRITON_INTERPRET
+        return "upcast", (_GPREC_OVERRIDE or "hilo") if dtype != torch.float32 else "ieee", True
     if dtype == torch.float32:
         p = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
-        return p, p
-    return "native", "tf32x3"
+        return p, p, False
+    return "native", _GPREC_OVERRIDE or "hilo", False
+
+
+_GPREC_OVERRIDE: Optional[str] = None  # "single": the tests' measurement of the rejected choice
+
+_TUNED: Dict[tuple, object] = {}
+COARSE_KEY = ("Ra", "Rb", "D")
+FINE_KEY = ("Bt", "Bm", "T", "Mx", "My", "D")
+
+
+def tuned(kernel, configs: List[dict], key: Tuple[str, ...]):
+    """`kernel` under triton.autotune over `configs` (cached per kernel and config set), keyed by
+    the shape arguments; a single config runs without benchmarking (the interpreter's case)."""
+    k = (kernel, tuple(tuple(sorted(c.items())) for c in configs))
+    t = _TUNED.get(k)
+    if t is None:
+        tc = [triton.Config({n: v for n, v in c.items() if n not in ("num_warps", "num_stages")},
+                            num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
+        t = _TUNED.setdefault(k, triton.autotune(configs=tc, key=list(key))(kernel))
+    return t
+
+
+class Plan(NamedTuple):
+    """One launch as the launcher makes it: the kernel, its positional arguments, the constexprs
+    fixed by the call, the configurations autotuned over (the first is the default), the
+    autotune key and the grid (a function of a configuration).  `run()` launches it; the audit
+    (bench/audit_contrastive.py) compiles the same arguments on meta tensors for sm_80 / sm_90a."""
+    kernel: object
+    args: tuple
+    constexprs: dict
+    configs: List[dict]
+    key: Tuple[str, ...]
+    grid: object
+
+    def run(self) -> None:
+        tuned(self.kernel, self.configs, self.key)[self.grid](*self.args, **self.constexprs)
 
 
 def _grad_buffer(x: Tensor, zero: bool = False) -> Tensor:
@@ -632,33 +1004,12 @@ def _grad_buffer(x: Tensor, zero: bool = False) -> Tensor:
     return (torch.zeros if zero else torch.empty)(x.shape, dtype=dt, device=x.device)
 
 
-def _p2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _coarse_config(D: int, device: torch.device) -> dict:
-    # CPU interpreter: 8-wide tiles so the tests' B=13, D=32 cross several row / column / D blocks.
-    # CUDA: 64x64 z tiles; dA blocks of up to 128 columns (acc 64x128 fp32 over 8 warps) -- at
-    # D=512 that recomputes z 4x in the backward, the trade for no (B, D) fp32 atomics.
-    # Untuned (no GPU in the session that wrote it): see bench/bench_contrastive.py.
-    if device.type != "cuda":
-        return dict(BM=8, BN=8, BK=16, BD=16, num_warps=1)
-    return dict(BM=64, BN=64, BK=64 if D >= 64 else max(16, _p2(D)), BD=min(128, max(16, _p2(D))),
-                num_warps=8)
-
-
-def _fine_config(T: int, S_: int, D: int, device: torch.device) -> dict:
-    TP = max(16, _p2(T))
-    P = _p2(S_)
-    if device.type != "cuda":
-        # small clip blocks so 5-13 clips cross block boundaries; the interpreter accepts dots < 16
-        return dict(TP=TP, P=P, BB=max(1, 8 // P), BK=16, BD=16, num_warps=1, num_warps_bwd=1)
-    # 64 columns per tile (>= 16 for tl.dot; one clip when P >= 64).  Backward d-blocks of 128
-    # columns: a (TP, 128) fp32 accumulator next to the (TP, BB*P) sim / d_sim tiles -> 8 warps.
-    # Untuned (no GPU in the session that wrote it): see bench/bench_contrastive.py.
-    BB = max(1, 64 // P)
-    return dict(TP=TP, P=P, BB=BB, BK=32 if D >= 32 else 16, BD=min(128, max(16, _p2(D))),
-                num_warps=8 if TP * BB * P >= 8192 else 4, num_warps_bwd=8)
+def _pow2_scale(bound: Tensor) -> Tensor:
+    """2^k with bound * 2^k < 2^12, elementwise (1 where bound is 0 or not finite): the fp16
+    pre-scale of P / d_sim so small values stay normal, 16x below fp16's 65504."""
+    _, e = torch.frexp(bound)  # bound = m 2^e, 1/2 <= m < 1
+    s = torch.ldexp(torch.ones_like(bound), (12 - e).clamp(-60, 60))
+    return torch.where((bound > 0) & torch.isfinite(bound), s, torch.ones_like(bound))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,21 +1052,59 @@ def _mask_arg(valid: Optional[Tensor], dummy: Tensor) -> Tensor:
     return dummy if valid is None else valid.to(torch.uint8).contiguous()
 
 
+def coarse_lse_plans(a: Tensor, b: Tensor, temp: Tensor, lab_off: int, valid_b: Optional[Tensor],
+                     arch: Optional[Arch]) -> Tuple[List[Plan], Tensor, Tensor]:
+    """The two launches of `coarse_lse` on target `arch` (None: the interpreter) and its outputs:
+    the column splits (`coarse_lse_split`: enough programs for the SMs), then their merge."""
+    Ra, D = a.shape
+    Rb = b.shape[0]
+    lse = torch.empty(Ra, dtype=torch.float32, device=a.device)
+    zl = torch.empty(Ra, dtype=torch.float32, device=a.device)
+    nsplit, cps = coarse_lse_split(Ra, Rb, arch)
+    part = torch.empty((3, nsplit, Ra), dtype=torch.float32, device=a.device)
+    prec, _, _ = _precisions(a.dtype, arch)
+    split = Plan(_coarse_lse_kernel,
+                 (a, b, temp, _mask_arg(valid_b, lse), part, Ra, Rb, D, a.stride(0), b.stride(0), lab_off, cps),
+                 dict(HAS_VALID=valid_b is not None, PREC=prec), coarse_lse_configs(D, a.dtype, arch), COARSE_KEY,
+                 lambda m: (triton.cdiv(Ra, m["BM"]), nsplit))
+    br = 8 if arch is None else 256
+    merge = Plan(_coarse_lse_merge_kernel, (part, lse, zl, Ra, nsplit), {}, [_cfg(4 if arch else 1, 1, BR=br)],
+                 ("Ra",), lambda m: (triton.cdiv(Ra, m["BR"]),))
+    return [split, merge], lse, zl
+
+
 def coarse_lse(a: Tensor, b: Tensor, temp: Tensor, lab_off: int = 0,
                valid_b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Rows of a (Ra, D) vs columns b (Rb, D), both contiguous in one dtype; temp (1,).  ->
     (lse (Ra,) fp32 over the valid columns, +inf for a row with none; label logit z_{i, i+lab_off}
     (Ra,) fp32).  valid_b: (Rb,) bool or None (every column)."""
-    Ra, D = a.shape
-    lse = torch.empty(Ra, dtype=torch.float32, device=a.device)
-    zl = torch.empty(Ra, dtype=torch.float32, device=a.device)
-    cfg = _coarse_config(D, a.device)
-    prec, _ = _precisions(a.dtype, a.device)
-    _coarse_lse_kernel[(triton.cdiv(Ra, cfg["BM"]),)](
-        a, b, temp, _mask_arg(valid_b, lse), lse, zl, Ra, b.shape[0], D, a.stride(0), b.stride(0), lab_off,
-        HAS_VALID=valid_b is not None, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PREC=prec,
-        num_warps=cfg["num_warps"])
+    plans, lse, zl = coarse_lse_plans(a, b, temp, lab_off, valid_b, arch_of(a.device))
+    if a.shape[0] > 0:
+        for pl in plans:
+            pl.run()
     return lse, zl
+
+
+def coarse_grad_plan(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor],
+                     lse_b: Optional[Tensor], lab_off: int, lab_coef: float, tsum: bool,
+                     valid_a: Optional[Tensor], valid_b: Optional[Tensor], arch: Optional[Arch]
+                     ) -> Tuple[Plan, Tensor, Optional[Tensor]]:
+    """The launch of `coarse_grad` on target `arch` and its outputs (da, row sums or None)."""
+    Ra, D = a.shape
+    da = _grad_buffer(a)
+    ts = torch.empty(Ra, dtype=torch.float32, device=a.device) if tsum else None
+    prec, gprec, emu = _precisions(a.dtype, arch)
+    # fp16: |P| <= 2 + |coef| (each exp term <= 1), scaled below 2^12 so small probabilities stay normal
+    ps = float(_pow2_scale(torch.tensor(2.0 + abs(float(lab_coef))))) if a.dtype == torch.float16 else 1.0
+    plan = Plan(_coarse_grad_kernel,
+                (a, b, temp, scale, lse_a if lse_a is not None else scale, lse_b if lse_b is not None else scale,
+                 _mask_arg(valid_a, scale), _mask_arg(valid_b, scale), da, ts if ts is not None else scale,
+                 Ra, b.shape[0], D, a.stride(0), b.stride(0), da.stride(0), lab_off, float(lab_coef), ps),
+                dict(HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_VALID=valid_a is not None,
+                     COMPUTE_TSUM=tsum, PREC=prec, GPREC=gprec, EMU=emu),
+                coarse_grad_configs(D, a.dtype, arch), COARSE_KEY,
+                lambda m: (triton.cdiv(Ra, m["BM"]), triton.cdiv(D, m["BD"])))
+    return plan, da, ts
 
 
 def coarse_grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Optional[Tensor],
@@ -727,19 +1116,10 @@ def coarse_grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Option
     bool, both or neither."""
     if (valid_a is None) != (valid_b is None):
         raise ValueError("coarse_grad: valid_a and valid_b go together")
-    Ra, D = a.shape
-    da = _grad_buffer(a)
-    ts = torch.empty(Ra, dtype=torch.float32, device=a.device) if tsum else None
-    cfg = _coarse_config(D, a.device)
-    prec, gprec = _precisions(a.dtype, a.device)
-    grid = (triton.cdiv(Ra, cfg["BM"]), triton.cdiv(D, cfg["BD"]))
-    _coarse_grad_kernel[grid](
-        a, b, temp, scale, lse_a if lse_a is not None else scale, lse_b if lse_b is not None else scale,
-        _mask_arg(valid_a, scale), _mask_arg(valid_b, scale), da, ts if ts is not None else scale,
-        Ra, b.shape[0], D, a.stride(0), b.stride(0), da.stride(0), lab_off, float(lab_coef),
-        HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_VALID=valid_a is not None,
-        COMPUTE_TSUM=tsum, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PREC=prec, GPREC=gprec,
-        num_warps=cfg["num_warps"])
+    plan, da, ts = coarse_grad_plan(a, b, temp, scale, lse_a, lse_b, lab_off, lab_coef, tsum, valid_a, valid_b,
+                                    arch_of(a.device))
+    if a.shape[0] > 0:
+        plan.run()
     return da.to(a.dtype), ts
 
 
@@ -747,7 +1127,7 @@ def coarse_grad(a: Tensor, b: Tensor, temp: Tensor, scale: Tensor, lse_a: Option
 # fine: launchers
 # ----------------------------------------------------------------------------------------------
 def check_fine_args(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-                    mmask: Tensor) -> None:
+                    mmask: Tensor, tfloor: Optional[Tensor] = None) -> None:
     if text.dim() != 3 or x.dim() != 3 or (y is not None and y.dim() != 3):
         raise ValueError(f"fine similarity: text (Bt, T, D) and modal (Bm, M, D) expected, got text "
                          f"{tuple(text.shape)}, modal {tuple(x.shape)}"
@@ -771,83 +1151,107 @@ def check_fine_args(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optio
     if tuple(mw.shape) != (G, Bm, Mx + My) or tuple(mmask.shape) != (Bm, Mx + My):
         raise ValueError(f"fine similarity: modal weights must be {(G, Bm, Mx + My)} and mask {(Bm, Mx + My)}, "
                          f"got {tuple(mw.shape)} / {tuple(mmask.shape)}")
+    if tfloor is not None and tuple(tfloor.shape) != (Bt,):
+        raise ValueError(f"fine similarity: text_floor must be ({Bt},), got {tuple(tfloor.shape)}")
 
 
-def prepare_fine_args(text, wt, tmask, x, y, mw, mmask):
+def prepare_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor=None):
     """Validate and lay out the fine launchers' arguments (both backends): contiguous features,
-    fp32 weights, uint8 masks (y stays None without a second group).  Idempotent."""
-    check_fine_args(text, wt, tmask, x, y, mw, mmask)
+    fp32 weights, uint8 masks and floors (y and tfloor stay None when absent).  Idempotent.
+    Returns 7 values without tfloor (the old layout), 8 with it."""
+    check_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor)
     text, x = text.contiguous(), x.contiguous()
     y = None if y is None else y.contiguous()
     wt = wt.float().contiguous()
     mw = mw.float().contiguous()
     tmask = tmask.to(torch.uint8).contiguous()
     mmask = mmask.to(torch.uint8).contiguous()
-    return text, wt, tmask, x, y, mw, mmask
+    if tfloor is None:
+        return text, wt, tmask, x, y, mw, mmask
+    return text, wt, tmask, x, y, mw, mmask, tfloor.to(torch.uint8).contiguous()
+
+
+def _fine_common(text, x, y, mw, tfloor):
+    """Shape arguments and constexpr flags shared by the three fine launches."""
+    Bt, T, D = text.shape
+    Bm, Mx, _ = x.shape
+    My = y.shape[1] if y is not None else 0
+    shape = (Bt, Bm, T, Mx, My, D)
+    strides = (text.stride(0), text.stride(1), x.stride(0), x.stride(1),
+               (y if y is not None else x).stride(0), (y if y is not None else x).stride(1), mw.stride(0))
+    return shape, strides, dict(HAS_Y=y is not None, HAS_FLOOR=tfloor is not None, ATMAX=ATMAX)
+
+
+def _fine_grid_rows(m, Bt: int, T: int) -> int:
+    return triton.cdiv(Bt, min(m["R"] // T, ATMAX))
+
+
+def fine_fwd_plan(text, wt, tmask, x, y, mw, mmask, tfloor, arch: Optional[Arch]) -> Tuple[Plan, Tensor]:
+    """The launch of `fine_fwd` on target `arch` (prepared arguments) and its output S."""
+    (Bt, Bm, T, Mx, My, D), strides, flags = _fine_common(text, x, y, mw, tfloor)
+    S = torch.empty((mw.shape[0], Bt, Bm), dtype=torch.float32, device=text.device)
+    prec, _, _ = _precisions(text.dtype, arch)
+    plan = Plan(_fine_fwd_kernel,
+                (text, wt, tmask, tmask if tfloor is None else tfloor, x, x if y is None else y, mw, mmask, S,
+                 Bt, Bm, T, Mx, My, D, *strides, S.stride(0)),
+                dict(PREC=prec, **flags), fine_configs("fwd", T, Mx, My, D, text.dtype, arch), FINE_KEY,
+                lambda m: (_fine_grid_rows(m, Bt, T), triton.cdiv(Bm, m["BB"])))
+    return plan, S
 
 
 def fine_fwd(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-             mmask: Tensor) -> Tensor:
+             mmask: Tensor, tfloor: Optional[Tensor] = None) -> Tensor:
     """Fine similarity of every text vs every clip for the groups x, (y, x++y).
 
     text (Bt, T, D); wt (Bt, T) softmaxed text weights (0 at padding); tmask (Bt, T) real tokens;
     x (Bm, Mx, D), y (Bm, My, D) or None; mw (G, Bm, Mx+My) softmaxed modal weights per group
-    (G = 1: x; G = 3: x, y, concatenation), each zero outside its group's slots; mmask (Bm, Mx+My).
+    (G = 1: x; G = 3: x, y, concatenation), each zero outside its group's slots; mmask (Bm, Mx+My);
+    tfloor (Bt,) or None: texts whose modal-side maxima are floored at 0 (text_floor).
     Returns S (G, Bt, Bm) fp32."""
-    has_y = y is not None
-    text, wt, tmask, x, y, mw, mmask = prepare_fine_args(text, wt, tmask, x, y, mw, mmask)
-    y = x if y is None else y  # a dummy pointer when there is no second group (HAS_Y=False)
-    Bt, T, D = text.shape
-    Bm, Mx, _ = x.shape
-    My = y.shape[1] if has_y else 0
-    G = mw.shape[0]
-    S = torch.empty((G, Bt, Bm), dtype=torch.float32, device=text.device)
-    if Bt == 0 or Bm == 0:
-        return S
-    cfg = _fine_config(T, Mx + My, D, text.device)
-    prec, _ = _precisions(text.dtype, text.device)
-    _fine_fwd_kernel[(Bt, triton.cdiv(Bm, cfg["BB"]))](
-        text, wt, tmask, x, y, mw, mmask, S, Bt, Bm, T, Mx, My, D,
-        text.stride(0), text.stride(1), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        mw.stride(0), S.stride(0),
-        HAS_Y=has_y, TP=cfg["TP"], BB=cfg["BB"], P=cfg["P"], BK=cfg["BK"], PREC=prec,
-        num_warps=cfg["num_warps"])
+    text, wt, tmask, x, y, mw, mmask, *tf = prepare_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor)
+    plan, S = fine_fwd_plan(text, wt, tmask, x, y, mw, mmask, tf[0] if tf else None, arch_of(text.device))
+    if S.numel() > 0:
+        plan.run()
     return S
 
 
-def fine_bwd(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-             mmask: Tensor):
-    """-> (d_text, g_wt (Bt, T) fp32, d_x, d_y (empty when y is None), g_mw (G, Bm, Mx+My) fp32);
-    g_wt / g_mw are gradients w.r.t. the softmaxed weights."""
-    has_y = y is not None
-    text, wt, tmask, x, y, mw, mmask = prepare_fine_args(text, wt, tmask, x, y, mw, mmask)
-    y = x if y is None else y  # a dummy pointer when there is no second group (HAS_Y=False)
-    dS = dS.float().contiguous()
-    Bt, T, D = text.shape
-    Bm, Mx, _ = x.shape
-    My = y.shape[1] if has_y else 0
-    G = mw.shape[0]
-    d_text = _grad_buffer(text, zero=True)
+def fine_bwd_plans(dS, text, wt, tmask, x, y, mw, mmask, tfloor, arch: Optional[Arch]):
+    """The two launches of `fine_bwd` (d_text, d_modal) on target `arch` (prepared arguments, dS
+    fp32 contiguous) and its buffers (d_text, g_wt, d_x, d_y, g_mw)."""
+    (Bt, Bm, T, Mx, My, D), strides, flags = _fine_common(text, x, y, mw, tfloor)
+    d_text, d_x = _grad_buffer(text, zero=True), _grad_buffer(x, zero=True)
+    d_y = _grad_buffer(y, zero=True) if y is not None else text.new_empty((0,))
     g_wt = torch.zeros((Bt, T), dtype=torch.float32, device=text.device)
-    d_x = _grad_buffer(x, zero=True)
-    d_y = _grad_buffer(y, zero=True) if has_y else text.new_empty((0,))
-    g_mw = torch.zeros((G, Bm, Mx + My), dtype=torch.float32, device=text.device)
-    if Bt == 0 or Bm == 0:
-        return d_text.to(text.dtype), g_wt, d_x.to(x.dtype), d_y.to(y.dtype) if has_y else d_y, g_mw
-    cfg = _fine_config(T, Mx + My, D, text.device)
-    prec, gprec = _precisions(text.dtype, text.device)
-    common = dict(HAS_Y=has_y, TP=cfg["TP"], BB=cfg["BB"], P=cfg["P"], BK=cfg["BK"], BD=cfg["BD"],
-                  PREC=prec, GPREC=gprec, num_warps=cfg["num_warps_bwd"])
-    nd = triton.cdiv(D, cfg["BD"])
-    _fine_bwd_text_kernel[(Bt, nd)](
-        text, wt, tmask, x, y, mw, mmask, dS, d_text, g_wt, Bt, Bm, T, Mx, My, D,
-        text.stride(0), text.stride(1), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        mw.stride(0), dS.stride(0), d_text.stride(0), d_text.stride(1), **common)
-    dy = d_y if has_y else d_x
-    _fine_bwd_modal_kernel[(triton.cdiv(Bm, cfg["BB"]), nd)](
-        text, wt, tmask, x, y, mw, mmask, dS, d_x, dy, g_mw, Bt, Bm, T, Mx, My, D,
-        text.stride(0), text.stride(1), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        mw.stride(0), dS.stride(0), d_x.stride(0), d_x.stride(1), dy.stride(0), dy.stride(1), **common)
-    return d_text.to(text.dtype), g_wt, d_x.to(x.dtype), d_y.to(y.dtype) if has_y else d_y, g_mw
+    g_mw = torch.zeros(tuple(mw.shape), dtype=torch.float32, device=text.device)
+    prec, gprec, emu = _precisions(text.dtype, arch)
+    fp16 = text.dtype == torch.float16
+    tot = dS.abs().sum(0) if fp16 else None  # (Bt, Bm): bounds every d_sim entry of the pair
+    sc_t, sc_m = (_pow2_scale(tot.amax(1)), _pow2_scale(tot.amax(0))) if fp16 else (dS, dS)
+    common = (tmask if tfloor is None else tfloor, x, x if y is None else y, mw, mmask, dS)
+    flags.update(HAS_SCALE=fp16, PREC=prec, GPREC=gprec, EMU=emu)
+    dy = d_y if y is not None else d_x
+    text_plan = Plan(_fine_bwd_text_kernel,
+                     (text, wt, tmask, *common, sc_t, d_text, g_wt, Bt, Bm, T, Mx, My, D, *strides, dS.stride(0),
+                      d_text.stride(0), d_text.stride(1)),
+                     flags, fine_configs("text", T, Mx, My, D, text.dtype, arch), FINE_KEY,
+                     lambda m: (_fine_grid_rows(m, Bt, T), triton.cdiv(D, m["BD"])))
+    modal_plan = Plan(_fine_bwd_modal_kernel,
+                      (text, wt, tmask, *common, sc_m, d_x, dy, g_mw, Bt, Bm, T, Mx, My, D, *strides, dS.stride(0),
+                       d_x.stride(0), d_x.stride(1), dy.stride(0), dy.stride(1)),
+                      flags, fine_configs("modal", T, Mx, My, D, text.dtype, arch), FINE_KEY,
+                      lambda m: (triton.cdiv(Bm, m["BB"]), triton.cdiv(D, m["BD"])))
+    return [text_plan, modal_plan], (d_text, g_wt, d_x, d_y, g_mw)
 
 
+def fine_bwd(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
+             mmask: Tensor, tfloor: Optional[Tensor] = None):
+    """-> (d_text, g_wt (Bt, T) fp32, d_x, d_y (empty when y is None), g_mw (G, Bm, Mx+My) fp32);
+    g_wt / g_mw are gradients w.r.t. the softmaxed weights.  fp16: d_sim is pre-scaled per text
+    (d_text) and per clip (d_modal) by a power of two from a bound on its entries, sum_g |dS_g|."""
+    text, wt, tmask, x, y, mw, mmask, *tf = prepare_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor)
+    plans, (d_text, g_wt, d_x, d_y, g_mw) = fine_bwd_plans(dS.float().contiguous(), text, wt, tmask, x, y, mw,
+                                                           mmask, tf[0] if tf else None, arch_of(text.device))
+    if text.shape[0] > 0 and x.shape[0] > 0:
+        for pl in plans:
+            pl.run()
+    return (d_text.to(text.dtype), g_wt, d_x.to(x.dtype), d_y.to(y.dtype) if y is not None else d_y, g_mw)

@@ -4,7 +4,9 @@ score matrix, forward and backward.
 Contents: `attention_ref` (eager PyTorch, any dtype incl. float64: the ground truth), the Triton
 forward kernel (online softmax over key tiles, stores the log-sum-exp), the backward kernels
 (preprocess delta = rowsum(dO * O); dK/dV per key tile and dQ per query tile, both recomputing the
-probability tiles from the stored log-sum-exp), the launchers, the custom ops
+probability tiles from the stored log-sum-exp), `attention_configs` (the launch configurations per
+kernel, shape, dtype and architecture: a pure function the launchers autotune over and
+bench/audit_attention.py compiles for sm_80 / sm_90a), the launchers, the custom ops
 `valor_fast::flash_attention` / `valor_fast::flash_attention_bwd` (fake impls + register_autograd:
 the one autograd path, eager and under torch.compile, which traces them as opaque nodes) and the
 functional entry point `flash_attention`.
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from ._common import mma
 from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
+from ._launch import Launch, LaunchConfig, config, hopper, launch_arch, unique
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634  # scores are kept in base-2 units so the kernels use exp2
@@ -80,10 +83,22 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn):
+def _vec_aligned(x, VEC: tl.constexpr):
+    # x (a stride or a length the launcher checked to be a multiple of VEC) with that fact made
+    # visible to the compiler: (x // VEC) * VEC is provably VEC-divisible, so loads along a unit
+    # stride row become VEC-wide vectors (196 = 4 x 49: fp32 x4) instead of one 64-bit pointer
+    # per element; Triton's own specialisation only knows "divisible by 16".
+    if VEC > 1:
+        x = (x // VEC) * VEC
+    return x
+
+
+@triton.jit
+def _bias_tile(BIAS, offs_m, offs_n, m_ok, Lk, sbm, sbn, VEC: tl.constexpr):
     # (BLOCK_M, BLOCK_N) additive bias in fp32, scaled to the kernels' base-2 score units.  Out of
     # range entries load 0: those rows / columns are masked elsewhere.
-    b = tl.load(BIAS + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+    n_ok = offs_n < _vec_aligned(Lk, VEC)
+    b = tl.load(BIAS + offs_m[:, None] * _vec_aligned(sbm, VEC) + offs_n[None, :] * sbn,
                 mask=m_ok[:, None] & n_ok[None, :], other=0.0)
     return b.to(tl.float32) * 1.4426950408889634
 
@@ -95,7 +110,7 @@ def _fwd_kernel(
     sbb, sbh, sbm, sbn, nB,
     H, Lq, Lk, D, qk_scale,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BIAS_VEC: tl.constexpr,
 ):
     # grid (cdiv(Lq, BLOCK_M), B * H): query tiles of one head are neighbours in launch order, so
     # they share that head's K/V in L2.
@@ -131,7 +146,7 @@ def _fwd_kernel(
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         s = mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
         if HAS_BIAS:
-            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
+            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, Lk, sbm, sbn, BIAS_VEC)
         valid = n_ok[None, :]
         if HAS_KPM:
             keep = tl.load(KPM + b * skpm_b + offs_n, mask=n_ok, other=0)
@@ -190,7 +205,7 @@ def _bwd_dkdv_kernel(
     sbb, sbh, sbm, sbn, nB,
     H, Lq, Lk, D, sm_scale, qk_scale,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BIAS_VEC: tl.constexpr,
 ):
     # One program per key tile: it owns its dK/dV rows, so no atomics; it walks the query tiles and
     # recomputes P = exp2(s - lse) and dS = P * (dP - delta) for each.
@@ -232,7 +247,7 @@ def _bwd_dkdv_kernel(
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         s = mma(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
-            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
+            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, Lk, sbm, sbn, BIAS_VEC)
         valid = m_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= offs_n[None, :])
@@ -256,6 +271,7 @@ def _bwd_dq_kernel(
     H, Lq, Lk, D, sm_scale, qk_scale,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, DBIAS_MODE: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BIAS_VEC: tl.constexpr,
 ):
     # One program per query tile, walking the key tiles: dQ = sum_j dS_j K_j * scale.  dS is also
     # the gradient of the additive bias (it enters the scores unscaled), so with DBIAS_MODE the
@@ -294,7 +310,7 @@ def _bwd_dq_kernel(
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = mma(q, tl.trans(k), PRECISION) * qk_scale
         if HAS_BIAS:
-            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn)
+            s += _bias_tile(BIAS, offs_m, offs_n, m_ok, Lk, sbm, sbn, BIAS_VEC)
         valid = m_ok[:, None] & n_ok[None, :]
         if HAS_KPM:
             keep = tl.load(KPM + b * skpm_b + offs_n, mask=n_ok, other=0)
@@ -305,8 +321,10 @@ def _bwd_dq_kernel(
         dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
         if DBIAS_MODE != 0:
-            db_ptrs = DBIAS + offs_m[:, None] * sdbm + offs_n[None, :] * sdbn
-            db_mask = m_ok[:, None] & n_ok[None, :]
+            # the launcher's own (nDB, H, Lq, Lk) fp32 buffer: its row stride and Lk are multiples
+            # of BIAS_VEC whenever the bias' are, so the stores vectorise like the bias loads
+            db_ptrs = DBIAS + offs_m[:, None] * _vec_aligned(sdbm, BIAS_VEC) + offs_n[None, :] * sdbn
+            db_mask = m_ok[:, None] & (offs_n < _vec_aligned(Lk, BIAS_VEC))[None, :]
             if DBIAS_MODE == 1:
                 tl.store(db_ptrs, ds, mask=db_mask)
             else:
@@ -318,7 +336,112 @@ def _bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers
+# launch configurations: a pure function of (shape, dtype, architecture, kernel), used by the
+# launchers below and by bench/audit_attention.py, which compiles every configuration it returns
+# for VALOR's shapes on sm_80 and sm_90a (registers, spills, shared memory, HMMA / HGMMA)
+# ----------------------------------------------------------------------------------------------
+ATTN_KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+SHORT_Q = 64  # query lengths up to this (text 40, decoder 40) get query tiles of at most 64 rows
+
+
+def _d_block(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 lanes
+
+
+def _q_tile(L: int, tiles=(128, 64)) -> int:
+    """The tile that pads L least, ties to the larger: 197 -> 128 (2 x 128 = 4 x 64 = 256 rows);
+    129 -> 64 (192 rows, not 256); 257 -> 64 (320, not 384); 196 -> 128."""
+    return min(tiles, key=lambda t: (triton.cdiv(L, t) * t, -t))
+
+
+def _fwd_configs(Lq: int, Lk: int, d_block: int, fp32: bool, has_bias: bool, hop: bool):
+    if fp32:  # IEEE / TF32 products on fp32 tiles: half the tile of the 16-bit path
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=32), config(4, 2, BLOCK_M=32, BLOCK_N=32))
+    if d_block > 64:  # 128 lanes of head dim (Dh 80-128): the accumulator doubles
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=64), config(8, 2, BLOCK_M=128, BLOCK_N=64))
+    if Lq <= SHORT_Q:
+        # text / decoder queries (40): a 128-row tile would be 31% live.  64 rows = one warpgroup
+        # MMA (wgmma's M) on sm_90; 16 rows (48 of them for 40 queries: 83% live) on HMMA
+        out = [config(4, 3, BLOCK_M=64, BLOCK_N=64), config(2, 3, BLOCK_M=16, BLOCK_N=64)]
+        if Lk > 2 * 64:  # cross-attention over 917 memory tokens: longer key tiles
+            out.insert(1, config(4, 3, BLOCK_M=64, BLOCK_N=128))
+        return unique(out)
+    bm = _q_tile(Lq)
+    other = 64 if bm == 128 else 128
+
+    def tile(m: int, n: int, stages: int = 3) -> LaunchConfig:
+        # 128-row tiles: 8 warps on sm_90 (two warpgroups of 64 rows; one warpgroup holding the
+        # whole 128-row accumulator spills); sm_80 keeps flash-attention's 4-warp 128-row tile
+        return config(8 if (m == 128 and hop) else 4, stages, BLOCK_M=m, BLOCK_N=n)
+    if has_bias:
+        # the fp32 bias tile is one more (BLOCK_M, BLOCK_N) operand: 32-key tiles keep it small
+        # (Swin's 196 keys: 7 x 32 = 224, 88% live, vs 4 x 64 = 256, 77%)
+        return unique((tile(bm, 32), tile(other, 32), config(8, 2, BLOCK_M=128, BLOCK_N=64)))
+    extra = config(8, 3, BLOCK_M=128, BLOCK_N=128) if hop else config(8, 3, BLOCK_M=128, BLOCK_N=64)
+    return unique((tile(bm, 64), tile(other, 64), extra))
+
+
+def _dkdv_configs(Lq: int, Lk: int, d_block: int, fp32: bool, has_bias: bool, hop: bool):
+    # one program per BLOCK_N keys (it owns their dK / dV rows), looping over BLOCK_M queries
+    if fp32:
+        return (config(4, 2, BLOCK_M=32, BLOCK_N=32),)
+    if d_block > 64:
+        return (config(4, 2, BLOCK_M=32, BLOCK_N=64), config(4, 2, BLOCK_M=64, BLOCK_N=32))
+    if has_bias:
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=32), config(4, 2, BLOCK_M=32, BLOCK_N=64))
+    if not hop:
+        # sm_80 (ptxas, bf16, head dim 64): 64 keys x 64 queries on 4 warps holds dK, dV and five
+        # score-sized tiles in 255 registers and spills 12 bytes (172 with causal + key padding);
+        # 8 warps do not help (255 registers, 12-164 bytes).  32-key programs: 194 registers, none
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=32), config(4, 2, BLOCK_M=32, BLOCK_N=64))
+    # sm_90: 64x64 on one warpgroup fits (176-228 registers); 128-query steps on two warpgroups
+    # (8 warps, ~180 registers) for longer sequences.  64 keys x 128 on 8 warps spills 28 bytes.
+    out = [config(4, 2, BLOCK_M=64, BLOCK_N=64), config(4, 2, BLOCK_M=32, BLOCK_N=64)]
+    if Lq > 64:
+        out.append(config(8, 2, BLOCK_M=128, BLOCK_N=64))
+    return unique(out)
+
+
+def _dq_configs(Lq: int, Lk: int, d_block: int, fp32: bool, has_bias: bool, hop: bool):
+    # one program per BLOCK_M queries, looping over BLOCK_N keys; with a bias gradient it also
+    # writes (or atomically adds) each dS tile: 32-key tiles keep that tile and its addresses small
+    if fp32:
+        return (config(4, 2, BLOCK_M=32, BLOCK_N=32),)
+    if d_block > 64:
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=32), config(4, 2, BLOCK_M=32, BLOCK_N=64))
+    if has_bias:
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=32), config(8, 2, BLOCK_M=128, BLOCK_N=32))
+    if Lq <= SHORT_Q:
+        return (config(4, 2, BLOCK_M=64, BLOCK_N=64), config(2, 2, BLOCK_M=16, BLOCK_N=64))
+    return (config(4, 2, BLOCK_M=64, BLOCK_N=64), config(8, 2, BLOCK_M=128, BLOCK_N=64),
+            config(4, 2, BLOCK_M=64, BLOCK_N=32))
+
+
+def attention_configs(Lq: int, Lk: int, head_dim: int, dtype: torch.dtype, causal: bool = False,
+                      has_bias: bool = False, cc: Optional[int] = None,
+                      kernel: str = "fwd") -> Tuple[LaunchConfig, ...]:
+    """The launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) worth trying for one
+    attention kernel ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq") at this shape, dtype and
+    compute capability `cc` (80 A100, 90 H100; None: the CPU interpreter).  The first is the
+    default (the only one under the interpreter or deterministic algorithms); the launcher
+    autotunes over the rest (kernels/_launch.py).
+
+    BLOCK_M tiles queries and BLOCK_N keys in every kernel.  Interpreter: 32x32 tiles, enough to
+    exercise partial and multi-tile paths on small test shapes while keeping the numpy work small.
+    `causal` does not change the set today (the masked tiles are skipped, not resized); it is an
+    input so that a future causal-specific tile is a change here, not in the launchers."""
+    if kernel not in ATTN_KERNELS:
+        raise ValueError(f"attention_configs: kernel must be one of {ATTN_KERNELS}, got {kernel!r}")
+    if cc is None:
+        return (config(BLOCK_M=32),) if kernel == "bwd_preprocess" else (config(BLOCK_M=32, BLOCK_N=32),)
+    if kernel == "bwd_preprocess":  # delta = rowsum(dO * O): streaming, no matmul
+        return (config(4, 1, BLOCK_M=64), config(4, 1, BLOCK_M=128 if Lq > SHORT_Q else 32))
+    pick = {"fwd": _fwd_configs, "bwd_dkdv": _dkdv_configs, "bwd_dq": _dq_configs}[kernel]
+    return pick(Lq, Lk, _d_block(head_dim), dtype == torch.float32, bool(has_bias), hopper(cc))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers: plans (kernel, grid, arguments, configurations) built from the inputs, then run
 # ----------------------------------------------------------------------------------------------
 def _unit_last(t: Tensor) -> Tensor:
     """The kernels index Dh with unit stride; any other layout is copied."""
@@ -377,18 +500,6 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "native"
 
 
-def _config(d_block: int, device: torch.device, bwd: bool) -> dict:
-    """Tile sizes.  CUDA: 128x64 forward tiles (64x64 backward, which holds five tiles live);
-    fewer warps / stages pressure for Dh 128.  CPU interpreter: 32x32, enough to exercise partial
-    and multi-tile paths on small test shapes while keeping the numpy work small."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32)
-    if bwd:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if d_block <= 64 else 8, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if d_block <= 64 else 8,
-                num_stages=3 if d_block <= 64 else 2)
-
-
 def _kpm_arg(key_padding_mask: Optional[Tensor], q: Tensor) -> Tuple[Tensor, int]:
     if key_padding_mask is None:
         return q, 0  # dummy pointer, never read (HAS_KPM=False)
@@ -396,15 +507,60 @@ def _kpm_arg(key_padding_mask: Optional[Tensor], q: Tensor) -> Tuple[Tensor, int
     return kpm, kpm.stride(0)
 
 
-def _bias_arg(bias: Optional[Tensor], q: Tensor) -> Tuple[Tensor, Tuple[int, int, int, int], int]:
-    """(pointer, strides of the 4-D (nB, H, Lq, Lk) view, nB).  Any strides (an expanded view
-    broadcasting one table over heads is read in place); the kernels convert to fp32."""
+def _row_vec(t: Tensor, Lk: int) -> int:
+    """Elements per vector (up to 16 bytes) in which the kernels may access the rows of a 4-D
+    (n, H, Lq, Lk) bias / dbias tensor: its unit-stride rows, Lk, every other stride and its
+    start must all be multiples.  1 when the rows are not unit-stride."""
+    if t.stride(-1) != 1:
+        return 1
+    vec = 16 // t.element_size()
+    strides = [s for s in t.stride()[:-1] if s != 0]
+    while vec > 1 and (Lk % vec or any(s % vec for s in strides) or t.storage_offset() % vec
+                       or t.data_ptr() % (vec * t.element_size())):
+        vec //= 2
+    return vec
+
+
+def _bias_arg(bias: Optional[Tensor], q: Tensor) -> Tuple[Tensor, Tuple[int, int, int, int], int, int]:
+    """(pointer, strides of the 4-D (nB, H, Lq, Lk) view, nB, row vector width).  Any strides
+    with unit-stride rows are read in place (an expanded view broadcasting one table over heads);
+    other layouts (Swin's gathered table permuted to (H, N, N) has a key stride of H) are copied
+    once, (H, N, N) fp32 = 0.6 MB at H=4, N=196, so every tile row is one contiguous read."""
     if bias is None:
-        return q, (0, 0, 0, 0), 1  # dummy pointer, never read (HAS_BIAS=False)
+        return q, (0, 0, 0, 0), 1, 1  # dummy pointer, never read (HAS_BIAS=False)
     b4 = bias if bias.dim() == 4 else bias.unsqueeze(0)
     if b4.device != q.device:
         raise ValueError(f"flash_attention: bias on {b4.device}, q on {q.device}")
-    return b4, tuple(b4.stride()), b4.shape[0]
+    if b4.stride(-1) != 1:
+        b4 = b4.contiguous()
+    return b4, tuple(b4.stride()), b4.shape[0], _row_vec(b4, b4.shape[-1])
+
+
+# what the tuner keys its choice on (besides the tensors' dtypes, which Triton adds): the shape and
+# the mask / bias / causal variant, each of which compiles to different code with its own best tile
+_TUNE_KEY = ("Lq", "Lk", "D", "HAS_KPM", "HAS_BIAS", "CAUSAL")
+
+
+def _strides(*ts: Tensor) -> tuple:
+    """(b, h, row) strides of each 4-D tensor, flattened, as the kernels take them."""
+    return tuple(s for t in ts for s in t.stride()[:3])
+
+
+def _fwd_plan(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+              bias: Optional[Tensor], out: Tensor, lse: Tensor, cc: Optional[int],
+              precision: Optional[str] = None) -> Launch:
+    """The forward launch writing out / lse: the configurations of `attention_configs(..., cc)`."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    kpm, skpm = _kpm_arg(key_padding_mask, q)
+    bptr, bs, nb, vec = _bias_arg(bias, q)
+    args = (q, k, v, kpm, bptr, out, lse, *_strides(q, k, v, out), skpm, *bs, nb,
+            H, Lq, Lk, D, float(scale) * _LOG2E)
+    cex = dict(HAS_KPM=key_padding_mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
+               PRECISION=precision or _precision(q.dtype, q.device), BLOCK_D=_d_block(D), BIAS_VEC=vec)
+    cfgs = attention_configs(Lq, Lk, D, q.dtype, causal, bias is not None, cc, "fwd")
+    return Launch(_fwd_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H), args, cex, cfgs,
+                  key=_TUNE_KEY, label="flash_attention fwd")
 
 
 def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
@@ -421,21 +577,57 @@ def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optio
         return out, lse.fill_(float("inf"))
     if Lk == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    kpm, skpm = _kpm_arg(key_padding_mask, q)
-    bptr, bs, nb = _bias_arg(bias, q)
-    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16
-    cfg = _config(block_d, q.device, bwd=False)
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](
-        q, k, v, kpm, bptr, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), skpm,
-        *bs, nb,
-        H, Lq, Lk, D, float(scale) * _LOG2E,
-        HAS_KPM=key_padding_mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
-        PRECISION=_precision(q.dtype, q.device), BLOCK_D=block_d, **cfg,
-    )
+    _fwd_plan(q, k, v, key_padding_mask, causal, scale, bias, out, lse, launch_arch(q.device)).run()
     return out, lse
+
+
+def _dbias_buffer(bias: Optional[Tensor], bias_grad: bool, B: int, nb: int, deterministic: Optional[bool],
+                  q: Tensor) -> Tuple[Tensor, int, int, Tuple[int, int, int, int]]:
+    """(buffer, DBIAS_MODE, nDB, strides): 0 = no bias gradient (a 1-element dummy the kernel never
+    touches, not an input tensor: the tuner's reset-to-zero must not reach real data); 1 = one
+    (B or nB == B, H, Lq, Lk) fp32 slice per item, plain stores; 2 = (nB, H, Lq, Lk) fp32 atomics."""
+    if not bias_grad:
+        return torch.zeros(1, dtype=torch.float32, device=q.device), 0, 1, (0, 0, 0, 0)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    per_item = nb == B or deterministic
+    ndb = B if per_item else nb
+    buf = torch.zeros((ndb,) + tuple(bias.shape[-3:]), dtype=torch.float32, device=q.device)
+    return buf, (1 if per_item else 2), ndb, tuple(buf.stride())
+
+
+def _bwd_plans(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+               key_padding_mask: Optional[Tensor], causal: bool, scale: float, bias: Optional[Tensor],
+               grads: tuple, delta: Tensor, dbias: tuple, cc: Optional[int],
+               precision: Optional[str] = None) -> Tuple[Launch, Launch, Launch]:
+    """(preprocess, dK/dV, dQ) launches writing delta, grads = (dq, dk, dv) and the dbias buffer
+    (dbias = (buffer, mode, nDB, strides) from `_dbias_buffer`)."""
+    dq, dk, dv = grads
+    db_buf, mode, ndb, dbs = dbias
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    kpm, skpm = _kpm_arg(key_padding_mask, q)
+    bptr, bs, nb, vec = _bias_arg(bias, q)
+    if mode:
+        vec = min(vec, _row_vec(db_buf, Lk))
+    has_bias = bias is not None
+    common = dict(HAS_KPM=key_padding_mask is not None, HAS_BIAS=has_bias, CAUSAL=bool(causal),
+                  PRECISION=precision or _precision(q.dtype, q.device), BLOCK_D=_d_block(D), BIAS_VEC=vec)
+    qk_scale = float(scale) * _LOG2E
+    cfg = lambda kernel: attention_configs(Lq, Lk, D, q.dtype, causal, has_bias, cc, kernel)  # noqa: E731
+    pre = Launch(_bwd_preprocess_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H),
+                 (out, do, delta, *_strides(out, do), H, Lq, D), dict(BLOCK_D=_d_block(D)),
+                 cfg("bwd_preprocess"), key=("Lq", "D"), label="flash_attention bwd preprocess")
+    dkdv = Launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Lk, m["BLOCK_N"]), B * H),
+                  (q, k, v, kpm, bptr, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk, dv), skpm, *bs, nb,
+                   H, Lq, Lk, D, float(scale), qk_scale), common, cfg("bwd_dkdv"),
+                  key=_TUNE_KEY, label="flash_attention bwd dK/dV")
+    dqk = Launch(_bwd_dq_kernel, lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H),
+                 (q, k, v, kpm, bptr, db_buf, do, lse, delta, dq, *_strides(q, k, v, do, dq), skpm, *bs, nb,
+                  *dbs, ndb, H, Lq, Lk, D, float(scale), qk_scale), dict(common, DBIAS_MODE=mode),
+                 cfg("bwd_dq"), key=_TUNE_KEY + ("DBIAS_MODE",), reset_to_zero=("DBIAS",) if mode == 2 else (),
+                 label="flash_attention bwd dQ")
+    return pre, dkdv, dqk
 
 
 def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -455,55 +647,21 @@ def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     dk = torch.zeros((B, H, Lk, D), dtype=k.dtype, device=q.device)
     dv = torch.zeros((B, H, Lk, D), dtype=v.dtype, device=q.device)
     bias_grad = bool(bias_grad and bias is not None)
-    bptr, bs, nb = _bias_arg(bias, q)
-    dbias = None
-    mode, ndb, dbs = 0, 1, (0, 0, 0, 0)
-    db_buf = q
-    if bias_grad:
-        if deterministic is None:
-            deterministic = torch.are_deterministic_algorithms_enabled()
-        per_item = nb == B or deterministic
-        ndb = B if per_item else nb
-        db_buf = torch.zeros((ndb, H, Lq, Lk), dtype=torch.float32, device=q.device)
-        mode, dbs = (1 if per_item else 2), tuple(db_buf.stride())
+    nb = 1 if bias is None else (bias.shape[0] if bias.dim() == 4 else 1)
+    dbias_buf = _dbias_buffer(bias, bias_grad, B, nb, deterministic, q)
     if dq.numel() == 0 or dk.numel() == 0:
-        if bias_grad:
-            dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
+        dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device) if bias_grad else None
         return dq, dk, dv, dbias
-    kpm, skpm = _kpm_arg(key_padding_mask, q)
-    block_d = max(16, triton.next_power_of_2(D))
-    cfg = _config(block_d, q.device, bwd=True)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(Lq, bm), B * H)](
-        out, do, delta,
-        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, Lq, D, BLOCK_M=bm, BLOCK_D=block_d,
-    )
-    common = dict(HAS_KPM=key_padding_mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
-                  PRECISION=_precision(q.dtype, q.device), BLOCK_D=block_d, **cfg)
-    qk_scale = float(scale) * _LOG2E
-    _bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](
-        q, k, v, kpm, bptr, do, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), skpm,
-        *bs, nb,
-        H, Lq, Lk, D, float(scale), qk_scale, **common,
-    )
-    _bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
-        q, k, v, kpm, bptr, db_buf, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), skpm,
-        *bs, nb, *dbs, ndb,
-        H, Lq, Lk, D, float(scale), qk_scale, DBIAS_MODE=mode, **common,
-    )
-    if bias_grad:
-        if ndb != nb:  # per-item dS (B, H, Lq, Lk) -> (nB, H, Lq, Lk): item b = r * nB + j
-            db_buf = db_buf.view(B // nb, nb, H, Lq, Lk).sum(0)
-        dbias = db_buf.view(bias.shape).to(bias.dtype)
-    return dq, dk, dv, dbias
+    for launch in _bwd_plans(do, q, k, v, out, lse, key_padding_mask, causal, scale, bias, (dq, dk, dv), delta,
+                             dbias_buf, launch_arch(q.device)):
+        launch.run()
+    if not bias_grad:
+        return dq, dk, dv, None
+    db_buf, ndb = dbias_buf[0], dbias_buf[2]
+    if ndb != nb:  # per-item dS (B, H, Lq, Lk) -> (nB, H, Lq, Lk): item b = r * nB + j
+        db_buf = db_buf.view(B // nb, nb, H, Lq, Lk).sum(0)
+    return dq, dk, dv, db_buf.view(bias.shape).to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,4 +735,4 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[
 
 
 __all__ = ["attention_ref", "flash_attention", "flash_attention_fwd", "flash_attention_bwd",
-           "MAX_HEAD_DIM", "check_bias"]
+           "attention_configs", "ATTN_KERNELS", "MAX_HEAD_DIM", "check_bias"]

@@ -19,7 +19,9 @@ forward, so reduction="none" with an arbitrary upstream gradient works and eval 
 
 The matmuls are torch (cuBLAS); the per-chunk softmax statistics and the gradient are a Triton
 kernel (one row per program) or, with use_triton=False, the same algorithm in torch (CPU and
-fallback).  Contents: `lm_head_ce_ref`, the Triton kernels, the chunked launchers, the custom ops
+fallback).  Contents: `lm_head_ce_ref`, the Triton kernels, `ce_configs` (their launch
+configurations per chunk width and architecture: autotuned, and audited by bench/audit_fused.py),
+the chunked launchers, the custom ops
 `valor_fast::lm_head_ce_fwd` / `_bwd` (fake impls + register_autograd: the one autograd path) and
 the functional entry point `lm_head_cross_entropy`.
 """
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._compat import tl, triton  # noqa: F401  (no-op stand-ins without triton)
+from ._launch import Launch, LaunchConfig, config, launch_arch, unique
 
 DEFAULT_CHUNK = 4096
 
@@ -147,8 +150,40 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_block(n_cols: int) -> int:
-    return min(1024, triton.next_power_of_2(n_cols))
+def ce_configs(n_cols: int, dtype: torch.dtype, cc: Optional[int] = None,
+               kernel: str = "fwd") -> Tuple[LaunchConfig, ...]:
+    """Launch configurations (BLOCK columns per step of the row loop, num_warps) of the chunk
+    statistics ("fwd") or chunk gradient ("bwd") kernel for chunks of n_cols logits on compute
+    capability cc (None: the interpreter).  First the default, 1024 columns on 4 warps (8 per
+    thread); the tuner also tries 2048 and 4096 on 8 warps (fewer trips round the loop for the
+    4096-wide chunks).  No block wider than the chunk.  dtype: part of the contract, unused."""
+    if kernel not in ("fwd", "bwd"):
+        raise ValueError(f"ce_configs: kernel must be 'fwd' or 'bwd', got {kernel!r}")
+    cap = triton.next_power_of_2(n_cols)
+    if cc is None:
+        return (config(4, 2, BLOCK=min(1024, cap)),)
+    return unique(config(w, 2, BLOCK=min(b, cap)) for b, w in ((1024, 4), (2048, 8), (4096, 8)))
+
+
+def _fwd_chunk_plan(z: Tensor, labels: Tensor, stats: Tuple[Tensor, Tensor, Tensor, Tensor], v0: int,
+                    smooth: bool, cc: Optional[int]) -> Launch:
+    """The statistics update for one chunk: it reads and rewrites the running (max, sum, target
+    logit, logit sum) in place, so a timing run's updates are undone (restore_value)."""
+    n, n_cols = z.shape
+    m, s, zy, zs = stats
+    return Launch(_ce_fwd_chunk_kernel, lambda meta: (n,), (z, z.stride(0), labels, m, s, zy, zs, v0, n_cols),
+                  dict(HAS_SMOOTH=smooth), ce_configs(n_cols, z.dtype, cc, "fwd"), key=("n_cols", "HAS_SMOOTH"),
+                  restore_value=("Mx", "Sx", "ZY", "ZS"), label="lm_head_ce fwd chunk")
+
+
+def _bwd_chunk_plan(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, v0: int, on_target: float,
+                    uniform: float, cc: Optional[int]) -> Launch:
+    """The chunk gradient, written over the chunk logits z in place (restored after timing runs)."""
+    n, n_cols = z.shape
+    return Launch(_ce_bwd_chunk_kernel, lambda meta: (n,),
+                  (z, z.stride(0), labels, lse, g, v0, n_cols, on_target, uniform), {},
+                  ce_configs(n_cols, z.dtype, cc, "bwd"), key=("n_cols",), restore_value=("Z",),
+                  label="lm_head_ce bwd chunk")
 
 
 def lm_head_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -162,6 +197,7 @@ def lm_head_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     if use_triton and hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"lm_head_cross_entropy (Triton): hidden dtype {hidden.dtype} not in fp32/fp16/bf16")
     dev, acc = hidden.device, _acc_dtype(hidden.dtype)
+    cc = launch_arch(dev)
     m = torch.full((n,), float("-inf"), dtype=acc, device=dev)  # running max
     s = torch.zeros((n,), dtype=acc, device=dev)  # running sum exp(z - m)
     zy = torch.zeros((n,), dtype=acc, device=dev)  # target logit
@@ -172,10 +208,7 @@ def lm_head_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
             v1 = min(v0 + chunk_size, v)
             z = _chunk_logits(hidden, weight, bias, v0, v1)  # (N, Vc)
             if use_triton:
-                _ce_fwd_chunk_kernel[(n,)](
-                    z, z.stride(0), labels, m, s, zy, zs, v0, v1 - v0,
-                    HAS_SMOOTH=smooth, BLOCK=_row_block(v1 - v0), num_warps=4,
-                )
+                _fwd_chunk_plan(z, labels, (m, s, zy, zs), v0, smooth, cc).run()
             else:
                 zf = z.to(acc)
                 m_new = torch.maximum(m, zf.amax(dim=1))
@@ -215,6 +248,7 @@ def lm_head_ce_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
     # sum over chunks is not
     d_h = torch.zeros((n, c), dtype=acc, device=hidden.device)
     on_target, uniform = 1.0 - label_smoothing, label_smoothing / v
+    cc = launch_arch(hidden.device)
     if n == 0:
         d_w.zero_()
         return d_h.to(hidden.dtype), d_w, d_b
@@ -222,10 +256,7 @@ def lm_head_ce_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
         v1 = min(v0 + chunk_size, v)
         z = _chunk_logits(hidden, weight, bias, v0, v1)  # (N, Vc), becomes dZ in place
         if use_triton:
-            _ce_bwd_chunk_kernel[(n,)](
-                z, z.stride(0), labels, lse, g, v0, v1 - v0, on_target, uniform,
-                BLOCK=_row_block(v1 - v0), num_warps=4,
-            )
+            _bwd_chunk_plan(z, labels, lse, g, v0, on_target, uniform, cc).run()
         else:
             d = torch.exp(z.to(acc) - lse[:, None]) - uniform
             local = labels - v0

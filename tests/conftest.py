@@ -40,7 +40,7 @@ def _fresh_seed(request):
 
 
 # Kernel tests run on the CPU (under the interpreter) by default.  On a GPU machine,
-#   VALOR_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest tests/test_attention*.py ...
+#   VALOR_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest tests/kernels tests/ops ...
 # makes the modules that opt in (pytestmark = usefixtures("kernel_device")) create their tensors
 # on that device, so the compiled kernels are what is checked against the float64 references.
 KERNEL_TEST_DEVICE = os.environ.get("VALOR_FAST_TEST_DEVICE", "cpu")

@@ -138,7 +138,7 @@ def test_loader_reports_unavailable_reason(monkeypatch):
     from valor_fast.ops import _cuda
     import torch
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: availability is exercised by tests/test_contrastive.py")
+        pytest.skip("a GPU is present: availability is exercised by tests/kernels/test_contrastive.py")
     monkeypatch.setattr(_cuda, "_state", {"lib": None, "why": None, "tried": False})
     assert not _cuda.available()
     assert "cuda" in _cuda.why_unavailable().lower()

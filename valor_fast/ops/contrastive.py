@@ -227,15 +227,14 @@ def _coarse(text, modal, temperature, valid=None, neg: Optional[Negatives] = Non
 
 # ---- fine ------------------------------------------------------------------------------------
 
-def _fine_unsupported(text, parts, floored: bool = False) -> Optional[str]:
+def _fine_unsupported(text, parts) -> Optional[str]:
     dts = {text.dtype} | {p[0].dtype for p in parts}
     if not dts <= set(kc.DTYPES):
         return f"dtype {sorted(map(str, dts))}"
     if text.shape[-1] > kc.MAX_D:
         return f"D={text.shape[-1]} > {kc.MAX_D}"
-    T = text.shape[1] + (1 if floored else 0)  # the floor rides as one more token
-    if T > kc.MAX_T:
-        return f"T={T} > {kc.MAX_T}" + (" (with the text_floor token)" if floored else "")
+    if text.shape[1] > kc.MAX_T:
+        return f"T={text.shape[1]} > {kc.MAX_T}"
     slots = sum(p[0].shape[1] for p in parts)
     if slots > kc.MAX_SLOTS:
         return f"{slots} modal tokens per clip > {kc.MAX_SLOTS}"
@@ -247,9 +246,10 @@ def _ones_mask(x: torch.Tensor) -> torch.Tensor:
 
 
 def _floor_as_token(text, wt, tmask, text_floor):
-    """The floor as one more text token: a zero feature (similarity exactly 0 with every modal
-    token), real for the modal-side max of the floored texts only, weight 0 on the text side, last
-    (so an exact-0 tie goes to the real token: first index wins).  Its gradients are dropped."""
+    """The CUDA C++ kernels take no floor: it rides as one more text token, a zero feature
+    (similarity exactly 0 with every modal token), real for the modal-side max of the floored
+    texts only, weight 0 on the text side, last (so an exact-0 tie goes to the real token: first
+    index wins).  Its gradients are dropped.  (The Triton kernels floor in-kernel: HAS_FLOOR.)"""
     Bt, _, D = text.shape
     text = torch.cat([text, text.new_zeros((Bt, 1, D))], 1)
     wt = torch.cat([wt, wt.new_zeros((Bt, 1))], 1)
@@ -270,8 +270,9 @@ def _fine_sims(backend: str, text, text_weight, text_mask, parts, text_floor=Non
         return out
     wt = kc.masked_softmax(text_weight, text_mask, text)  # (Bt, T), zero at padding
     tmask = _ones_mask(text) if text_mask is None else text_mask
-    if text_floor is not None:
+    if text_floor is not None and backend == "cuda":
         text, wt, tmask = _floor_as_token(text, wt, tmask, text_floor)
+        text_floor = None
     if len(parts) == 1:
         x, wx, mx = parts[0]
         mw = kc.masked_softmax(wx, mx, x)[None]  # (1, Bm, Mx)
@@ -289,7 +290,7 @@ def _fine_sims(backend: str, text, text_weight, text_mask, parts, text_floor=Non
         pxy = kc.masked_softmax(torch.cat([kc.acc_dtype(lx), kc.acc_dtype(ly)], 1), mmask, x)  # softmax over the concatenation
         # group weights in the kernel's slot layout, zero outside the group's slots: (3, Bm, Mx+My)
         mw = torch.stack([torch.cat([px, zy], 1), torch.cat([zx, py], 1), pxy])
-    S = _kernel_ops(backend).fine_sim_groups(text, wt, tmask, x, y, mw, mmask)
+    S = _kernel_ops(backend).fine_sim_groups(text, wt, tmask, x, y, mw, mmask, text_floor)
     return list(S.unbind(0))
 
 
@@ -331,12 +332,12 @@ def _fine_group_sims(backend, text, text_weight, text_mask, groups, text_floor=N
     return out
 
 
-def _fine_backend(text, groups, neg: Optional[Negatives], floored: bool = False) -> str:
+def _fine_backend(text, groups, neg: Optional[Negatives]) -> str:
     plain_parts = [tuple(s) for s in groups.values() if not kc.is_concat(s)]
     unsupported = None
     for t in (text,) if neg is None else (text, neg.text):
         for s in plain_parts:
-            unsupported = unsupported or _fine_unsupported(t, [s], floored)
+            unsupported = unsupported or _fine_unsupported(t, [s])
     cat_slots = [sum(groups[p][0].shape[1] for p in s) for s in groups.values()
                  if kc.is_concat(s) and all(p in groups and not kc.is_concat(groups[p]) for p in s)]
     if unsupported is None and cat_slots and max(cat_slots) > kc.MAX_SLOTS:
@@ -354,7 +355,7 @@ def _fine_group_losses(text, groups, temperature, text_weight, text_mask, valid,
     if neg is not None and (text_floor is None) != (neg.text_floor is None):
         raise ValueError("text_floor and the negatives' text_floor go together (pass the same text_floor to "
                          "gather_negatives)")
-    backend = _fine_backend(text, groups, neg, text_floor is not None)
+    backend = _fine_backend(text, groups, neg)
     if neg is None:
         S = _fine_group_sims(backend, text, text_weight, text_mask, groups, text_floor)
         return {n: info_nce(s, temperature, valid.get(n)) for n, s in S.items()}
@@ -379,7 +380,7 @@ def fine_similarity(text, text_weight, text_mask, modal, modal_weight, modal_mas
     kc.check_fine_inputs(text, text_weight, text_mask, modal, modal_weight, modal_mask)
     kc.check_text_floor(text_floor, text.shape[0])
     part = (modal, modal_weight, modal_mask)
-    backend = _choose("fine", text.device, _fine_unsupported(text, [part], text_floor is not None))
+    backend = _choose("fine", text.device, _fine_unsupported(text, [part]))
     return _fine_sims(backend, text, text_weight, text_mask, [part], text_floor)[0]
 
 

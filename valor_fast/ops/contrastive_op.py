@@ -8,7 +8,8 @@ passes square, four local, backward) and registers, per backend,
 
     valor_fast::{prefix}contrastive_coarse_fwd / _bwd   (text, modal, temperature, text_cols,
         modal_cols, offset, valid, valid_cols) -> (sum of the per-row cross-entropies, lse_t, lse_m)
-    valor_fast::{prefix}fine_sim_fwd / _bwd             -> S (G, Bt, Bm)
+    valor_fast::{prefix}fine_sim_fwd / _bwd             (text, wt, tmask, x, y, mw, mmask, tfloor)
+        -> S (G, Bt, Bm); tfloor: None or the (Bt,) text_floor mask (upstream's padded max)
 
 with fake impls and register_autograd: the one autograd path, eager and under torch.compile.  The
 coarse op returns the *sum* over the valid rows of both directions' cross-entropies; the caller
@@ -125,33 +126,33 @@ def _register_coarse(prefix: str, kern: ModuleType):
 def _register_fine(prefix: str, kern: ModuleType):
     @torch.library.custom_op(f"valor_fast::{prefix}fine_sim_fwd", mutates_args=())
     def fwd(text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor], mw: Tensor,
-            mmask: Tensor) -> Tensor:
-        return kern.fine_fwd(*kc.prepare_fine_args(text, wt, tmask, x, y, mw, mmask))
+            mmask: Tensor, tfloor: Optional[Tensor] = None) -> Tensor:
+        return kern.fine_fwd(*kc.prepare_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor))
 
     @fwd.register_fake
-    def _(text, wt, tmask, x, y, mw, mmask):
+    def _(text, wt, tmask, x, y, mw, mmask, tfloor=None):
         return text.new_empty((mw.shape[0], text.shape[0], x.shape[0]), dtype=torch.float32)
 
     @torch.library.custom_op(f"valor_fast::{prefix}fine_sim_bwd", mutates_args=())
     def bwd(dS: Tensor, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor],
-            mw: Tensor, mmask: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return kern.fine_bwd(dS, *kc.prepare_fine_args(text, wt, tmask, x, y, mw, mmask))
+            mw: Tensor, mmask: Tensor, tfloor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return kern.fine_bwd(dS, *kc.prepare_fine_args(text, wt, tmask, x, y, mw, mmask, tfloor))
 
     @bwd.register_fake
-    def _(dS, text, wt, tmask, x, y, mw, mmask):
+    def _(dS, text, wt, tmask, x, y, mw, mmask, tfloor=None):
         f32 = dict(dtype=torch.float32)
         return (torch.empty_like(text), text.new_empty(tuple(wt.shape), **f32), torch.empty_like(x),
                 text.new_empty((0,)) if y is None else torch.empty_like(y), text.new_empty(tuple(mw.shape), **f32))
 
     def setup(ctx, inputs, output):
-        text, wt, tmask, x, y, mw, mmask = inputs
+        text, wt, tmask, x, y, mw, mmask, tfloor = inputs
         ctx.has_y = y is not None
-        ctx.save_for_backward(text, wt, tmask, x, y, mw, mmask)
+        ctx.save_for_backward(text, wt, tmask, x, y, mw, mmask, tfloor)
 
     def backward(ctx, dS):
-        text, wt, tmask, x, y, mw, mmask = ctx.saved_tensors
-        d_text, g_wt, d_x, d_y, g_mw = bwd(dS, text, wt, tmask, x, y, mw, mmask)
-        return (d_text, g_wt.to(wt.dtype), None, d_x, d_y if ctx.has_y else None, g_mw.to(mw.dtype), None)
+        text, wt, tmask, x, y, mw, mmask, tfloor = ctx.saved_tensors
+        d_text, g_wt, d_x, d_y, g_mw = bwd(dS, text, wt, tmask, x, y, mw, mmask, tfloor)
+        return (d_text, g_wt.to(wt.dtype), None, d_x, d_y if ctx.has_y else None, g_mw.to(mw.dtype), None, None)
 
     fwd.register_autograd(backward, setup_context=setup)
     return fwd
@@ -182,10 +183,11 @@ class ContrastiveOps:
         return self.coarse_fwd(text, modal, temperature, text_cols, modal_cols, int(offset), valid, valid_cols)[0]
 
     def fine_sim_groups(self, text: Tensor, wt: Tensor, tmask: Tensor, x: Tensor, y: Optional[Tensor],
-                        mw: Tensor, mmask: Tensor) -> Tensor:
-        """Differentiable (G, Bt, Bm) similarity; see valor_fast.kernels.contrastive.fine_fwd."""
+                        mw: Tensor, mmask: Tensor, tfloor: Optional[Tensor] = None) -> Tensor:
+        """Differentiable (G, Bt, Bm) similarity; see valor_fast.kernels.contrastive.fine_fwd
+        (tfloor: the (Bt,) text_floor mask or None)."""
         text, x, y = _same_dtype(text, x, y)
-        return self.fine_fwd(text, wt, tmask, x, y, mw, mmask)
+        return self.fine_fwd(text, wt, tmask, x, y, mw, mmask, tfloor)
 
 
 def make_ops(prefix: str, kern: ModuleType) -> ContrastiveOps:

@@ -116,12 +116,15 @@ def test_triton_unequal_tiles(monkeypatch):
     # CUDA uses BLOCK_M != BLOCK_N (128x64 forward, 64x64 backward): exercise the causal loop
     # bounds with unequal tiles both ways, plus the launch options the CUDA configs pass
     import valor_fast.kernels.flash_attention as fa
+    from valor_fast.kernels._launch import config
 
-    def cfg(d_block, device, bwd):
-        tiles = dict(BLOCK_M=16, BLOCK_N=32) if bwd else dict(BLOCK_M=32, BLOCK_N=16)
-        return dict(tiles, num_warps=4, num_stages=2)
+    def cfg(Lq, Lk, head_dim, dtype, causal=False, has_bias=False, cc=None, kernel="fwd"):
+        tiles = dict(BLOCK_M=32, BLOCK_N=16) if kernel == "fwd" else dict(BLOCK_M=16, BLOCK_N=32)
+        if kernel == "bwd_preprocess":
+            tiles = dict(BLOCK_M=16)
+        return (config(4, 2, **tiles),)
 
-    monkeypatch.setattr(fa, "_config", cfg)
+    monkeypatch.setattr(fa, "attention_configs", cfg)
     q, k, v, kpm = _inputs(1, 2, 45, 45, 16, pad="right")
     _check_against_ref(_triton, q, k, v, kpm, True)
     q, k, v, kpm = _inputs(1, 1, 21, 38, 32, pad="right")
@@ -264,7 +267,7 @@ def test_input_validation():
         A.attention(q, k.double(), k)
     with pytest.raises(ValueError, match="head dim 256"):
         flash_attention(torch.randn(1, 1, 4, 256), torch.randn(1, 1, 4, 256), torch.randn(1, 1, 4, 256))
-    with pytest.raises(ValueError, match="bias must be"):  # bias shapes: tests/test_attention_bias.py
+    with pytest.raises(ValueError, match="bias must be"):  # bias shapes: tests/kernels/test_flash_attention_bias.py
         flash_attention(q, k, k, bias=torch.zeros(2, 9, 5))
 
 
@@ -311,3 +314,79 @@ def test_compile_fullgraph(monkeypatch):
         block(q, k, v, kpm).backward()
     for g, t in zip(grads, (q, k, v)):
         assert _max_err(g, t.grad) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations: one pure function per kernel, shared by the launcher and the kernel
+# audit (bench/audit_attention.py compiles every configuration for sm_80 / sm_90a); each
+# configuration's tiles are run here under the interpreter against float64
+# ----------------------------------------------------------------------------------------------
+_VALOR = {"text": (40, 40, 64, False, False), "ast": (129, 129, 64, False, False),
+          "vit_b16": (197, 197, 64, False, False), "vit_l14": (257, 257, 64, False, False),
+          "dec_self": (40, 40, 64, True, False), "dec_cross": (40, 917, 64, False, False),
+          "swin": (196, 196, 32, False, True)}
+
+
+def test_attention_configs_rules():
+    import valor_fast.kernels.flash_attention as fa
+    from valor_fast.kernels._launch import LaunchConfig
+    for name, (lq, lk, d, causal, bias) in _VALOR.items():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for kernel in fa.ATTN_KERNELS:
+                assert len(fa.attention_configs(lq, lk, d, dtype, causal, bias, None, kernel)) == 1
+                for cc in (80, 90):
+                    cfgs = fa.attention_configs(lq, lk, d, dtype, causal, bias, cc, kernel)
+                    assert cfgs and len(set(cfgs)) == len(cfgs) and all(isinstance(c, LaunchConfig) for c in cfgs)
+                    assert len(cfgs) <= 4, f"{name} {kernel}: autotune sets stay small"
+                    for c in cfgs:
+                        meta = dict(c.meta)
+                        if cc == 90 and kernel != "bwd_preprocess" and meta["BLOCK_M"] == 128:
+                            assert c.num_warps == 8, f"{name} {kernel} {c}: 128-row tiles need 2 warpgroups"
+                        if cc == 80 and kernel == "bwd_dkdv" and not dtype == torch.float32:
+                            assert meta["BLOCK_M"] * meta["BLOCK_N"] <= 64 * 32, f"{name} {c}: spills on sm_80"
+                        if lq <= fa.SHORT_Q and kernel in ("fwd", "bwd_dq", "bwd_preprocess"):
+                            assert meta["BLOCK_M"] <= 64, f"{name} {kernel} {c}: short queries, short tiles"
+    # the query tile pads the least: 129 and 257 queries in 64-row tiles, 197 in 128-row ones
+    first = lambda lq: dict(fa.attention_configs(lq, lq, 64, torch.bfloat16, cc=90)[0].meta)["BLOCK_M"]  # noqa: E731
+    assert (first(129), first(197), first(257), first(40)) == (64, 128, 64, 64)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fa.attention_configs(40, 40, 64, torch.bfloat16, kernel="bwd")
+
+
+def _pinned_passes(monkeypatch, cls):
+    """For a shape class (lq, lk, d, causal, bias): the distinct sm_80 / sm_90 configurations of
+    each kernel, as passes that pin one configuration per kernel (every configuration is in some
+    pass).  The launcher then runs exactly that configuration under the interpreter."""
+    import valor_fast.kernels.flash_attention as fa
+    real = fa.attention_configs
+    lq, lk, d, causal, bias = cls
+    per_kernel = {}
+    for kernel in fa.ATTN_KERNELS:
+        seen = []
+        for cc in (80, 90):
+            seen += [c for c in real(lq, lk, d, torch.bfloat16, causal, bias, cc, kernel) if c not in seen]
+        per_kernel[kernel] = seen
+    passes = max(len(v) for v in per_kernel.values())
+    for i in range(passes):
+        pinned = {k: v[i % len(v)] for k, v in per_kernel.items()}
+        asked = set()
+
+        def pin(*a, _p=pinned, _asked=asked, **kw):
+            kernel = kw.get("kernel", a[-1])
+            _asked.add(kernel)
+            return (_p[kernel],)
+        monkeypatch.setattr(fa, "attention_configs", pin)
+        yield pinned
+        assert asked == set(fa.ATTN_KERNELS), f"launchers asked attention_configs for {asked} only"
+
+
+@pytest.mark.parametrize("cls", [
+    (40, 40, 64, True, False),    # decoder self-attention: short queries, causal, key padding
+    (40, 150, 64, False, False),  # short queries over longer memory (cross-attention)
+    (131, 131, 64, False, False), # long sequences: 128- and 64-row tiles, 2-3 of them
+])
+def test_triton_every_cuda_config(monkeypatch, cls):
+    lq, lk, d, causal, _ = cls
+    for pinned in _pinned_passes(monkeypatch, cls):
+        q, k, v, kpm = _inputs(1, 2, lq, lk, d, dtype=torch.bfloat16, pad="right")
+        _check_against_ref(_triton, q, k, v, kpm, causal)

@@ -5,7 +5,7 @@ reference, forward and dq / dk / dv / dbias, for the three bias layouts:
   (nB, H, L, L)    item b uses bias[b % nB] (Swin: clips x windows, window index fastest),
   (B, H, L, L)     one bias per item.
 Window-sized odd L (49 = 7x7, 37) and odd window counts.  Error bound: 2x what eager PyTorch in
-the same dtype is off by, plus a small floor (as tests/test_attention.py).
+the same dtype is off by, plus a small floor (as tests/kernels/test_flash_attention.py).
 """
 import os
 
@@ -198,3 +198,28 @@ def test_custom_op_with_bias_opcheck_and_compile(monkeypatch):
     f(q, k, v, bias).backward()
     for g, t in zip(got, (q, k, v, bias)):
         assert _err(g, t.grad) < 1e-5
+
+
+def test_triton_bias_every_cuda_config(monkeypatch):
+    """Each sm_80 / sm_90 configuration of the bias path (Swin: 32-key tiles, 64- and 128-row
+    query tiles, the dS tiles stored / atomically added) run under the interpreter: one pass per
+    rank, every kernel pinned to its configuration of that rank."""
+    import valor_fast.kernels.flash_attention as fa
+    real = fa.attention_configs
+    B, H, L, D = 4, 1, 70, 32  # 4 items over 2 bias slices: the atomic dbias path
+    sets = {kn: list(dict.fromkeys(real(L, L, D, torch.bfloat16, False, True, 80, kn) +
+                                   real(L, L, D, torch.bfloat16, False, True, 90, kn)))
+            for kn in fa.ATTN_KERNELS}
+    for i in range(max(len(s) for s in sets.values())):
+        pinned = {kn: s[i % len(s)] for kn, s in sets.items()}
+        asked = []
+        monkeypatch.setattr(fa, "attention_configs",
+                            lambda *a, _p=pinned, _s=asked, **kw: _s.append(a[-1]) or (_p[kw.get("kernel", a[-1])],))
+        q, k, v = (torch.randn(B, H, L, D, dtype=torch.bfloat16) for _ in range(3))
+        bias = _bias("windows", B, H, L, nb=2)
+        do = torch.randn(B, H, L, D, dtype=torch.bfloat16)
+        ref = _ref64(q, k, v, bias, do)
+        eager = _run(lambda a, b, c, bias: attention_ref(a, b, c, bias=bias), q, k, v, bias, do)
+        got = _run(lambda a, b, c, bias: flash_attention(a, b, c, bias=bias), q, k, v, bias, do)
+        _check(got, ref, eager, torch.bfloat16, f"triton bf16 pinned {pinned}")
+        assert set(asked) == set(fa.ATTN_KERNELS), asked
