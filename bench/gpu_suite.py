@@ -5,6 +5,7 @@
     python bench/gpu_suite.py step    --run-dir D --results R --name N --rc RC --seconds S [--junit X]
     python bench/gpu_suite.py summary --run-dir D --results R       # the one-page summary
     python bench/gpu_suite.py dry-kernels                           # kernel benches' inputs, small, CPU
+    python bench/gpu_suite.py audit-cases                           # the audit's default cases, comma list
 
 `start` writes D/mark.json (each R/*.jsonl's line count), so `summary` reads only the rows this
 run appended.  `step` appends one row per suite step to R/gpu_suite.jsonl with the device,
@@ -183,9 +184,34 @@ def cmd_dry_kernels(a) -> int:
     return 0
 
 
+def default_audit_cases() -> list:
+    """The kernel audit's default cases (what CI audits: per family its CI_CASES, else the case
+    names without a "/", the first configuration of each autotuned set at its VALOR shape), and
+    the csrc build: the full sweep (~900 rows, ~5 min of one core) does not fit the suite."""
+    import importlib
+
+    from bench import kernel_audit as ka
+    names = ["csrc"]
+    for fam in ka.FAMILIES:
+        try:
+            mod = importlib.import_module(f"bench.audit_{fam}")
+        except ModuleNotFoundError as e:
+            if e.name != f"bench.audit_{fam}":
+                raise
+            continue
+        chosen = getattr(mod, "CI_CASES", None)
+        names += list(chosen) if chosen is not None else [c.name for c in mod.cases() if "/" not in c.name]
+    return names
+
+
+def cmd_audit_cases(a) -> int:
+    print(",".join(default_audit_cases()))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("cmd", choices=("start", "step", "summary", "dry-kernels"))
+    p.add_argument("cmd", choices=("start", "step", "summary", "dry-kernels", "audit-cases"))
     p.add_argument("--run-dir")
     p.add_argument("--results")
     p.add_argument("--name")
@@ -195,9 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
-    if a.cmd != "dry-kernels" and not (a.run_dir and a.results):
+    if a.cmd in ("start", "step", "summary") and not (a.run_dir and a.results):
         p.error(f"{a.cmd} needs --run-dir and --results")
-    return {"start": cmd_start, "step": cmd_step, "summary": cmd_summary, "dry-kernels": cmd_dry_kernels}[a.cmd](a)
+    return {"start": cmd_start, "step": cmd_step, "summary": cmd_summary, "dry-kernels": cmd_dry_kernels,
+            "audit-cases": cmd_audit_cases}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,16 @@
 # goes on and the summary says so), in the order that matters when time is short:
 #   build   csrc/ for sm_80 + sm_90a (python csrc/build.py --out valor_fast/_lib)               40
 #   tests   the kernels' tests on the GPU: VALOR_FAST_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest
-#           tests/test_attention.py test_attention_bias.py test_fused_ops.py test_contrastive.py
-#           csrc/test_csrc_contrastive.py (float64-checked forward and every gradient)              130
+#           tests/kernels/ tests/ops/test_fused.py tests/csrc/test_csrc_contrastive.py
+#           (float64-checked forward and every gradient)                                       125
 #   bench   valor-fast bench --quick --find-max-batch (bench/run_all.py: measured matmul / copy
 #           peaks, the attention / contrastive / fused kernels, caption tokens/s with and without
 #           the KV cache, the base train step eager vs fast with its largest batch)             170
-#   swin    bench/bench_swin.py (Swin-B, 4 x 224 px, ours vs eager)                              45
-#   audit   valor-fast bench --audit --check (bench/kernel_audit.py: registers, spills, shared
-#           memory, HMMA/HGMMA, against the Triton installed there)                             45
-#   dali    valor-fast data bench --backends cpu,dali, when nvidia.dali imports                  40
+#   swin    bench/bench_swin.py (Swin-B, 4 x 224 px, ours vs eager)                              40
+#   audit   valor-fast bench --audit --check over the default cases (bench/kernel_audit.py:
+#           registers, spills, shared memory, HMMA/HGMMA, against the Triton installed there;
+#           the csrc build and CI's selection, ~50 rows: the full ~900-row sweep takes ~5 min)  60
+#   dali    valor-fast data bench --backends cpu,dali, when nvidia.dali imports                  35
 # Every step appends rows (device, versions, commit, command) to bench/results/*.jsonl, one row
 # per step to bench/results/gpu_suite.jsonl, and bench/results/gpu_suite_<run id>.md is the
 # summary (bench/gpu_suite.py).  Logs: runs/gpu_suite/<run id>/<step>.log.
@@ -85,8 +86,7 @@ step() {  # step NAME BUDGET_S CMD...: run under min(budget, time left), log, re
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv \
   > "$LOGS/nvidia-smi.csv" 2>&1 && cat "$LOGS/nvidia-smi.csv"
 
-KERNEL_TESTS=(tests/test_attention.py tests/test_attention_bias.py tests/test_fused_ops.py tests/test_contrastive.py
-              tests/csrc/test_csrc_contrastive.py)
+KERNEL_TESTS=(tests/kernels tests/ops/test_fused.py tests/csrc/test_csrc_contrastive.py)
 
 if [ "$DRY" = 1 ]; then
   # CPU: the same entry points, parsed and imported, inputs built small; no timings recorded
@@ -101,6 +101,7 @@ if [ "$DRY" = 1 ]; then
     --iters 1 --no-save
   step swin 120 env -u TRITON_INTERPRET "$PY" bench/bench_swin.py --device cpu --size tiny --image 64 --batch 1 \
     --frames 2 --dtype fp32 --steps 1 --warmup 0 --out ""
+  step audit_cases 60 env TRITON_INTERPRET=0 "$PY" bench/gpu_suite.py audit-cases
   step audit 180 "$PY" -m valor_fast.cli bench --audit --only bias_gelu_fwd --arch 80,90 --check --no-write
   if "$PY" -c "import nvidia.dali" 2>/dev/null; then
     step dali 60 "$PY" -m valor_fast.cli data bench --help
@@ -110,13 +111,14 @@ if [ "$DRY" = 1 ]; then
 else
   export TRITON_INTERPRET=0
   step build 40 "$PY" csrc/build.py --out valor_fast/_lib
-  JUNIT="$LOGS/tests.xml" step tests 130 env VALOR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+  JUNIT="$LOGS/tests.xml" step tests 125 env VALOR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     --junitxml "$LOGS/tests.xml" "${KERNEL_TESTS[@]}"
   step bench 170 "$PY" -m valor_fast.cli bench --quick --find-max-batch --results "$RESULTS"
-  step swin 45 "$PY" bench/bench_swin.py --steps 5 --out "$RESULTS/swin.jsonl"
-  step audit 45 "$PY" -m valor_fast.cli bench --audit --check --out "$RESULTS/kernel_audit.jsonl"
+  step swin 40 "$PY" bench/bench_swin.py --steps 5 --out "$RESULTS/swin.jsonl"
+  AUDIT_CASES="$(TRITON_INTERPRET=0 "$PY" bench/gpu_suite.py audit-cases)" || AUDIT_CASES=csrc
+  step audit 60 "$PY" -m valor_fast.cli bench --audit --check --only "$AUDIT_CASES" --out "$RESULTS/kernel_audit.jsonl"
   if "$PY" -c "import nvidia.dali" 2>/dev/null; then
-    step dali 40 "$PY" -m valor_fast.cli data bench --backends cpu,dali --frames 4 --batch 16 --batches 4 \
+    step dali 35 "$PY" -m valor_fast.cli data bench --backends cpu,dali --frames 4 --batch 16 --batches 4 \
       --seconds 4 --out "$RESULTS/data_backends.jsonl"
   else
     echo "== dali: nvidia.dali not installed; skipped"; record dali 3 0 --note "nvidia.dali not installed"

@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from bench import gpu_suite  # noqa: E402
 
-STEPS = ("build", "tests", "bench", "bench_kernels", "caption", "swin", "audit", "dali")
+STEPS = ("build", "tests", "bench", "bench_kernels", "caption", "swin", "audit_cases", "audit", "dali")
 
 
 def test_gpu_suite_dry_run():
