@@ -18,6 +18,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 DEFAULT_OUT = os.path.join(_HERE, "results", "attention.jsonl")
+DEVICE = "cuda"   # bench/gpu_suite.py dry-kernels builds the inputs on the CPU
 
 # name: (Lq, Lk, H, Dh, causal, key padding).  ViT / AST: one frame or clip per sequence, no
 # padding; BERT text: 40 tokens, padded captions; decoder: causal self-attention over the caption,
@@ -79,14 +80,14 @@ def _require_cuda():
 
 def _inputs(B, Lq, Lk, H, D, pad, dtype, seed=0):
     import torch
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, H, Lq, D, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(B, H, Lk, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(B, H, Lk, D, device="cuda", dtype=dtype, generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype, generator=g)
+    k = torch.randn(B, H, Lk, D, device=DEVICE, dtype=dtype, generator=g)
+    v = torch.randn(B, H, Lk, D, device=DEVICE, dtype=dtype, generator=g)
     kpm = None
     if pad:  # right padding, valid lengths uniform in [Lk/2, Lk]: captions / short clips
-        lens = torch.randint(Lk // 2, Lk + 1, (B,), device="cuda", generator=g)
-        kpm = torch.arange(Lk, device="cuda")[None, :] < lens[:, None]
+        lens = torch.randint(Lk // 2, Lk + 1, (B,), device=DEVICE, generator=g)
+        kpm = torch.arange(Lk, device=DEVICE)[None, :] < lens[:, None]
     return q, k, v, kpm
 
 

@@ -27,6 +27,7 @@ DEFAULT_OUT = os.path.join(_HERE, "results", "contrastive.jsonl")
 COARSE_B = (1024, 4096, 16384, 65536)
 FINE_B = (512, 4096)
 D, T, MV, MA = 512, 40, 4, 1
+DEVICE = "cuda"   # bench/gpu_suite.py dry-kernels builds the inputs on the CPU
 
 
 def _require_cuda():
@@ -51,26 +52,26 @@ def _peak_mb(fn):
 
 def _coarse_inputs(B, dtype, seed=0):
     import torch
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    t = torch.randn(B, D, device="cuda", generator=g)
-    m = torch.randn(B, D, device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    t = torch.randn(B, D, device=DEVICE, generator=g)
+    m = torch.randn(B, D, device=DEVICE, generator=g)
     t = (t / t.norm(dim=-1, keepdim=True)).to(dtype).requires_grad_()
     m = (m / m.norm(dim=-1, keepdim=True)).to(dtype).requires_grad_()
-    tau = torch.tensor(0.07, device="cuda", requires_grad=True)
+    tau = torch.tensor(0.07, device=DEVICE, requires_grad=True)
     return t, m, tau
 
 
 def _fine_inputs(B, dtype, seed=0):
     import torch
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=DEVICE, generator=g)  # noqa: E731
     norm = lambda x: (x / x.norm(dim=-1, keepdim=True)).to(dtype).requires_grad_()  # noqa: E731
-    lengths = torch.randint(8, T + 1, (B,), device="cuda", generator=g)
-    tm = torch.arange(T, device="cuda")[None] < lengths[:, None]  # (B, T) captions of 8..40 tokens
+    lengths = torch.randint(8, T + 1, (B,), device=DEVICE, generator=g)
+    tm = torch.arange(T, device=DEVICE)[None] < lengths[:, None]  # (B, T) captions of 8..40 tokens
     return dict(text=norm(r(B, T, D)), tw=r(B, T).requires_grad_(), tm=tm,
                 v=norm(r(B, MV, D)), wv=r(B, MV).requires_grad_(),
                 a=norm(r(B, MA, D)), wa=r(B, MA).requires_grad_(),
-                tau=torch.tensor(0.07, device="cuda", requires_grad=True))
+                tau=torch.tensor(0.07, device=DEVICE, requires_grad=True))
 
 
 def _coarse_fn(backend):
@@ -152,14 +153,18 @@ def _check(case, backend, dtype):
     return {"check_loss_abs_err": l_err, "check_grad_rel_err": g_err}
 
 
-def main(argv=None):
+def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="coarse,fine")
     p.add_argument("--backends", default="triton,cuda,torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--batches", default=None, help="comma list overriding the batch sizes")
     p.add_argument("--out", default=DEFAULT_OUT)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = _parse(argv)
     _require_cuda()
     import torch
     from valor_fast.ops import _cuda

@@ -183,7 +183,7 @@ def bench_lm_head(args, emit):
 BENCHES = {"add_ln": bench_add_ln, "bias_gelu": bench_bias_gelu, "lm_head": bench_lm_head}
 
 
-def main(argv=None):
+def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default="add_ln,bias_gelu,lm_head", help="comma list of " + ",".join(BENCHES))
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -192,10 +192,16 @@ def main(argv=None):
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the triton-vs-eager check")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    bad = [o for o in ops if o not in BENCHES]
+    args.op_list = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in args.op_list if o not in BENCHES]
     if bad:
         p.error(f"unknown --ops {bad}; choose from {list(BENCHES)}")
+    return args
+
+
+def main(argv=None):
+    args = _parse(argv)
+    ops = args.op_list
     _require_cuda()
 
     import torch

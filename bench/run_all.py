@@ -3,6 +3,7 @@
     python bench/run_all.py                         # CUDA: kernels + base train step
     python bench/run_all.py --quick                 # smaller kernel shapes, fewer steps
     python bench/run_all.py --only step --size tiny --batch 4   # the step benchmark alone (CPU too)
+    python bench/run_all.py --quick --dry-run                  # CPU: each script a CUDA run calls, --help
 
 1. The device's ceilings are measured first, in the same process and run as everything else:
    dense bf16 matmul TFLOP/s and copy bandwidth GB/s (bench/common.measure_peaks).
@@ -30,6 +31,8 @@ from bench.common import append_result, env_info, measure_peaks  # noqa: E402
 
 RESULTS = os.path.join(_HERE, "results")
 KERNELS = ("contrastive", "attention", "fused")
+# what --quick passes each kernel benchmark (bench/gpu_suite.py dry-kernels parses these too)
+QUICK_ARGS = {"contrastive": ["--batches", "1024,4096"], "attention": ["--tokens", "16384"], "fused": []}
 
 
 def parse(argv=None):
@@ -42,7 +45,26 @@ def parse(argv=None):
     p.add_argument("--compile", action="store_true", help="step benchmark: fast impl compiled per block")
     p.add_argument("--quick", action="store_true", help="smaller kernel shapes, fewer steps")
     p.add_argument("--results", default=RESULTS, help="folder of the results files")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU check (bench/gpu_suite.sh --dry-run): list the commands a CUDA run makes and run each "
+                        "with --help (imports and parser); nothing is timed or written")
     return p.parse_args(argv)
+
+
+def dry_run(args) -> int:
+    """Every command a CUDA run would make, each started with --help: the script imports and its
+    parser builds (the arguments themselves are parsed by bench/gpu_suite.py dry-kernels)."""
+    bad = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, cmd in _commands(args, True, scratch):
+            r = subprocess.run(cmd[:2] + ["--help"], cwd=_ROOT, capture_output=True, text=True)
+            print(f"dry-run {name}: {' '.join(cmd[1:])} -> --help exit {r.returncode}", flush=True)
+            if r.returncode != 0:
+                bad.append(name)
+                print(r.stdout[-2000:] + r.stderr[-2000:], file=sys.stderr)
+    if bad:
+        print("bench --dry-run: failed: " + ", ".join(bad), file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _commands(args, cuda: bool, scratch: str):
@@ -53,11 +75,9 @@ def _commands(args, cuda: bool, scratch: str):
             print("bench: kernel benchmarks need a CUDA GPU; skipped (their correctness is tested on the CPU "
                   "under TRITON_INTERPRET=1)")
         else:
-            quick = {"contrastive": ["--batches", "1024,4096"], "attention": ["--tokens", "16384"],
-                     "fused": []}
             for k in KERNELS:
                 cmds.append((k, [py, os.path.join(_HERE, f"bench_{k}.py"), "--out", os.path.join(scratch, f"{k}.jsonl")]
-                             + (quick[k] if args.quick else [])))
+                             + (QUICK_ARGS[k] if args.quick else [])))
             cmds.append(("caption", [py, os.path.join(_HERE, "bench_caption.py"), "--size", args.size,
                                      "--out", os.path.join(scratch, "caption.jsonl")]
                          + (["--clips", "16"] if args.quick else [])))
@@ -101,6 +121,8 @@ def summarize(name: str, row: dict, peaks: dict) -> dict:
 def main(argv=None) -> int:
     import torch
     args = parse(argv)
+    if args.dry_run:
+        return dry_run(args)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("bench: TRITON_INTERPRET=1 is set; unset it (interpreter timings mean nothing)")
     cuda = torch.cuda.is_available()

@@ -14,6 +14,7 @@
     valor-fast info
     valor-fast config show [--config RECIPE] [--section train] [--section.field value ...]
     valor-fast bench [--quick] [--size base --batch 32 --find-max-batch]
+    valor-fast bench --audit [--check] [--only csrc]   # bench/kernel_audit.py: sm_80 / sm_90a, no GPU
 
 Dotted overrides (`--section.field value`) apply on top of the recipe; the resolved config is
 printed and saved in the run folder.
@@ -318,14 +319,20 @@ def cmd_config(args, over) -> int:
 
 
 def cmd_bench(args, over) -> int:
-    """Run bench/run_all.py of this source checkout (the bench scripts are not installed)."""
+    """Run bench/run_all.py of this source checkout (the bench scripts are not installed); with
+    --audit, bench/kernel_audit.py (the ahead-of-time kernel audit) with the other arguments."""
     import subprocess
+    rest = list(args.bench_args)
+    name = "run_all.py"
+    if "--audit" in rest:
+        rest.remove("--audit")
+        name = "kernel_audit.py"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "bench", "run_all.py")
+    script = os.path.join(root, "bench", name)
     if not os.path.exists(script):
         raise SystemExit(f"valor-fast bench: {script} not found; the benchmarks live in the source "
                          "repository (git clone it and `pip install -e .`)")
-    return subprocess.call([sys.executable, script] + list(args.bench_args), cwd=root)
+    return subprocess.call([sys.executable, script] + rest, cwd=root)
 
 
 def cmd_info(args, over) -> int:
@@ -460,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parser(sub)
     sub.add_parser("info", help="parameter counts and available backends")
     sub.add_parser("bench", help="kernel + training-step benchmarks on this device, one table "
-                   "(options: python bench/run_all.py --help)").add_argument("bench_args", nargs=argparse.REMAINDER)
+                   "(options: python bench/run_all.py --help; --audit: the kernel audit, python bench/kernel_audit.py --help)").add_argument("bench_args", nargs=argparse.REMAINDER)
     return p
 
 

@@ -1,6 +1,7 @@
 """AdamW with VALOR's parameter groups and the warmup + linear-decay schedule."""
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -35,10 +36,16 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list:
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`.  fused=None: the fused update on CUDA (one kernel for the whole
+    update, apex's FusedAdam role), foreach on the CPU; True / False force it (torch's CPU build
+    has a fused AdamW too: the CUDA-shaped CPU tests use it)."""
     kw = dict(betas=tuple(cfg.betas), eps=cfg.eps)
-    if device.type == "cuda":
-        kw["fused"] = True       # one kernel for the whole update (apex's FusedAdam role)
+    if fused is None:
+        fused = device.type == "cuda"
+    if fused:
+        kw["fused"] = True
     else:
         kw["foreach"] = True
     return torch.optim.AdamW(param_groups(model, cfg), **kw)
