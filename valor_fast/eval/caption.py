@@ -5,6 +5,11 @@ position.  With the KV cache, the prefix `[CLS] w1 .. wt` is committed once per 
 trailing [MASK] is a peek (its keys are never stored), so a step costs two one-token passes
 instead of a pass over the whole prefix.  The video/audio cross-attention K/V are computed once
 per clip and shared by every beam and step.
+
+Generation never emits a special or reserved id: every id below FIRST_WORD_ID ([PAD], [unused*],
+[UNK], [CLS], [MASK]) is masked out of the next-token distribution, [SEP] excepted (it ends a
+caption).  The caption text is decoded with skip_special_tokens, so such an id would otherwise
+vanish from the text silently (an undertrained decoder's "[PAD] [PAD] ..." reads as "").
 """
 from __future__ import annotations
 
@@ -13,7 +18,18 @@ from typing import List, Optional
 import torch
 
 from ..model.valor import VALOR
-from ..tasks.mgc import CLS_ID, MASK_ID, SEP_ID
+from ..tasks.mgc import CLS_ID, FIRST_WORD_ID, MASK_ID, SEP_ID
+
+
+def banned_token_mask(vocab: int, device=None) -> torch.Tensor:
+    """(vocab,) bool, True for the ids generation must never emit: all ids below FIRST_WORD_ID
+    (bert-base-uncased: [PAD] 0, [unused0-98] 1-99, [UNK] 100, [CLS] 101, [MASK] 103,
+    [unused99-993] 104-998) except [SEP] 102."""
+    banned = torch.zeros(vocab, dtype=torch.bool, device=device)
+    banned[:min(FIRST_WORD_ID, vocab)] = True
+    if SEP_ID < vocab:
+        banned[SEP_ID] = False
+    return banned
 
 
 def _expand(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -28,6 +44,7 @@ class _Stepper:
         self.model, self.memory, self.mmask, self.use_cache = model, memory, memory_mask, use_cache
         self.caches = [dict() for _ in model.text.layers] if use_cache else None
         self.prefix: Optional[torch.Tensor] = None  # (N, t) committed tokens
+        self._banned: Optional[torch.Tensor] = None  # (V,) bool, built at the first peek
 
     def reorder(self, idx: torch.Tensor) -> None:
         self.prefix = self.prefix[idx]
@@ -63,7 +80,11 @@ class _Stepper:
                 c["peek"] = False
         else:
             h = self.model.decode(torch.cat([self.prefix, mask_tok], 1), None, self.memory, self.mmask)
-        return torch.log_softmax(self.model.lm_logits(h[:, -1]).float(), dim=-1)  # (N, V)
+        logits = self.model.lm_logits(h[:, -1]).float()                           # (N, V)
+        if self._banned is None:
+            self._banned = banned_token_mask(logits.shape[-1], logits.device)
+        # out of place: SCST samples through this with gradients on
+        return torch.log_softmax(logits.masked_fill(self._banned, float("-inf")), dim=-1)
 
 
 @torch.no_grad()
