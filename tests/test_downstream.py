@@ -51,7 +51,7 @@ def test_benchmark_adapters(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # beam search == exhaustive search on a tiny vocabulary
 # ---------------------------------------------------------------------------------------------
-ALLOWED = [104, 105, 106, SEP_ID]   # every other id gets -inf
+ALLOWED = [1037, 2417, 4418, SEP_ID]   # 'a', 'red', 'circle', [SEP]: every other id gets -inf
 
 
 class _PrefixLM(torch.nn.Module):
@@ -59,7 +59,7 @@ class _PrefixLM(torch.nn.Module):
     prefix (and of the clip), with only ALLOWED tokens possible: beam search sees it exactly as it
     sees VALOR (decode + lm_logits over `[CLS] w1..wt [MASK]`)."""
 
-    def __init__(self, seed, V=110):
+    def __init__(self, seed, V=4500):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.emb = torch.randn(V, 8, generator=g)
@@ -124,6 +124,30 @@ def test_beam_search_equals_exhaustive_search(lp):
                 break
             seq.append(tok)
         assert greedy[i] == seq
+
+
+def test_beam_search_never_emits_special_or_unused_ids():
+    from valor_fast.config import model_config
+    from valor_fast.eval.caption import banned_token_mask
+    from valor_fast.model.valor import VALOR
+    from valor_fast.tasks.mgc import FIRST_WORD_ID, PAD_ID
+    from valor_fast.tasks.scst import sample_captions
+    ban = banned_token_mask(30522)
+    assert ban[[PAD_ID, 1, 99, 100, CLS_ID, MASK_ID, 104, 998]].all() and not ban[SEP_ID]
+    assert not ban[FIRST_WORD_ID:].any()
+    m = VALOR(model_config("tiny", image_size=32, audio_frames=128)).eval()
+    special = torch.tensor([PAD_ID, 1, 50, 100, CLS_ID, MASK_ID, 104, 500, 998])
+    with torch.no_grad():   # make the special / unused ids the most likely by far, [SEP] never
+        m.text.lm_head.bias[special] = 60.0
+        m.text.lm_head.bias[SEP_ID] = -60.0
+        m.text.lm_head.bias[2417] = 20.0          # 'red': the best id generation may emit
+    mem = torch.randn(2, 9, m.cfg.text_width)
+    for beam, cache in ((1, True), (3, True), (2, False)):
+        out = beam_search(m, mem, None, beam=beam, max_len=5, use_cache=cache)
+        assert all(len(s) == 5 for s in out), out
+        assert all(t >= FIRST_WORD_ID for s in out for t in s), out
+    seqs, logp = sample_captions(m, mem, None, max_len=4, generator=torch.Generator().manual_seed(0))
+    assert all(t >= FIRST_WORD_ID for s in seqs for t in s) and torch.isfinite(logp).all()
 
 
 # ---------------------------------------------------------------------------------------------
