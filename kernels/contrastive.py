@@ -100,13 +100,39 @@ def masked_softmax(w: Optional[Tensor], mask: Optional[Tensor], like: Tensor) ->
     return torch.softmax(w, dim=-1)
 
 
-def fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask) -> Tensor:
+def check_text_floor(text_floor: Optional[Tensor], Bt: int) -> None:
+    """text_floor: None or a (Bt,) bool mask, True = floor that text's modal-side maxima at 0."""
+    if text_floor is None:
+        return
+    if not isinstance(text_floor, Tensor) or text_floor.dtype != torch.bool or tuple(text_floor.shape) != (Bt,):
+        got = (f"{tuple(text_floor.shape)} {text_floor.dtype}" if isinstance(text_floor, Tensor)
+               else type(text_floor).__name__)
+        raise ValueError(f"text_floor must be a ({Bt},) bool tensor (True = that text's modal-side max is "
+                         f"floored at 0, upstream's padded max), got {got}")
+
+
+def upstream_text_floor(text_mask: Tensor, positions: int) -> Tensor:
+    """Upstream VALOR's floor rule (docs/upstream.md, P1): it pads every caption to `positions`
+    (max_txt_len + 2 = 42) and multiplies padded similarities by 0, so every caption with fewer
+    real tokens than that has its modal-side max floored at 0.  (Bt, T) bool -> (Bt,) bool."""
+    return text_mask.sum(dim=1) < positions
+
+
+def fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask,
+                        text_floor: Optional[Tensor] = None) -> Tensor:
     """VALOR's weighted token-wise max-similarity, eager: materialises (Bt, Bm, T, M).
 
     S(a, b) = 1/2 [ sum_i softmax(w_a)_i max_j <a_i, b_j> + sum_j softmax(w_b)_j max_i <a_i, b_j> ]
     with padded tokens excluded from the max and the softmax.
+
+    text_floor (Bt,) bool: where True, text a's modal-side maxima are max(0, max_i <a_i, b_j>)
+    (upstream multiplies padded similarities by 0, so a padded caption's padding takes part in
+    that max as an exact 0; docs/upstream.md P1).  A floored slot (max < 0) passes no gradient; a
+    max of exactly 0 is not floored, so the tie goes to the real token.  The text side and the
+    weights are unchanged.
     """
     check_fine_inputs(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+    check_text_floor(text_floor, text.shape[0])
     sim = torch.einsum("atd,bmd->abtm", acc_dtype(text), acc_dtype(modal))  # (Bt, Bm, T, M)
     if modal_mask is not None:
         sim_t = sim.masked_fill(~modal_mask[None, :, None, :], NEG)
@@ -118,6 +144,8 @@ def fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal
         sim_m = sim
     t2m = sim_t.max(dim=-1).values  # (Bt, Bm, T): best modal token for each text token
     m2t = sim_m.max(dim=-2).values  # (Bt, Bm, M): best text token for each modal token
+    if text_floor is not None:  # strict: an exact 0 keeps its gradient on the real token
+        m2t = torch.where(text_floor[:, None, None] & (m2t < 0), torch.zeros_like(m2t), m2t)
     wt = masked_softmax(text_weight, text_mask, text)    # (Bt, T)
     wm = masked_softmax(modal_weight, modal_mask, modal)  # (Bm, M)
     # padded rows hold -inf maxima but zero weight: zero them so 0 * -inf does not give nan
@@ -159,27 +187,29 @@ def info_nce_ref(sim: Tensor, temperature: Tensor) -> Tensor:
 
 
 def contrastive_loss_ref(text, modal, temperature, *, mode="coarse", text_weight=None, text_mask=None,
-                         modal_weight=None, modal_mask=None, valid=None) -> Tensor:
+                         modal_weight=None, modal_mask=None, valid=None, text_floor=None) -> Tensor:
     """Symmetric InfoNCE between text and one modality, eager (materialises B x B, and for fine
     B x B x T x M).  valid (B,) bool: the loss of the valid samples' sub-batch, exactly 0 below 2
-    of them (selected by indexing, a host sync: the dispatched ops mask without one)."""
+    of them (selected by indexing, a host sync: the dispatched ops mask without one).
+    text_floor (B,) bool, fine only: see `fine_similarity_ref`."""
+    if text_floor is not None and mode != "fine":
+        raise ValueError(f"text_floor is for mode='fine' (the modal-side token max), got mode={mode!r}")
     if valid is not None:
         check_valid(valid, text.shape[0])
         idx = valid.nonzero().squeeze(1)
+        kw = dict(text_weight=text_weight, text_mask=text_mask, modal_weight=modal_weight, modal_mask=modal_mask,
+                  text_floor=text_floor)
         if idx.numel() < 2:  # zero, still connected to every input (their gradients are zeros)
-            return 0.0 * contrastive_loss_ref(text, modal, temperature, mode=mode, text_weight=text_weight,
-                                              text_mask=text_mask, modal_weight=modal_weight, modal_mask=modal_mask)
-        pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        return contrastive_loss_ref(pick(text), pick(modal), temperature, mode=mode, text_weight=pick(text_weight),
-                                    text_mask=pick(text_mask), modal_weight=pick(modal_weight),
-                                    modal_mask=pick(modal_mask))
+            return 0.0 * contrastive_loss_ref(text, modal, temperature, mode=mode, **kw)
+        sub = {k: None if v is None else v[idx] for k, v in kw.items()}
+        return contrastive_loss_ref(text[idx], modal[idx], temperature, mode=mode, **sub)
     if mode == "coarse":
         if text.dim() != 2 or modal.dim() != 2 or text.shape != modal.shape:
             raise ValueError(f"coarse mode needs text and modal of equal shape (B, D); got "
                              f"{tuple(text.shape)} and {tuple(modal.shape)}")
         sim = acc_dtype(text) @ acc_dtype(modal).t()
     elif mode == "fine":
-        sim = fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+        sim = fine_similarity_ref(text, text_weight, text_mask, modal, modal_weight, modal_mask, text_floor)
     else:
         raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")
     return info_nce_ref(sim, temperature)
@@ -214,9 +244,11 @@ def resolve_groups(groups: Dict[str, GroupSpec], mode: str) -> Dict[str, GroupSp
 
 
 def grouped_contrastive_loss_ref(text, groups, temperature, *, mode, text_weight=None, text_mask=None,
-                                 valid=None) -> Dict[str, Tensor]:
+                                 valid=None, text_floor=None) -> Dict[str, Tensor]:
     """Loss per group (see valor_fast.ops.grouped_contrastive_loss for the group specs)."""
     check_valid_groups(valid, groups, text.shape[0])
+    if text_floor is not None and mode != "fine":
+        raise ValueError(f"text_floor is for mode='fine' (the modal-side token max), got mode={mode!r}")
     valid = valid or {}
     res = {}
     for name, spec in resolve_groups(groups, mode).items():
@@ -224,7 +256,7 @@ def grouped_contrastive_loss_ref(text, groups, temperature, *, mode, text_weight
             modal, mw, mm = spec
             res[name] = contrastive_loss_ref(text, modal, temperature, mode="fine", text_weight=text_weight,
                                              text_mask=text_mask, modal_weight=mw, modal_mask=mm,
-                                             valid=valid.get(name))
+                                             valid=valid.get(name), text_floor=text_floor)
         else:
             res[name] = contrastive_loss_ref(text, spec, temperature, mode="coarse", valid=valid.get(name))
     return res

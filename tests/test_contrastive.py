@@ -473,3 +473,162 @@ def test_torch_compile_traces_the_masked_kernels():
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k])
     assert all(x.grad is not None for x in xs) and tau.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# text_floor: upstream's padded max (docs/upstream.md P1)
+# ----------------------------------------------------------------------------------------------
+def _floor_inputs(B, T, Mv, Ma, D):
+    """Fine inputs plus a (B,) text_floor mask that bites: the single-token caption (B // 2) is
+    floored and clip 0's first frame is opposite its token (a best real match of -1)."""
+    inp = _fine_inputs(B, T, Mv, Ma, D)
+    fl = torch.rand(B, device=DEV) > 0.5
+    fl[B // 2], fl[0] = True, False
+    inp["text_floor"] = fl
+    inp["v"][0, 0] = -inp["text"][B // 2, 0]
+    inp["mv"][0, 0] = True
+    return inp
+
+
+def test_text_floor_reference_is_upstreams_masked_product():
+    """fine_similarity_ref with text_floor = "the caption is padded" equals upstream's formula
+    (similarities multiplied by the 0/1 masks, tests/upstream_ref.py fine_matrix, an independent
+    re-derivation), forward and gradients in float64; without the floor it is our exclusion rule."""
+    import upstream_ref as R  # tests/ is on sys.path under pytest
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    B, T, M, D = 6, 7, 4, 16
+    text = R.norm(torch.randn(B, T, D, generator=g, dtype=torch.float64)).requires_grad_()
+    z = R.norm(torch.randn(B, M, D, generator=g, dtype=torch.float64)).requires_grad_()
+    wt = torch.randn(B, T, generator=g, dtype=torch.float64).requires_grad_()
+    wz = torch.randn(B, M, generator=g, dtype=torch.float64).requires_grad_()
+    lens = torch.tensor([7, 1, 3, 5, 7, 2])
+    tm = torch.arange(T)[None] < lens[:, None]
+    with torch.no_grad():
+        z[0, 0] = -text[1, 0]  # caption 1's only token: its best real match is -1 for this frame
+    ones = torch.ones(B, M, dtype=torch.float64)
+    for padded_max in (True, False):
+        floor = (lens < T) if padded_max else None
+        ours = K.fine_similarity_ref(text, wt, tm, z, wz, None, floor)
+        theirs = R.fine_matrix(text, z, tm.double(), ones, wt, wz, padded_max=padded_max)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+        w = torch.rand(B, B, generator=g, dtype=torch.float64)
+        g_ours = torch.autograd.grad((ours * w).sum(), (text, z, wt, wz))
+        g_theirs = torch.autograd.grad((theirs * w).sum(), (text, z, wt, wz))
+        for a, b in zip(g_ours, g_theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert float((K.fine_similarity_ref(text, wt, tm, z, wz, None, lens < T)
+                  - K.fine_similarity_ref(text, wt, tm, z, wz, None)).detach().abs().max()) > 1e-3, "the floor never bit"
+
+
+def _floor_hand_case():
+    """1 caption x 1 clip, D = 2.  Text: (1, 0) real, (5, 5) padded.  Clip: (-1, 0), (0, 1), uniform.
+    Token sims of the real token: -1, 0.  Text side: max = 0 (slot 1), weight 1.  Modal side: each
+    slot's best real text token: -1, 0; floored: 0, 0 (slot 1's exact 0 is a tie with the floor,
+    kept by the real token).
+      no floor: S = 1/2 [0 + (-1 + 0)/2] = -0.25, dS/dtext_0 = 1/2 (0,1) + 1/4 (-1,0) + 1/4 (0,1)
+      floor:    S = 1/2 [0 + ( 0 + 0)/2] =  0,    dS/dtext_0 = 1/2 (0,1) +            1/4 (0,1)"""
+    text = torch.tensor([[[1., 0.], [5., 5.]]], device=DEV)
+    tm = torch.tensor([[True, False]], device=DEV)
+    modal = torch.tensor([[[-1., 0.], [0., 1.]]], device=DEV)
+    want = {False: (-0.25, (-0.25, 0.75), ((-0.25, 0.0), (0.0, 0.75))),
+            True: (0.0, (0.0, 0.75), ((0.0, 0.0), (0.0, 0.75)))}
+    return text, tm, modal, want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_text_floor_hand_computed(backend):
+    text0, tm, modal0, want = _floor_hand_case()
+    for floor in (False, True):
+        text, modal = text0.clone().requires_grad_(), modal0.clone().requires_grad_()
+        fl = torch.tensor([floor], device=DEV)
+        with C.use_backend(backend):
+            S = C.fine_similarity(text, None, tm, modal, None, None, fl)
+        S.sum().backward()
+        s, d_tok, d_modal = want[floor]
+        assert abs(float(S.detach()) - s) < 1e-6, (backend, floor, float(S.detach()))
+        torch.testing.assert_close(text.grad[0, 0].double().cpu(), torch.tensor(d_tok, dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+        assert float(text.grad[0, 1].abs().max()) == 0.0, "a padded token got a gradient"
+        # d S / d clip tokens: slot 0 = 1/4 (1, 0) from the modal side unless floored; slot 1 =
+        # 1/2 (1, 0) text side + 1/4 (1, 0) modal side
+        d0 = (0.0, 0.0) if floor else (0.25, 0.0)
+        torch.testing.assert_close(modal.grad[0].double().cpu(), torch.tensor([d0, (0.75, 0.0)], dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,B", [(torch.float32, 5), (torch.bfloat16, 7), (torch.float16, 5),
+                                     (torch.bfloat16, 13)])
+def test_grouped_fine_text_floor_matches_reference(backend, dtype, B):
+    """T-V, T-A, T-AV with a per-text floor (the fused pass and the materialised three-part
+    concatenation), every gradient, against float64."""
+    inp = _floor_inputs(B, 7, 3, 1, 16 if B == 13 else 32)
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature, text_floor):
+            g = K.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            groups = {"v": (v, wv, mv), "a": (a, wa, None), "av": ("v", "a")}
+            if B == 5:
+                groups["ava"] = ("a", "v", "a")
+            return g(text, groups, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask,
+                     text_floor=text_floor)
+        return f
+    need = ("text", "text_weight", "v", "wv", "a", "wa", "temperature")
+    _compare(fn(False), fn(True), inp, need, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fine_similarity_text_floor_matches_reference(backend):
+    inp = _floor_inputs(6, 7, 3, 1, 16)
+    w = torch.rand(6, 6, dtype=torch.float64, device=DEV) + 0.5  # a distinct upstream gradient per pair
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, text_floor):
+            S = (K.fine_similarity_ref if ref else C.fine_similarity)(text, text_weight, text_mask, v, wv, mv,
+                                                                      text_floor)
+            return {"weighted S": (S * w.to(S.dtype)).sum(), "S[B//2]": S[3].sum(), "S[:, 0]": S[:, 0].sum()}
+        return f
+    _compare(fn(False), fn(True), {k: inp[k] for k in ("text", "text_weight", "text_mask", "v", "wv", "mv",
+                                                         "text_floor")},
+             ("text", "text_weight", "v", "wv"), backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_text_floor_local_loss_path_in_one_process(backend):
+    """text_floor through gather_negatives (Negatives.text_floor) equals the square path."""
+    B = 6
+    inp = _floor_inputs(B, 5, 3, 1, 16)
+
+    def run(local):
+        x = {k: v.float().requires_grad_() if v.is_floating_point() else v for k, v in inp.items()}
+        groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
+        kw = dict(text_weight=x["text_weight"], text_mask=x["text_mask"], text_floor=x["text_floor"])
+        neg = dist_ops.gather_negatives(x["text"], groups, **kw) if local else None
+        with C.use_backend(backend):
+            res = C.grouped_contrastive_loss(x["text"], groups, x["temperature"], mode="fine", negatives=neg, **kw)
+        sum((i + 1.0) * v for i, v in enumerate(res.values())).backward()
+        return res, {k: v.grad for k, v in x.items() if v.is_floating_point() and v.grad is not None}
+
+    (sq, gsq), (lo, glo) = run(False), run(True)
+    assert sq.keys() == lo.keys() and gsq.keys() == glo.keys() and gsq
+    for k in sq:
+        torch.testing.assert_close(lo[k], sq[k], rtol=1e-5, atol=1e-6)
+    for k in gsq:
+        torch.testing.assert_close(glo[k], gsq[k], rtol=1e-5, atol=1e-6)
+
+
+def test_text_floor_errors_name_the_bad_input():
+    txt, v = torch.randn(3, 5, 8), torch.randn(3, 2, 8)
+    tau = torch.tensor(0.1)
+    with pytest.raises(ValueError, match=r"text_floor must be a \(3,\) bool"):
+        C.fine_similarity(txt, None, None, v, None, None, torch.ones(3))
+    with pytest.raises(ValueError, match=r"text_floor must be a \(3,\) bool"):
+        C.contrastive_loss(txt, v, tau, mode="fine", text_floor=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="text_floor is for mode='fine'"):
+        C.contrastive_loss(txt[:, 0], v[:, 0], tau, text_floor=torch.ones(3, dtype=torch.bool))
+    groups = {"v": (v, None, None)}
+    neg = dist_ops.gather_negatives(txt, groups)
+    with pytest.raises(ValueError, match="pass the same text_floor to gather_negatives"):
+        C.grouped_contrastive_loss(txt, groups, tau, mode="fine", negatives=neg,
+                                   text_floor=torch.ones(3, dtype=torch.bool))
+    assert K.upstream_text_floor(torch.tensor([[True] * 3 + [False], [True] * 4]), 4).tolist() == [True, False]

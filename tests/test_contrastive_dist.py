@@ -29,7 +29,7 @@ from valor_fast.utils.deps import HAS_TRITON  # noqa: E402
 
 N, B, DIM, T_RANK, MV, MA = 2, 3, 16, (5, 7), 3, 1
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else [])
-CASES = [(b, mode, local) for b in BACKENDS for mode in ("coarse", "fine") for local in (False, True)]
+CASES = [(b, mode, local) for b in BACKENDS for mode in ("coarse", "fine", "fine_floor") for local in (False, True)]
 
 
 def _inputs(seed: int):
@@ -48,6 +48,12 @@ def _inputs(seed: int):
     x["mv"][:, 0] = True
     # audio present on 2 of rank 0's clips and 1 of rank 1's: >= 2 globally, < 2 on rank 1
     x["has_a"] = torch.tensor([True, False, True, False, True, False])
+    # "fine_floor": upstream's padded max on texts 1 and 4 (one per rank); text 1 has one real
+    # token and clip 0's first frame opposite it, so its floor bites
+    x["floor"] = torch.tensor([False, True, False, False, True, False])
+    x["tm"][1] = False
+    x["tm"][1, 0] = True
+    x["v"][0, 0] = -x["text"][1, 0]
     return x
 
 
@@ -61,6 +67,7 @@ def _local(x, k):
 
 
 GRAD_KEYS = {"coarse": ("tp", "vp", "ap", "tau"), "fine": ("text", "tw", "v", "wv", "a", "wa", "tau")}
+GRAD_KEYS["fine_floor"] = GRAD_KEYS["fine"]
 
 
 def _args(x, mode):
@@ -69,7 +76,10 @@ def _args(x, mode):
     if mode == "coarse":
         return x["tp"], {"v": x["vp"], "a": x["ap"]}, {}, {"a": va}
     groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
-    return x["text"], groups, dict(text_weight=x["tw"], text_mask=x["tm"]), {"a": va, "av": va}
+    kw = dict(text_weight=x["tw"], text_mask=x["tm"])
+    if mode == "fine_floor":
+        kw["text_floor"] = x["floor"]
+    return x["text"], groups, kw, {"a": va, "av": va}
 
 
 def _gathered(x, mode):
@@ -91,7 +101,8 @@ def _loss(x, mode, how):
         x = _gathered(x, mode)
     text, groups, kw, valid = _args(x, mode)
     neg = D.gather_negatives(text, groups, valid=valid, **kw) if how == "local" else None
-    return C.grouped_contrastive_loss(text, groups, x["tau"], mode=mode, valid=valid, negatives=neg, **kw)
+    return C.grouped_contrastive_loss(text, groups, x["tau"], mode="coarse" if mode == "coarse" else "fine",
+                                      valid=valid, negatives=neg, **kw)
 
 
 def _run(x, backend, mode, how):

@@ -101,8 +101,7 @@ def test_valor_converter_fills_every_tensor_and_places_them():
                                   "txt_encoder.pooler.dense.weight", "txt_encoder.pooler.dense.bias",
                                   "multimodal_encoder.embeddings.prompt_embedding.weight",
                                   "txt_encoder.embeddings.prompt_embedding.weight", "clip_model.visual.proj",
-                                  "clip_model.token_embedding.weight", "audio_embeddings.distill_token",
-                                  "va_fusion.bias"}
+                                  "clip_model.token_embedding.weight", "audio_embeddings.distill_token"}
     ours = model.state_dict()
     eq = lambda a, b: torch.equal(ours[a], b)  # noqa: E731
     q, k, v = sd["clip_model.visual.transformer.resblocks.1.attn.in_proj_weight"].chunk(3)
@@ -143,3 +142,41 @@ def test_load_init_detects_upstream_layout_and_rejects_mismatch(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
     with pytest.raises(ValueError, match="shape mismatch"):
         load_init(build_model(model_config("tiny", **{**SMALL, "text_ffn": 96})), str(tmp_path / "ours.safetensors"))
+
+
+def test_valor_l_conversion_keeps_logit_scale_prompt_row_and_fills_frame_slots(tmp_path):
+    """A VALOR-L model (logit_scale temperature, task prompts) takes clip_model.logit_scale and the
+    prompt row and reports contra_temp (never read with CLIP vision) unused; load_init (fine-tuning)
+    fills the frame-embedding rows past VALOR-L's 2 pretraining frames (1 slice) with the last
+    trained one, while the plain conversion keeps them as saved."""
+    import math
+    cfg = model_config("tiny", **SMALL, temperature_param="logit_scale", task_prompts=True)
+    sd = upstream_state_dict(cfg, torch.Generator().manual_seed(2))
+    sd["clip_model.logit_scale"] = torch.tensor(math.log(1 / 0.03))
+    model = build_model(cfg)
+    rep = load_valor_checkpoint(model, sd)
+    assert rep["missing"] == [] and "contra_temp" in rep["unused"]
+    assert not any("prompt_embedding" in k or "logit_scale" in k for k in rep["unused"])
+    assert abs(float(model.temp()) - 0.03) < 1e-6
+    assert torch.equal(model.text.embeddings.prompt.weight, sd["multimodal_encoder.embeddings.prompt_embedding.weight"])
+    assert torch.equal(model.frame_embed.weight, sd["video_frame_embedding"][0])
+    path = tmp_path / "model_step_1.pt"
+    torch.save(sd, path)
+    tuned = build_model(cfg)
+    assert load_init(tuned, str(path))["frame_slots"] == [2, 1]
+    fe, ce = tuned.frame_embed.weight, tuned.clip_embed.weight
+    assert torch.equal(fe[:2], sd["video_frame_embedding"][0, :2]) and (fe[2:] == fe[1]).all()
+    assert (ce == sd["audio_frame_embedding"][0, 0]).all()
+
+
+def test_our_checkpoint_from_before_the_fusion_bias_still_loads(tmp_path):
+    from safetensors.torch import save_file
+    cfg = model_config("tiny", **SMALL)
+    src = build_model(cfg)
+    old = {k: v.contiguous() for k, v in src.state_dict().items() if k != "av_fusion.bias"}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    dst = build_model(cfg)
+    with torch.no_grad():
+        dst.av_fusion.bias.fill_(1.0)
+    load_init(dst, str(tmp_path / "old.safetensors"))
+    assert torch.equal(dst.av_fusion.weight, src.av_fusion.weight) and not dst.av_fusion.bias.any()

@@ -109,11 +109,13 @@ def test_kill_resume_and_corrupt_fallback(data_root, tmp_path):
     done = sorted(os.listdir(ck))
     assert "step_00000004" in done and "step_00000008" not in done
 
-    _run(killed[:-1] + ["--train.sleep_per_step=0", "--train.resume=auto"])
+    import re
+    out = _run(killed[:-1] + ["--train.sleep_per_step=0", "--train.resume=auto"]).stdout
+    at = int(re.search(r"resumed at step (\d+)", out).group(1))
+    assert 4 <= at <= 6, out                 # resumed from the newest complete checkpoint
     resumed = _losses(tmp_path, "killed")
-    first = min(resumed)
-    assert 4 < first <= 7, sorted(resumed)   # resumed from the newest complete checkpoint
-    for s in range(first, steps + 1):
+    assert sorted(resumed) == list(range(1, steps + 1))   # the records before the resume are kept
+    for s in range(1, steps + 1):
         assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-5, abs=1e-6), s
 
     # corrupt the newest checkpoint of the finished run: resume falls back to the previous one
@@ -124,8 +126,11 @@ def test_kill_resume_and_corrupt_fallback(data_root, tmp_path):
             fh.truncate(16)
     p = _run(base + ["--train.steps=10", "--train.resume=auto"])
     assert "falling back" in p.stderr
+    assert "resumed at step 6" in p.stdout   # newest (8) was corrupt: set aside, resumed after step 6
     again = _losses(tmp_path, "full")
-    assert min(again) == 7, sorted(again)   # newest (8) was corrupt: resumed after step 6
+    assert sorted(again) == list(range(1, 11))
+    assert all(again[s] == full[s] for s in range(1, 7))   # records 1-6 kept, 7-8 of the lost timeline redone
+    assert any(n.startswith("step_00000008.corrupt-") for n in os.listdir(ck_full))
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):

@@ -184,6 +184,29 @@ def test_qa_encoding_masking_and_metrics():
     assert st["qa/answers_seen_in_train"] == 0.75
 
 
+def test_qa_with_task_prompts_reads_the_question_as_the_prompt():
+    """model.task_prompts QA (upstream's layout): the text is `[CLS] answer [SEP]`, the decoder's
+    prompt `[CLS] answer the question <question> [SEP]`; a step trains on the answer tokens."""
+    from valor_fast.config import LossConfig
+    from valor_fast.data.tokenizer import get_tokenizer
+    from valor_fast.model.args import model_config
+    from valor_fast.model.valor import VALOR
+    from valor_fast.tasks.qa import qa_step_losses
+    tok = get_tokenizer()
+    qas = [[{"question": "what color is the shape?", "answer": "red"}], [{"question": "what shape?", "answer": "a circle"}]]
+    b = qa_batch(qas, tok, 16, torch.Generator().manual_seed(0), prompted=True)
+    assert b["qa_ids"][0].tolist()[:3] == [CLS_ID, tok.convert_tokens_to_ids("red"), SEP_ID]
+    assert b["answer_mask"][:, 0].sum() == 0 and b["answer_mask"][1].sum() == 3   # a circle [SEP]
+    p0 = b["qa_prompt"][0].tolist()
+    assert p0[:4] == [CLS_ID, 3437, 1996, 3160] and tok.decode(p0, skip_special_tokens=True) == \
+        "answer the question what color is the shape?"
+    m = VALOR(model_config("tiny", image_size=32, patch_size=8, task_prompts=True))
+    batch = dict(b, video=torch.randn(2, 2, 3, 32, 32), audio=torch.randn(2, 1, 512, 64))
+    out = qa_step_losses(m, batch, LossConfig(groups="tav"), torch.Generator().manual_seed(1))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and m.text.embeddings.prompt.weight.grad.abs().sum() > 0
+
+
 def test_prompted_beam_search_cached_equals_uncached():
     from valor_fast.model.args import model_config
     from valor_fast.model.valor import VALOR

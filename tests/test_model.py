@@ -79,6 +79,50 @@ def test_beam_search_cache_matches_uncached():
         assert a == u and len(a) == 2 and all(len(s) <= 6 for s in a)
 
 
+def test_task_prompts_ids_and_the_prompted_decoder():
+    """VALOR-L's prompts: the ids are the tokenizer's; the prompted decoder stays causal in the
+    text, its prompt is used (the output differs from the unprompted one), and cached beam search
+    (the prompt's keys cached with the first pass) equals the uncached one."""
+    from valor_fast.data.tokenizer import encode
+    from valor_fast.model.args import TASK_PROMPT_IDS
+    assert tuple(encode(["project language in common space"], 40)[0]) == TASK_PROMPT_IDS["contra"]
+    assert tuple(encode(["describe the video with natural language"], 40)[0]) == TASK_PROMPT_IDS["caption"]
+    assert tuple(encode(["answer the question"], 40)[0][1:-1]) == TASK_PROMPT_IDS["qa"]
+    torch.manual_seed(0)
+    cfg = model_config("tiny", task_prompts=True)
+    m = VALOR(cfg).eval()
+    b = _batch(cfg, B=2, L=8)
+    mem, _ = m.memory(m.encode_video(b["video"]), m.encode_audio(b["audio"]))
+    ids = b["text_ids"]
+    h1 = m.decode(ids, None, mem, None)
+    ids2 = ids.clone()
+    ids2[:, 5:] = 2000
+    torch.testing.assert_close(h1[:, :5], m.decode(ids2, None, mem, None)[:, :5])
+    assert not torch.allclose(h1, m.decode(ids, None, mem, None, prompt=torch.tensor([[101, 2000, 102]] * 2)))
+    assert not torch.allclose(m.encode_text(ids, b["text_mask"]),
+                              m.text.encode(ids, b["text_mask"]))           # the contrastive prompt is read
+    qa = torch.tensor([[101, 3437, 1996, 3160, 2054, 102], [101, 3437, 1996, 3160, 2129, 102]])
+    for beam, tp in ((1, None), (3, None), (2, qa)):
+        a = beam_search(m, mem, None, beam=beam, max_len=5, use_cache=True, task_prompt=tp, **DECODE_IDS)
+        u = beam_search(m, mem, None, beam=beam, max_len=5, use_cache=False, task_prompt=tp, **DECODE_IDS)
+        assert a == u and len(a) == 2
+
+
+def test_missing_audio_zeros_keeps_every_clip_in_every_group():
+    """loss.missing_audio=zeros (upstream): a clip without audio counts in T-A / T-AV like any
+    clip (its zero spectrogram), i.e. as if has_audio were not given; mask leaves it out."""
+    cfg = model_config("tiny")
+    m = VALOR(cfg).eval()
+    b = _batch(cfg)
+    b["has_audio"] = torch.tensor([True, False, True])
+    run = lambda batch, mode: pretrain_step_losses(m, batch, LossConfig(missing_audio=mode),  # noqa: E731
+                                                   torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z, n, k = run(b, "zeros"), run({x: y for x, y in b.items() if x != "has_audio"}, "mask"), run(b, "mask")
+    for key in ("mga/ta", "mga/tav", "mgc/ta", "mgc/tav"):
+        assert torch.equal(z[key], n[key]) and not torch.equal(z[key], k[key]), key
+
+
 def test_config_overrides_and_errors():
     cfg = load_config(None, {"train.lr": "3e-4", "loss.mga_mode": "coarse", "data.cache": "false"})
     assert cfg.train.lr == 3e-4 and cfg.loss.mga_mode == "coarse" and cfg.data.cache is False

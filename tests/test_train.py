@@ -59,8 +59,11 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 
 def test_stale_synthetic_folder_is_regenerated(tmp_path, monkeypatch):
+    """A synthetic folder of ours with other settings is regenerated; one without our owner
+    marker is never touched (tests/test_guard_data.py has the refusals)."""
     import valor_fast.data.synth as synth
     from valor_fast.data.synth import prepare_data
+    from valor_fast.utils.fs import ForeignContentError, write_owner_marker
     root = tmp_path / "ds"
     root.mkdir()
     (root / "train.jsonl").write_text("{}\n")
@@ -68,11 +71,13 @@ def test_stale_synthetic_folder_is_regenerated(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(synth, "generate", lambda r, **kw: calls.append((r, kw)))
     cfg = _cfg(str(root), str(tmp_path), **{"data.synth": "true"})
+    with pytest.raises(ForeignContentError):
+        prepare_data(cfg)
+    assert calls == [] and (root / "train.jsonl").exists()
+    write_owner_marker(str(root), synth.KIND)
     prepare_data(cfg)
-    assert len(calls) == 1 and not (root / "train.jsonl").exists()
+    assert len(calls) == 1
     # a folder from the same generator and settings is reused
-    root.mkdir()
-    (root / "train.jsonl").write_text("{}\n")
     (root / "meta.json").write_text(json.dumps({"version": synth.VERSION, "seed": 0, "clips_per_combo": 4}))
     prepare_data(cfg)
     assert len(calls) == 1 and (root / "train.jsonl").exists()

@@ -7,15 +7,15 @@ with upstream's semantics computed in float64 straight from that state dict, for
 (Video Swin, contra_temp) and a VALOR-L shape (CLIP ViT, logit_scale, task prompts), with padded
 captions and a clip without audio (upstream's all-zero spectrogram) in the batch.
 
-Where our model does not implement upstream's behaviour yet the test is a strict xfail naming
-the point of issue 18 (P1..P6); it turns into a failure the moment the behaviour lands (then the
-marker goes).  Everything unmarked already agrees, which also validates the reference.
+Issue 18's points P1..P6 all agree now, every comparison in float64 (the op's float32 Triton
+kernels under the interpreter within the usual bound).  A difference found later gets a strict
+xfail naming it (`kinds(b_marks=..., l_marks=...)`), which turns into a failure the moment the
+behaviour lands.
 """
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch / triton are imported
 
-import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -26,19 +26,13 @@ import torch  # noqa: E402
 import upstream_ref as R  # noqa: E402  (tests/ is on sys.path under pytest)
 from valor_fast.config import model_config  # noqa: E402
 from valor_fast.model.convert import load_valor_checkpoint, resize_grid  # noqa: E402
+from valor_fast.kernels.contrastive import upstream_text_floor  # noqa: E402
 from valor_fast.model.valor import build_model  # noqa: E402
 from valor_fast.ops import contrastive as C  # noqa: E402
 from valor_fast.tasks.mga import mga_loss, similarity_matrix  # noqa: E402
 from valor_fast.tasks.mgc import group_memory_masks, mask_tokens, mgc_loss  # noqa: E402
 from valor_fast.utils.deps import HAS_TRITON  # noqa: E402
 
-P1 = "P1: upstream's fine similarity lets padded text tokens into the modal-side max as 0"
-P2 = "P2: VALOR-L's temperature is 1/exp(clip_model.logit_scale), not contra_temp"
-P3 = "P3: coarse globals average before the head, normalise once; va_fusion has a bias"
-P4 = "P4: MGC masking redraws a row that selected nothing; replacement ids from 106"
-P5 = "P5: upstream resizes position grids bilinearly"
-P6 = "P6: VALOR-L's task prompts (text encoder and decoder, prompt_embedding)"
-F64 = "float64: VALOR.text/video/audio_features cast to float32 (model/valor.py .float())"
 OURS = {"tva": "tav", "tv": "tv", "ta": "ta"}   # upstream group name -> ours
 SEED = int.from_bytes(os.urandom(4), "little")  # fresh values every run; printed on failure
 
@@ -53,10 +47,11 @@ def our_config(dm: R.Dims, **over):
               audio_mel_bins=dm.mel, audio_frames=dm.frames, contra_dim=dm.C, pool="cls",
               vocab_size=R.VOCAB, image_size=dm.image)
     if dm.kind == "b":
-        kw.update(vision="swin", swin_size="tiny")
-    else:
+        kw.update(vision="swin", swin_size="tiny", temperature_param="contra_temp", task_prompts=False)
+    else:   # VALOR-L: CLIP vision, the logit-scale temperature, task prompts
         kw.update(vision="clip", patch_size=dm.patch, vision_width=dm.clip_width,
-                  vision_heads=dm.clip_width // 64, vision_layers=dm.clip_layers)
+                  vision_heads=dm.clip_width // 64, vision_layers=dm.clip_layers,
+                  temperature_param="logit_scale", task_prompts=True)
     kw.update(over)
     return model_config("tiny", **kw)
 
@@ -98,9 +93,9 @@ def _reference(sd, dm, b):
 
 
 def _padded_max_matters(sd, dm, ref) -> bool:
-    """Upstream's padded max must change the padded batch's similarities and losses by 25x the
-    float32 tolerance, or P1's xfails could pass by luck (some random models score every token
-    pair positive, and then the 0 never wins)."""
+    """Upstream's padded max must change the padded batch's similarities and losses by 5e-3, or
+    the padded-caption comparisons could pass without testing P1 (some random models score every
+    token pair positive, and then the 0 never wins)."""
     excl, tau = R.similarities(sd, dm, ref["feat"], padded_max=False), R.temperature(sd, dm)
     gap_s = max(float((excl[g] - ref["sim"][g]).abs().max()) for g in R.GROUPS)
     gap_l = max(abs(float(R.info_nce(excl[g], tau) - ref["mga"][g])) for g in R.GROUPS)
@@ -121,14 +116,11 @@ def _setup(kind, contra):
         raise AssertionError(f"no model/batch in 8 makes the padded max matter (seed {SEED})")
     model = build_model(our_config(dm)).double().eval()
     report = load_valor_checkpoint(model, dict(sd))
-    # features / similarities / MGA in float64 when our heads can, else in a float32 copy (F64)
-    fmodel = model if _features_in_float64(model) else copy.deepcopy(model).float()
-    return dict(dm=dm, sd=sd, model=model, fmodel=fmodel, report=report, first=(b, ref))
+    return dict(dm=dm, sd=sd, model=model, report=report, first=(b, ref))
 
 
 def _ours(st, b) -> dict:
-    model, fmodel, contra = st["model"], st["fmodel"], st["dm"].contra
-    fdt = next(fmodel.parameters()).dtype
+    model, contra = st["model"], st["dm"].contra
     ids, inp = b["ids"], b["inp"]
     mask = ids != 0
     with torch.no_grad():
@@ -136,11 +128,11 @@ def _ours(st, b) -> dict:
         at = model.encode_audio(b["audio"].transpose(-1, -2))   # ours: (B, S, frames, mel)
         th = model.encode_text(ids, mask)
         mem, nv = model.memory(vt, at)
-        t = fmodel.text_features(th.to(fdt), mask)
-        v, a = fmodel.video_features(vt.to(fdt)), fmodel.audio_features(at.to(fdt))
-        out = {"video": vt, "audio": at, "text": th, "memory": mem, "t": t, "v": v, "a": a, "temp": fmodel.temp(),
-               "sim": {g: similarity_matrix(fmodel, t, v, a, OURS[g], contra) for g in R.GROUPS},
-               "mga": mga_loss(fmodel, t, v, a, contra, "tv,ta,tav", has_audio=None, gather=False)}
+        t = model.text_features(th, mask)
+        v, a = model.video_features(vt), model.audio_features(at)
+        out = {"video": vt, "audio": at, "text": th, "memory": mem, "t": t, "v": v, "a": a, "temp": model.temp(),
+               "sim": {g: similarity_matrix(model, t, v, a, OURS[g], contra) for g in R.GROUPS},
+               "mga": mga_loss(model, t, v, a, contra, "tv,ta,tav", has_audio=None, gather=False)}
         if contra == "fine":
             out["mgc"] = mgc_loss(model, ids, mask, mem, nv, "tv,ta,tav", prob=0.6, draws=b["draws"])
             mmask = {g: group_memory_masks([OURS[g]], ids.shape[0], nv, mem.shape[1] - nv, None, ids.device)
@@ -167,10 +159,11 @@ def case(kind: str, contra: str = "fine", padded: bool = True) -> dict:
 
 
 def close(name, ours, ref):
-    """float64 results must agree to 1e-9 (relative to the reference's scale); a float32 result
-    (our heads cast, see F64) to 2e-4 — far below every upstream difference tested here."""
+    """Our float64 results must agree to 1e-9 (relative to the reference's scale) — far below
+    every upstream difference tested here."""
     ours = ours.detach()
-    tol = (1e-9 if ours.dtype == torch.float64 else 2e-4) * (1.0 + float(ref.abs().max()))
+    assert ours.dtype == torch.float64, f"{name}: computed in {ours.dtype}, not float64"
+    tol = 1e-9 * (1.0 + float(ref.abs().max()))
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs upstream {tuple(ref.shape)}"
     err = float((ours.double() - ref).abs().max())
     assert err <= tol, f"{name}: max |ours - upstream| = {err:.3g} > {tol:.3g} (seed {SEED})"
@@ -199,7 +192,7 @@ def test_vision_audio_and_decoder_inputs_match(kind):
     close("per-slice weights", ours["a"].weight, f["wa"])
 
 
-@pytest.mark.parametrize("kind", kinds(l_marks=(P6,)))
+@pytest.mark.parametrize("kind", kinds())
 def test_text_features_match(kind):
     c = case(kind)
     m = c["batch"]["ids"] != 0   # padded positions are masked out of every use
@@ -208,7 +201,6 @@ def test_text_features_match(kind):
     close("text token weights", c["ours"]["t"].weight[m], c["ref"]["feat"]["wt"][m])
 
 
-@pytest.mark.xfail(strict=True, reason=F64)
 def test_features_compute_in_float64():
     assert _features_in_float64(build_model(our_config(R.Dims("b"))).double())
 
@@ -216,35 +208,35 @@ def test_features_compute_in_float64():
 # ----------------------------------------------------------------------------------------------
 # MGA
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", kinds(b_marks=(P1,), l_marks=(P1, P6)))
+@pytest.mark.parametrize("kind", kinds())
 def test_fine_similarities_with_padded_captions(kind):
     c = case(kind, padded=True)
     for g in R.GROUPS:
         close(f"fine S {g}", c["ours"]["sim"][g], c["ref"]["sim"][g])
 
 
-@pytest.mark.parametrize("kind", kinds(l_marks=(P6,)))
+@pytest.mark.parametrize("kind", kinds())
 def test_fine_similarities_with_full_captions(kind):
     c = case(kind, padded=False)
     for g in R.GROUPS:
         close(f"fine S {g}", c["ours"]["sim"][g], c["ref"]["sim"][g])
 
 
-@pytest.mark.parametrize("kind", kinds(b_marks=(P1,), l_marks=(P1, P2, P6)))
+@pytest.mark.parametrize("kind", kinds())
 def test_contrastive_losses_per_group_padded(kind):
     c = case(kind, padded=True)
     for g in R.GROUPS:
         close(f"MGA loss {g}", c["ours"]["mga"][OURS[g]], c["ref"]["mga"][g])
 
 
-@pytest.mark.parametrize("kind", kinds(l_marks=(P2, P6)))
+@pytest.mark.parametrize("kind", kinds())
 def test_contrastive_losses_per_group_full_captions(kind):
     c = case(kind, padded=False)
     for g in R.GROUPS:
         close(f"MGA loss {g}", c["ours"]["mga"][OURS[g]], c["ref"]["mga"][g])
 
 
-@pytest.mark.parametrize("kind", kinds(l_marks=(P2,)))
+@pytest.mark.parametrize("kind", kinds())
 def test_temperature(kind):
     c = case(kind)
     close("temperature", c["ours"]["temp"].reshape(()), R.temperature(c["sd"], c["dm"]))
@@ -255,7 +247,6 @@ def test_coarse_text_global_matches():
     close("coarse text (CLS) global", c["ours"]["t"].pooled, c["ref"]["feat"]["t"])
 
 
-@pytest.mark.xfail(strict=True, reason=P3)
 def test_coarse_globals_and_similarities():
     c = case("b", "coarse")
     close("coarse video global", c["ours"]["v"].pooled, c["ref"]["feat"]["v"])
@@ -264,7 +255,6 @@ def test_coarse_globals_and_similarities():
         close(f"coarse S {g}", c["ours"]["sim"][g], c["ref"]["sim"][g])
 
 
-@pytest.mark.xfail(strict=True, reason=P3)
 def test_coarse_contrastive_losses():
     c = case("b", "coarse")
     for g in R.GROUPS:
@@ -274,7 +264,7 @@ def test_coarse_contrastive_losses():
 # ----------------------------------------------------------------------------------------------
 # MGC and the decoder
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", kinds(l_marks=(P6,)))
+@pytest.mark.parametrize("kind", kinds())
 def test_masked_caption_losses(kind):
     c = case(kind)
     assert (c["labels"] != -1).sum() >= 4
@@ -282,7 +272,7 @@ def test_masked_caption_losses(kind):
         close(f"MGC loss {g}", c["ours"]["mgc"][OURS[g]], c["ref"]["mgc"][g])
 
 
-@pytest.mark.parametrize("kind", kinds(l_marks=(P6,)))
+@pytest.mark.parametrize("kind", kinds())
 def test_decoder_logits(kind):
     c = case(kind)
     m = c["inp"] != 0
@@ -298,7 +288,6 @@ def test_mask_candidates_agree():
     assert torch.equal(sel, rlab != -1) and torch.equal(inp, rinp)   # [CLS] and padding never, [SEP] yes
 
 
-@pytest.mark.xfail(strict=True, reason=P4)
 def test_mask_replacement_ids_from_106():
     ids = R.make_batch(R.Dims(), SEED, lengths=(9, 6, 4, 8))["ids"]
     draws = caption_draws(ids, SEED, replace=True)
@@ -329,7 +318,6 @@ def test_reference_masker_redraw_statistics():
     assert abs(share - want) < 5 * math.sqrt(want * (1 - want) / len(k)), (share, want, SEED)
 
 
-@pytest.mark.xfail(strict=True, reason=P4)
 def test_mask_tokens_redraw_statistics():
     ids = _row_ids(20000)
     g = torch.Generator().manual_seed(SEED)
@@ -368,7 +356,11 @@ def _ref_fine_losses(i, tau):
 
 def _our_fine_losses(i, tau):
     groups = {"v": (i["x"], i["wx"], None), "a": (i["y"], i["wy"], None), "av": ("v", "a")}
-    return C.grouped_contrastive_loss(i["text"], groups, tau, mode="fine", text_weight=i["tw"], text_mask=i["tmask"])
+    # upstream pads every caption to the same positions (42; T here): those with fewer real tokens
+    # have their modal-side max floored at 0
+    floor = upstream_text_floor(i["tmask"], i["tmask"].shape[1])
+    return C.grouped_contrastive_loss(i["text"], groups, tau, mode="fine", text_weight=i["tw"], text_mask=i["tmask"],
+                                      text_floor=floor)
 
 
 def _losses_and_grads(fn, inputs, dtype):
@@ -404,7 +396,6 @@ def test_fine_op_full_captions(backend, dtype):
     _check_op(backend, dtype, padded=False)
 
 
-@pytest.mark.xfail(strict=True, reason=P1)
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
 def test_fine_op_padded_max_forward_and_backward(backend, dtype):
     _check_op(backend, dtype, padded=True)
@@ -413,7 +404,6 @@ def test_fine_op_padded_max_forward_and_backward(backend, dtype):
 # ----------------------------------------------------------------------------------------------
 # conversion
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=P5)
 def test_position_grids_resize_bilinearly():
     g = torch.Generator().manual_seed(SEED)
     for old, new in (((2, 2), (3, 3)), ((12, 101), (4, 32))):     # CLIP grid up, AST's AudioSet grid down
@@ -422,8 +412,8 @@ def test_position_grids_resize_bilinearly():
 
 
 CONVERT = [pytest.param("b", "fine", id="valor_b"),
-           pytest.param("b", "coarse", id="valor_b-coarse", marks=xfail(P3)),
-           pytest.param("l", "fine", id="valor_l", marks=xfail(P2, P6))]
+           pytest.param("b", "coarse", id="valor_b-coarse"),
+           pytest.param("l", "fine", id="valor_l")]
 
 
 @pytest.mark.parametrize("kind,contra", CONVERT)
@@ -436,7 +426,8 @@ def test_convert_cli_keeps_every_tensor_upstream_reads(kind, contra, tmp_path):
     over = []
     for k in ("vision", "swin_size", "image_size", "patch_size", "vision_width", "vision_heads", "vision_layers",
               "text_width", "text_heads", "text_layers", "text_ffn", "audio_width", "audio_heads", "audio_layers",
-              "audio_mel_bins", "audio_frames", "contra_dim", "pool", "vocab_size"):
+              "audio_mel_bins", "audio_frames", "contra_dim", "pool", "vocab_size", "temperature_param",
+              "task_prompts"):
         over += [f"--model.{k}", str(getattr(cfg, k))]
     assert main(["convert", str(path), "--out", str(out), "--model.size", "tiny", *over]) == 0
     rep = json.loads((tmp_path / "model.safetensors.report.json").read_text())

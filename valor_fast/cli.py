@@ -12,10 +12,17 @@
     valor-fast embed --ckpt RUN/model.safetensors --split test --out feats.safetensors
     valor-fast convert model_step_N.pt --out model.safetensors [--config configs/base.yaml]
     valor-fast info
+    valor-fast config show [--config RECIPE] [--section train] [--section.field value ...]
     valor-fast bench [--quick] [--size base --batch 32 --find-max-batch]
 
 Dotted overrides (`--section.field value`) apply on top of the recipe; the resolved config is
 printed and saved in the run folder.
+
+Exit codes: 0 done; 1 a training stop (non-finite loss, too much bad media, a failed export) or
+bad media found by `data check`; 2 a usage or input error (a config value, a recipe, a refused
+resume, a locked run folder, a folder valor-fast will not overwrite, an unloadable checkpoint,
+a model producing NaN); 130 Ctrl-C; 143 SIGTERM (a checkpoint of the step reached is written
+first, unless a step since the last check was non-finite).
 """
 from __future__ import annotations
 
@@ -24,6 +31,10 @@ import json
 import os
 import sys
 from typing import List, Tuple
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given (exit code 2)."""
 
 
 def split_overrides(argv: List[str]) -> Tuple[List[str], dict]:
@@ -37,7 +48,7 @@ def split_overrides(argv: List[str]) -> Tuple[List[str], dict]:
                 k, v = a[2:].split("=", 1)
             else:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"override {a} needs a value")
+                    raise UsageError(f"override {a} needs a value (--section.field VALUE)")
                 k, v = a[2:], argv[i + 1]
                 i += 1
             over[k] = v
@@ -47,17 +58,34 @@ def split_overrides(argv: List[str]) -> Tuple[List[str], dict]:
     return rest, over
 
 
-def _load(args, over):
+OVERRIDES_HELP = """\
+config overrides:
+  Every config field can be set on the command line as --SECTION.FIELD VALUE (or
+  --SECTION.FIELD=VALUE), applied on top of --config RECIPE (a YAML path or a name under
+  configs/, e.g. tiny, base, finetune_caption).  Sections: model, data, loss, train, eval.
+  Examples: --train.lr 3e-4  --train.steps 2000  --data.root /data/msrvtt  --loss.groups tav,tv
+  Every value is checked before any work starts (an error names the field, the value and
+  what it allows).  All fields with their type, default and meaning:
+      valor-fast config show [--config RECIPE] [--section train]
+"""
+
+
+def _load(args, over, world=None):
+    from . import tasks  # noqa: F401  (registers the task names train.task's rule allows)
     from .config import load_config, to_dict
     import yaml
-    cfg = load_config(args.config, over)
+    cfg = load_config(args.config, over, world=world)
     print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), file=sys.stderr)
     return cfg
 
 
 def cmd_pretrain(args, over) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # one node, N processes: hand over to torchrun with the same recipe and overrides
+        # one node, N processes: hand over to torchrun with the same recipe and overrides,
+        # checked here first so a bad value fails once, before any process starts
+        from . import tasks  # noqa: F401
+        from .config import load_config
+        load_config(args.config, over, world=args.nproc)
         import socket
         import subprocess
         with socket.socket() as s:
@@ -82,24 +110,35 @@ def cmd_finetune(args, over) -> int:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         args.config = os.path.join(root, "configs", f"finetune_{args.task}.yaml")
         if not os.path.exists(args.config):
-            raise SystemExit(f"no recipe {args.config}; pass --config")
+            raise UsageError(f"no recipe {args.config}; pass --config")
     over = dict(over)
     over["train.task"] = args.task
     if args.init:
         if not os.path.exists(args.init):
-            raise SystemExit(f"--init {args.init!r} not found")
+            raise UsageError(f"--init {args.init!r} not found")
         over["train.init"] = os.path.abspath(args.init)
     else:
         print("finetune without --init: starting from random / HF-initialised weights", file=sys.stderr)
     return cmd_pretrain(args, over)
 
 
+def _need_ckpt(args) -> None:
+    """A command that scores or uses a model refuses a random one unless --random-init."""
+    if not args.ckpt and not args.random_init:
+        raise UsageError(f"{args.cmd}: no --ckpt given; pass --ckpt RUN/model.safetensors, or --random-init to "
+                         f"use a randomly initialised model on purpose (its outputs mean nothing)")
+    if args.ckpt and not os.path.exists(args.ckpt):
+        raise UsageError(f"{args.cmd}: --ckpt {args.ckpt!r} not found")
+
+
 def cmd_caption(args, over) -> int:
     from .infer import caption_files, load_run
     if args.audio and len(args.audio) != len(args.videos):
-        raise SystemExit(f"--audio takes one file per video: {len(args.audio)} audio for {len(args.videos)} videos")
+        raise UsageError(f"--audio takes one file per video: {len(args.audio)} audio for {len(args.videos)} videos")
+    _need_ckpt(args)
     cfg, model, dev = load_run(args.ckpt, args.config, over)
-    caps = caption_files(model, cfg, dev, args.videos, args.audio, beam=args.beam)
+    caps = caption_files(model, cfg, dev, args.videos, args.audio, beam=args.beam,
+                         source=args.ckpt or "a randomly initialised model")
     for path, c in caps.items():
         print(f"{path}\t{c}")
     return 0
@@ -108,13 +147,27 @@ def cmd_caption(args, over) -> int:
 def cmd_embed(args, over) -> int:
     from .data.synth import prepare_data
     from .infer import embed_split, load_run, save_features
+    _need_ckpt(args)
     cfg, model, dev = load_run(args.ckpt, args.config, over)
     prepare_data(cfg)
-    feats = embed_split(model, cfg, dev, args.split, cfg.eval.batch_size)
+    feats = embed_split(model, cfg, dev, args.split, cfg.eval.batch_size, source=args.ckpt or "a random model")
     save_features(feats, args.out)
     print(f"{len(feats['_ids'])} clips: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feats.items() if k != "_ids")
           + f" -> {args.out}")
     return 0
+
+
+def _frame_slots(arg: str):
+    """--frame-slots: auto | none | N,S."""
+    if arg in ("auto", "none"):
+        return None if arg == "none" else "auto"
+    try:
+        n, s = (int(x) for x in arg.split(","))
+    except ValueError:
+        raise SystemExit(f"--frame-slots must be auto, none or N,S (frames,slices), got {arg!r}")
+    if n < 1 or s < 1:
+        raise SystemExit(f"--frame-slots: frames and slices must be >= 1, got {arg!r}")
+    return n, s
 
 
 def cmd_convert(args, over) -> int:
@@ -124,7 +177,7 @@ def cmd_convert(args, over) -> int:
     from .train.checkpoint import save_model, write_json
     cfg = load_config(args.config, over)
     model = build_model(cfg.model)
-    rep = load_valor_checkpoint(model, args.ckpt)
+    rep = load_valor_checkpoint(model, args.ckpt, frame_slots=_frame_slots(args.frame_slots))
     save_model(model, args.out, metadata={"converted_from": os.path.basename(args.ckpt), "size": cfg.model.size})
     write_json(args.out + ".report.json", rep)
     print(f"{rep['loaded']} tensors converted -> {args.out}; {len(rep['missing'])} of ours left at init, "
@@ -134,11 +187,13 @@ def cmd_convert(args, over) -> int:
 
 def cmd_eval(args, over) -> int:
     from .data import build_loader, prepare_data
+    from .data.annotations import check_splits
     from .eval.dispatch import evaluate_task
     from .eval.evaluate import format_table
     from .model.valor import build_model
     from .runtime import autocast_ctx, resolve_device
     from .train.checkpoint import load_model, write_json
+    _need_ckpt(args)
     cfg_path = args.config
     if cfg_path is None and args.ckpt:
         cand = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "config.yaml")
@@ -153,16 +208,17 @@ def cmd_eval(args, over) -> int:
         cfg.train.task = "caption"   # pretrained models: retrieval + captioning
     device = resolve_device(cfg.train.device)
     prepare_data(cfg)
+    check_splits(cfg.data, [args.split])   # the split's annotations readable before the model is built
     model = build_model(cfg.model).to(device)
     if args.ckpt:
         load_model(model, args.ckpt)   # strict: a mismatch raises, naming the keys
         print(f"loaded {args.ckpt}", file=sys.stderr)
     else:
-        print("no --ckpt: evaluating a randomly initialised model", file=sys.stderr)
+        print("--random-init: evaluating a randomly initialised model", file=sys.stderr)
     amp, _ = autocast_ctx(cfg.train.precision, device)
     loader = build_loader(cfg.data, args.split, cfg.model.image_size, cfg.eval.batch_size, False, cfg.train.seed,
                           mel_bins=cfg.model.audio_mel_bins)
-    m = evaluate_task(model, loader, cfg, device, amp)
+    m = evaluate_task(model, loader, cfg, device, amp, source=args.ckpt or "a randomly initialised model")
     print(format_table(m))
     if args.out:
         write_json(args.out, m)
@@ -192,7 +248,7 @@ def cmd_data(args, over) -> int:
     if args.action == "pack":
         from .data.tools import write_shards
         if not args.path or not args.out:
-            raise SystemExit("data pack needs the dataset folder and --out SHARD_FOLDER")
+            raise UsageError("data pack needs the dataset folder and --out SHARD_FOLDER")
         for ann in args.ann.split(","):
             split = os.path.splitext(os.path.basename(ann))[0]
             paths = write_shards(args.path, args.out, per_shard=args.per_shard, prefix=split, ann=ann,
@@ -252,6 +308,15 @@ def _data_bench(args) -> int:
     return 0
 
 
+def cmd_config(args, over) -> int:
+    """`config show`: every field with its type, value (default when it differs), what it
+    allows and its docstring; of the recipe and overrides given."""
+    from . import tasks  # noqa: F401  (the task names train.task allows)
+    from .config import load_config, show
+    print(show(load_config(args.config, over), args.section), end="")
+    return 0
+
+
 def cmd_bench(args, over) -> int:
     """Run bench/run_all.py of this source checkout (the bench scripts are not installed)."""
     import subprocess
@@ -284,47 +349,66 @@ def cmd_info(args, over) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:   # every later argument belongs to bench/run_all.py
-        return cmd_bench(argparse.Namespace(bench_args=argv[1:]), {})
-    rest, over = split_overrides(argv)
-    p = argparse.ArgumentParser(prog="valor-fast", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("pretrain", help="pretrain (MGA + MGC) on the configured data")
+def _sub(sub, name: str, help: str, overrides: bool = True):
+    """A subcommand whose --help ends with how overrides work (for those that take them)."""
+    return sub.add_parser(name, help=help, description=help, epilog=OVERRIDES_HELP if overrides else None,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _train_parsers(sub) -> None:
+    sp = _sub(sub, "pretrain", "pretrain (MGA + MGC) on the configured data")
     sp.add_argument("--config", default=None, help="recipe YAML (configs/*.yaml or a path)")
     sp.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")
-    se = sub.add_parser("eval", help="retrieval + captioning metrics of a checkpoint")
+    sf = _sub(sub, "finetune", "fine-tune a checkpoint on a downstream task")
+    sf.add_argument("--task", required=True, choices=["retrieval", "caption", "qa", "scst"])
+    sf.add_argument("--init", default=None, help="our model.safetensors / run folder, or an upstream VALOR .pt")
+    sf.add_argument("--config", default=None, help="recipe (default configs/finetune_<task>.yaml)")
+    sf.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")
+    sc = _sub(sub, "config", "show the config fields: type, value, allowed values, docstring")
+    sc.add_argument("action", choices=["show"])
+    sc.add_argument("--config", default=None, help="recipe whose values to show (default: the defaults)")
+    sc.add_argument("--section", default=None, choices=["model", "data", "loss", "train", "eval"])
+
+
+def _model_parsers(sub) -> None:
+    rnd = dict(action="store_true", help="use a randomly initialised model on purpose (no --ckpt)")
+    se = _sub(sub, "eval", "retrieval + captioning metrics of a checkpoint")
     se.add_argument("--config", default=None)
     se.add_argument("--ckpt", default=None, help="model.safetensors of a run")
+    se.add_argument("--random-init", **rnd)
     se.add_argument("--split", default="test", choices=["train", "val", "test"])
     se.add_argument("--no-caption", action="store_true", help="retrieval only (= --task retrieval)")
     se.add_argument("--task", default=None, choices=["retrieval", "caption", "qa", "scst"],
                     help="metrics to compute (default: the run's task; pretrained runs: retrieval + caption)")
     se.add_argument("--out", default=None, help="write metrics JSON here")
-    sf = sub.add_parser("finetune", help="fine-tune a checkpoint on a downstream task")
-    sf.add_argument("--task", required=True, choices=["retrieval", "caption", "qa", "scst"])
-    sf.add_argument("--init", default=None, help="our model.safetensors / run folder, or an upstream VALOR .pt")
-    sf.add_argument("--config", default=None, help="recipe (default configs/finetune_<task>.yaml)")
-    sf.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")
-    sc = sub.add_parser("caption", help="caption video files with a trained model")
+    sc = _sub(sub, "caption", "caption video files with a trained model")
     sc.add_argument("videos", nargs="+", help="video files (or folders of frames)")
     sc.add_argument("--ckpt", default=None, help="model.safetensors (config.yaml beside it is used)")
+    sc.add_argument("--random-init", **rnd)
     sc.add_argument("--config", default=None)
     sc.add_argument("--audio", nargs="*", default=None, help="one WAV/FLAC per video (default: the video's track)")
     sc.add_argument("--beam", type=int, default=None)
-    sm = sub.add_parser("embed", help="text/video/audio embeddings of a split to .safetensors / .npz")
+    sm = _sub(sub, "embed", "text/video/audio embeddings of a split to .safetensors / .npz")
     sm.add_argument("--ckpt", default=None)
+    sm.add_argument("--random-init", **rnd)
     sm.add_argument("--config", default=None)
     sm.add_argument("--split", default="test", choices=["train", "val", "test"])
     sm.add_argument("--out", required=True, help="features file (.safetensors or .npz)")
-    sv = sub.add_parser("convert", help="upstream VALOR checkpoint -> our safetensors, with a key report")
+    sv = _sub(sub, "convert", "upstream VALOR checkpoint -> our safetensors, with a key report")
     sv.add_argument("ckpt", help="upstream model_step_N.pt (read with weights_only=True)")
     sv.add_argument("--config", default=None, help="recipe of the matching size (configs/base.yaml, ...)")
     sv.add_argument("--out", required=True)
-    sd = sub.add_parser("data", help="dataset tools")
+    sv.add_argument("--frame-slots", default="auto",
+                    help="frame-embedding rows past the pretraining frames,slices are copies of the last trained "
+                         "one, as upstream's fine-tuning load does: auto (VALOR-B 4,1; VALOR-L 2,1), N,S, or none "
+                         "(the tensors as saved)")
+
+
+def _data_parser(sub) -> None:
+    sd = _sub(sub, "data", "dataset tools")
     sd.add_argument("action", choices=["synth", "check", "bench", "pack"],
-                    help="synth: write the synthetic set; check PATH: scan a dataset for bad media; "
+                    help="synth: write the synthetic set (into a new, empty or earlier synthetic folder only); "
+                         "check PATH: scan a dataset for bad media; "
                          "bench [PATH]: clips/s of each decoding backend; pack PATH --out DIR: WebDataset "
                          "tar shards of each annotation file's clips (media + <id>.json captions)")
     sd.add_argument("path", nargs="?", default=None, help="dataset folder (check, bench)")
@@ -347,14 +431,81 @@ def main(argv=None) -> int:
     sd.add_argument("--per-shard", type=int, default=256, help="pack: clips per shard")
     sd.add_argument("--video-dir", default="videos", help="pack: video folder under PATH")
     sd.add_argument("--audio-dir", default="audios", help="pack: audio folder under PATH")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="valor-fast", description=__doc__.split("\n")[0], epilog=OVERRIDES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _train_parsers(sub)
+    _model_parsers(sub)
+    _data_parser(sub)
     sub.add_parser("info", help="parameter counts and available backends")
-    sb = sub.add_parser("bench", help="kernel + training-step benchmarks on this device, one table "
-                        "(options: python bench/run_all.py --help)")
-    sb.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = p.parse_args(rest)
-    return {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "info": cmd_info,
-            "finetune": cmd_finetune, "caption": cmd_caption, "embed": cmd_embed, "convert": cmd_convert,
-            "bench": cmd_bench}[args.cmd](args, over)
+    sub.add_parser("bench", help="kernel + training-step benchmarks on this device, one table "
+                   "(options: python bench/run_all.py --help)").add_argument("bench_args", nargs=argparse.REMAINDER)
+    return p
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "data": cmd_data, "info": cmd_info, "finetune": cmd_finetune,
+            "caption": cmd_caption, "embed": cmd_embed, "convert": cmd_convert, "bench": cmd_bench,
+            "config": cmd_config}
+
+
+def _user_errors() -> tuple:
+    """Errors that are the input's, not a bug: printed as one line, exit code 2.  Imported
+    only when an error is being classified (so `--help` loads no torch)."""
+    from .config import ConfigError
+    from .eval.metrics import NonFiniteScoresError
+    from .train.checkpoint import (CheckpointLoadError, CheckpointMismatchError, CheckpointWorldSizeError,
+                                   NonFiniteCheckpointError)
+    from .train.resume_check import ResumeRefusedError
+    from .train.runlock import RunLockedError
+    from .train.trainer import RunExistsError
+    from .utils.fs import ForeignContentError
+    return (ConfigError, UsageError, NonFiniteScoresError, CheckpointLoadError, CheckpointMismatchError,
+            CheckpointWorldSizeError, NonFiniteCheckpointError, ResumeRefusedError, RunLockedError, RunExistsError,
+            ForeignContentError, FileNotFoundError, ValueError)
+
+
+def _stops() -> tuple:
+    """A training run that stopped for a reason it reported (exit code 1)."""
+    from .data.media import BadMediaError
+    from .train.trainer import ExportError, NonFiniteError
+    return (NonFiniteError, BadMediaError, ExportError)
+
+
+def _fail(e: BaseException, code: int) -> int:
+    if os.environ.get("VALOR_FAST_DEBUG"):
+        raise e
+    if not getattr(e, "reported", False):
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"valor-fast: error: {msg.strip() or type(e).__name__}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv=None) -> int:
+    """Run a command; errors of the input print one line (no traceback; VALOR_FAST_DEBUG=1 shows
+    it) with the exit codes of the module docstring."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:   # every later argument belongs to bench/run_all.py
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]), {})
+    try:
+        rest, over = split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        return COMMANDS[args.cmd](args, over)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "reported", False):
+            print("\ninterrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        from .train.trainer import Preempted
+        if isinstance(e, Preempted):
+            return 128 + e.signum   # 143 SIGTERM, 130 Ctrl-C (the trainer printed the checkpoint)
+        if isinstance(e, _stops()):
+            return _fail(e, 1)
+        if isinstance(e, _user_errors()):
+            return _fail(e, 2)
+        raise
 
 
 if __name__ == "__main__":

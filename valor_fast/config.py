@@ -5,13 +5,15 @@ as `config.yaml` in every run folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
-from .model.args import ModelConfig, model_config
+from .model.args import SIZES, ModelConfig, model_config
 from .utils.log import get_logger
 
 log = get_logger(__name__)
@@ -105,6 +107,39 @@ class LossConfig:
     grouped_decoder: bool = True
     """MGC: run the groups as one decoder pass stacked on the batch, memory K/V projected once
     (False: one pass per group, the unfused baseline; same losses)."""
+    fine_padding: str = "upstream"
+    """Fine similarity with padded captions: upstream (VALOR's: the token similarities are
+    multiplied by the 0/1 masks, so a caption shorter than fine_text_len tokens lets its padding
+    into the max over text tokens as 0 - the clip-side term becomes max(0, best real match)) or
+    exclude (padding takes part in no max).  exclude is the better-founded rule - a score then
+    depends only on the caption's own tokens, not on how far it was padded, and negative best
+    matches keep their gradient - but a checkpoint converted from upstream was trained and is
+    scored with the floor.  The token-weight softmax excludes padding either way.  Used by MGA and
+    by retrieval scoring.  The embedded default's recipes (configs/tiny.yaml, finetune_*.yaml)
+    choose exclude."""
+    # rule: fine_padding in {upstream, exclude}
+    fine_text_len: int = 42
+    """fine_padding=upstream: upstream pads every caption to this many positions (max_txt_len 40
+    word pieces + [CLS] + [SEP]), so a caption with fewer real tokens gets the 0 floor whatever
+    our batch's padded length."""
+    # rule: fine_text_len >= 1
+    mask_random_from: int = 106
+    """MGC: the 10% random replacements are uniform ids in [mask_random_from, vocab): 106 is
+    upstream VALOR's range, which includes bert-base-uncased's [unused] tokens 106-998 (ids that
+    never occur in text: 3% of the vocabulary); 999 draws real word pieces only, the better-founded
+    choice (the branch exists to teach robustness to wrong real tokens; an [unused] id is a second
+    [MASK] in disguise) and the one of the embedded default's recipes (configs/tiny.yaml,
+    finetune_*.yaml)."""
+    # rule: 0 <= mask_random_from < model.vocab_size
+    missing_audio: str = "mask"
+    """A clip without audio (batch has_audio False; its spectrogram is all zeros, as upstream's
+    loader gives it): mask (it leaves the T-A and T-AV terms of MGA and MGC, and its audio keys
+    are masked in the decoder, in training and evaluation) or zeros (upstream VALOR: the zero
+    spectrogram's AST tokens take part in every group like real audio; the recipes
+    configs/valor_b.yaml and valor_l.yaml).  mask is the better-founded default: the tokens AST
+    makes of an all-zero input are one fixed vector, so upstream's T-A pairs for such clips teach
+    the model to match captions with nothing."""
+    # rule: missing_audio in {mask, zeros}
 
 
 @dataclass
@@ -161,7 +196,15 @@ class TrainConfig:
     async_ckpt: bool = False
     """Write checkpoints asynchronously (torch.distributed.checkpoint.async_save)."""
     resume: str = ""
-    """'' = fresh run; auto = newest complete checkpoint of the run folder; or a checkpoint path."""
+    """'' = fresh run; auto = newest complete checkpoint of the run folder train.run_name names
+    (required: auto never picks another run's folder); or a checkpoint folder path.  The run's
+    config.yaml must agree on every model / loss field and train.task (else refused, listing the
+    differences; see train.resume_partial); a finished run resumed trains nothing."""
+    resume_partial: bool = False
+    """Resume although model / loss fields or train.task differ from the run's config.yaml
+    (fine-tuning style): model tensors whose name and shape match are loaded, every missing /
+    unexpected tensor and shape mismatch is printed, and the optimiser starts fresh when the
+    model's tensors changed."""
     nan_policy: str = "stop"
     """On a non-finite loss or gradient norm: stop (keep the last good checkpoint) or skip the step."""
     max_skips: int = 10
@@ -220,35 +263,337 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        s = str(value).lower()
-        if s in ("1", "true", "yes", "on"):
+class ConfigError(ValueError):
+    """A config value, recipe or override that cannot be used: one line naming the field (or the
+    file), the value and what is allowed.  The cli prints it with exit code 2."""
+
+
+# ---------------- the rules: one per field, checked when the config is resolved ----------------
+#
+# A field is valid when its value has the field's type (the type of its default; see _coerce)
+# and satisfies its entry in RULES.  A new field gets its rule here, in the same commit
+# (tests/test_config.py fails for a field without one).  Facts that need two fields are the
+# CROSS checks below.
+
+class Rule:
+    """What a field allows: `ok(value)` and the phrase `allowed()` for errors and `config show`."""
+
+    def ok(self, value: Any) -> bool:
+        return True
+
+    def allowed(self) -> str:
+        return "any value of the field's type"
+
+    def check(self, key: str, value: Any) -> None:
+        if not self.ok(value):
+            raise ConfigError(f"{key}={value!r}: must be {self.allowed()}")
+
+
+class Num(Rule):
+    """A number in a range (floats also finite); `also`: sentinel values allowed besides."""
+
+    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+                 hi_open: bool = False, also: tuple = ()):
+        self.lo, self.hi, self.lo_open, self.hi_open, self.also = lo, hi, lo_open, hi_open, also
+
+    def ok(self, v: Any) -> bool:
+        if v in self.also:
             return True
-        if s in ("0", "false", "no", "off"):
+        if isinstance(v, float) and not math.isfinite(v):
             return False
-        raise ValueError(f"{name}: expected a boolean, got {value!r}")
-    if isinstance(current, int) and not isinstance(current, bool):
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def allowed(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            r = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            r = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            r = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            r = "any finite number"
+        return r + "".join(f" or {a!r}" for a in self.also)
+
+    def check(self, key: str, value: Any) -> None:
+        if not self.ok(value):
+            kind = "an integer" if isinstance(value, int) else "a finite number"
+            raise ConfigError(f"{key}={value!r}: must be {kind} {self.allowed()}")
+
+
+class OneOf(Rule):
+    """One of fixed choices, or of a registry's names (`provider`: a callable giving them;
+    the rule is skipped while no provider is registered, see register_choices)."""
+
+    def __init__(self, *choices: str, provider: Optional[str] = None):
+        self.choices, self.provider = tuple(choices), provider
+
+    def names(self) -> Optional[tuple]:
+        if self.provider is None:
+            return self.choices
+        fn = CHOICE_PROVIDERS.get(self.provider)
+        return tuple(fn()) if fn is not None else None
+
+    def ok(self, v: Any) -> bool:
+        names = self.names()
+        return names is None or v in names
+
+    def allowed(self) -> str:
+        names = self.names()
+        if names is None:
+            return f"a registered {self.provider} name"
+        return "one of " + " | ".join(repr(c) if c == "" else c for c in names)
+
+
+class CommaSet(Rule):
+    """A non-empty comma list of distinct choices (loss.groups: tv,ta,tav)."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def ok(self, v: Any) -> bool:
+        items = [x.strip() for x in str(v).split(",")]
+        return bool(items) and all(items) and len(set(items)) == len(items) and set(items) <= set(self.choices)
+
+    def allowed(self) -> str:
+        return f"a comma list of distinct {', '.join(self.choices)} (at least one)"
+
+
+class Pair(Rule):
+    """A pair of numbers each satisfying `each` (train.betas)."""
+
+    def __init__(self, each: Num):
+        self.each = each
+
+    def ok(self, v: Any) -> bool:
+        return isinstance(v, tuple) and len(v) == 2 and all(self.each.ok(x) for x in v)
+
+    def allowed(self) -> str:
+        return f"a pair of numbers, each {self.each.allowed()} (e.g. 0.9,0.98)"
+
+
+class Text(Rule):
+    """A string; `pattern`: a full-match regex with its description; `nonempty`."""
+
+    def __init__(self, pattern: Optional[str] = None, desc: str = "", nonempty: bool = False):
+        self.pattern, self.desc, self.nonempty = pattern, desc, nonempty
+
+    def ok(self, v: Any) -> bool:
+        if self.nonempty and not v:
+            return False
+        return self.pattern is None or re.fullmatch(self.pattern, v) is not None
+
+    def allowed(self) -> str:
+        return self.desc or ("a non-empty string" if self.nonempty else "any string")
+
+
+CHOICE_PROVIDERS: Dict[str, Callable[[], Sequence[str]]] = {}
+
+
+def register_choices(name: str, provider: Callable[[], Sequence[str]]) -> None:
+    """Let a registry (the task registry in tasks/base.py) supply the names a OneOf(provider=
+    name) rule allows, without config.py importing it."""
+    CHOICE_PROVIDERS[name] = provider
+
+
+ANY = Rule()
+POS_INT, NONNEG_INT = Num(lo=1), Num(lo=0)
+POSITIVE, NONNEG, UNIT = Num(lo=0, lo_open=True), Num(lo=0), Num(lo=0, hi=1)
+NAME = Text(r"(?!\.\.?$)[^/\\]*", "a plain folder name ('' = a timestamp; no '/', not '.' or '..')")
+GROUP = OneOf("tv", "ta", "tav")
+
+RULES: Dict[str, Rule] = {
+    # model
+    "model.size": OneOf(*SIZES), "model.vision": OneOf("clip", "swin"),
+    "model.swin_size": OneOf("", "tiny", "T", "S", "B"), "model.swin_drop_path": Num(hi=1, hi_open=True),
+    "model.image_size": POS_INT, "model.patch_size": POS_INT, "model.vision_width": POS_INT,
+    "model.vision_layers": POS_INT, "model.vision_heads": POS_INT, "model.text_width": POS_INT,
+    "model.text_layers": POS_INT, "model.text_heads": POS_INT, "model.text_ffn": POS_INT,
+    "model.audio_width": POS_INT, "model.audio_layers": POS_INT, "model.audio_heads": POS_INT,
+    "model.audio_mel_bins": Num(lo=16), "model.audio_frames": Num(lo=16), "model.contra_dim": POS_INT,
+    "model.max_frames": POS_INT, "model.vocab_size": POS_INT, "model.max_positions": Num(lo=3),
+    "model.init_text": ANY, "model.init_vision": ANY, "model.pool": OneOf("cls", "mean"),
+    "model.temperature": POSITIVE,
+    # data
+    "data.root": Text(nonempty=True), "data.synth": ANY, "data.synth_seed": NONNEG_INT,
+    "data.synth_clips_per_combo": POS_INT, "data.train_ann": Text(nonempty=True),
+    "data.val_ann": Text(nonempty=True), "data.test_ann": Text(nonempty=True), "data.video_dir": ANY,
+    "data.audio_dir": ANY, "data.shards": ANY, "data.frames_train": POS_INT, "data.frames_test": POS_INT,
+    "data.audio_slices": POS_INT, "data.sample_rate": Num(lo=1000), "data.max_text_len": Num(lo=3),
+    "data.backend": OneOf("auto", "cpu", "dali"), "data.num_workers": NONNEG_INT, "data.cache": ANY,
+    "data.video_dtype": OneOf("fp32", "bf16"), "data.crop_scale_min": Num(lo=0, hi=1, lo_open=True),
+    "data.hflip": ANY, "data.allow_missing_audio": ANY, "data.max_bad_rate": UNIT,
+    # loss
+    "loss.mga_mode": OneOf("fine", "coarse"), "loss.mga_weight": NONNEG, "loss.mgc_weight": NONNEG,
+    "loss.groups": CommaSet("tv", "ta", "tav"), "loss.mask_prob": UNIT,
+    "loss.label_smoothing": Num(lo=0, hi=1, hi_open=True), "loss.scst_samples": Num(lo=2),
+    "loss.grouped_decoder": ANY,
+    # train
+    "train.steps": POS_INT, "train.batch_size": POS_INT, "train.lr": POSITIVE, "train.vision_lr": NONNEG,
+    "train.weight_decay": NONNEG, "train.betas": Pair(Num(lo=0, hi=1, hi_open=True)), "train.eps": POSITIVE,
+    "train.warmup": UNIT, "train.grad_clip": NONNEG, "train.precision": OneOf("auto", "bf16", "fp16", "fp32"),
+    "train.seed": NONNEG_INT, "train.eval_every": NONNEG_INT, "train.log_every": POS_INT,
+    "train.out_dir": Text(nonempty=True), "train.run_name": NAME,
+    "train.device": Text(r"auto|cpu|cuda(:\d+)?", "auto | cpu | cuda | cuda:N"), "train.threads": NONNEG_INT,
+    "train.grad_accum": POS_INT, "train.parallel": OneOf("fsdp", "ddp"), "train.hsdp_replicas": NONNEG_INT,
+    "train.activation_checkpointing": OneOf("none", "full", "selective"), "train.compile": ANY,
+    "train.ckpt_every": NONNEG_INT, "train.keep_ckpts": POS_INT, "train.async_ckpt": ANY, "train.resume": ANY,
+    "train.resume_partial": ANY, "train.nan_policy": OneOf("stop", "skip"), "train.max_skips": NONNEG_INT,
+    "train.profile": ANY, "train.profile_steps": POS_INT, "train.tensorboard": ANY, "train.deterministic": ANY,
+    "train.fail_at_step": Num(lo=-1), "train.sleep_per_step": NONNEG, "train.final_eval": ANY,
+    "train.task": OneOf(provider="task"), "train.init": ANY,
+    # eval
+    "eval.beam": POS_INT, "eval.max_len": POS_INT, "eval.length_penalty": NONNEG, "eval.batch_size": POS_INT,
+    "eval.caption_group": GROUP, "eval.retrieval_mode": OneOf("", "fine", "coarse"),
+    "eval.retrieval_captions": OneOf("first", "all"), "eval.qa_max_answer_len": POS_INT,
+}
+
+
+def _cross_positions(cfg: "Config", world: int) -> Optional[str]:
+    rows = cfg.model.max_positions
+    if cfg.data.max_text_len > rows:
+        return f"data.max_text_len={cfg.data.max_text_len}: must be <= model.max_positions ({rows})"
+    if cfg.eval.max_len + 2 > rows:
+        return f"eval.max_len={cfg.eval.max_len}: [CLS] + it + [MASK] must fit model.max_positions ({rows})"
+    if cfg.eval.qa_max_answer_len >= cfg.data.max_text_len - 2:
+        return (f"eval.qa_max_answer_len={cfg.eval.qa_max_answer_len}: must be < data.max_text_len - 2 "
+                f"({cfg.data.max_text_len - 2}), leaving room for the question")
+    return None
+
+
+def _cross_frames(cfg: "Config", world: int) -> Optional[str]:
+    m, d = cfg.model, cfg.data
+    for key, n in (("data.frames_train", d.frames_train), ("data.frames_test", d.frames_test),
+                   ("data.audio_slices", d.audio_slices)):
+        if n > m.max_frames:
+            return f"{key}={n}: must be <= model.max_frames ({m.max_frames}, the frame embedding's slots)"
+    if m.vision == "clip" and m.patch_size > m.image_size:
+        return f"model.patch_size={m.patch_size}: must be <= model.image_size ({m.image_size})"
+    return None
+
+
+def _cross_heads(cfg: "Config", world: int) -> Optional[str]:
+    m = cfg.model
+    pairs = [("text", m.text_width, m.text_heads), ("audio", m.audio_width, m.audio_heads)]
+    if m.vision == "clip":
+        pairs.append(("vision", m.vision_width, m.vision_heads))
+    for name, width, heads in pairs:
+        if width % heads:
+            return f"model.{name}_heads={heads}: must divide model.{name}_width ({width})"
+    return None
+
+
+def _cross_batch(cfg: "Config", world: int) -> Optional[str]:
+    t = cfg.train
+    if t.batch_size % (world * t.grad_accum):
+        return (f"train.batch_size={t.batch_size}: must divide by world ({world}) x train.grad_accum "
+                f"({t.grad_accum})")
+    if t.hsdp_replicas > 1 and world > 1 and world % t.hsdp_replicas:
+        return f"train.hsdp_replicas={t.hsdp_replicas}: must divide the world size ({world})"
+    return None
+
+
+CROSS: List[Callable[["Config", int], Optional[str]]] = [_cross_positions, _cross_frames, _cross_heads,
+                                                         _cross_batch]
+
+
+def validate(cfg: "Config", world: Optional[int] = None) -> "Config":
+    """Check every field against RULES and the CROSS facts; ConfigError (one line) at the first
+    violation.  `world`: processes of the run (default: WORLD_SIZE, else 1)."""
+    if world is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    for sec in fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in fields(section):
+            key = f"{sec.name}.{f.name}"
+            rule = RULES.get(key)
+            if rule is None:
+                raise ConfigError(f"{key}: the field has no rule in valor_fast.config.RULES (add one)")
+            rule.check(key, getattr(section, f.name))
+    for cross in CROSS:
+        msg = cross(cfg, world)
+        if msg:
+            raise ConfigError(msg)
+    return cfg
+
+
+check = validate   # the older name
+
+
+# ---------------- types: coercing override strings and YAML values ----------------
+
+def type_name(current: Any) -> str:
+    if isinstance(current, bool):
+        return "bool"
+    if isinstance(current, tuple):
+        return "tuple[" + ", ".join(type_name(c) for c in current) + "]"
+    return type(current).__name__
+
+
+def _bad_type(name: str, value: Any, what: str) -> ConfigError:
+    return ConfigError(f"{name}={value!r}: expected {what}")
+
+
+def _to_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).lower() if isinstance(value, (str, int)) else None
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise _bad_type(name, value, "a boolean (true / false)")
+
+
+def _to_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _bad_type(name, value, "an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
         try:
-            return int(value)
-        except (TypeError, ValueError):
             f = float(value)
-            if f != int(f):
-                raise ValueError(f"{name}: expected an integer, got {value!r}")
-            return int(f)
-    if isinstance(current, float):
+        except (TypeError, ValueError):
+            raise _bad_type(name, value, "an integer") from None
+        if not math.isfinite(f) or f != int(f):
+            raise _bad_type(name, value, "an integer") from None
+        return int(f)
+
+
+def _to_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _bad_type(name, value, "a number")
+    try:
         return float(value)
+    except (TypeError, ValueError):
+        raise _bad_type(name, value, "a number") from None
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """`value` (an override string or a YAML value) as the type of the field's `current`
+    value; ConfigError naming the field and the expected type otherwise."""
+    if isinstance(current, bool):
+        return _to_bool(value, name)
+    if isinstance(current, int):
+        return _to_int(value, name)
+    if isinstance(current, float):
+        return _to_float(value, name)
     if isinstance(current, tuple):
         if isinstance(value, str):
-            value = [v for v in value.strip("()[] ").split(",") if v]
-        return tuple(type(c)(v) for c, v in zip(current, value))
-    return value if not isinstance(current, str) else str(value)
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(current):
+            raise _bad_type(name, value, f"{len(current)} comma-separated values ({type_name(current)})")
+        return tuple(_coerce(v, c, name) for c, v in zip(current, value))
+    if isinstance(current, str):
+        if value is None or isinstance(value, (dict, list, tuple)):
+            raise _bad_type(name, value, "a string (write '' for empty)")
+        return str(value)
+    return value
 
 
 def _int(key: str, value: Any) -> int:
-    return _coerce(value, 0, key)
+    return _to_int(value, key)
 
 
 def _migrate(overrides: dict) -> dict:
@@ -266,7 +611,7 @@ def _migrate(overrides: dict) -> dict:
     if "model.max_text_len" in out:
         rows = max(512, _int("model.max_text_len", out.pop("model.max_text_len")))
         if "model.max_positions" in out and _int("model.max_positions", out["model.max_positions"]) != rows:
-            raise ValueError(f"model.max_text_len (moved: it set model.max_positions = {rows}) conflicts with "
+            raise ConfigError(f"model.max_text_len (moved: it set model.max_positions = {rows}) conflicts with "
                              f"model.max_positions={out['model.max_positions']}; keep model.max_positions only")
         out.setdefault("model.max_positions", rows)
         log.warning("config: model.max_text_len is gone; the text length is data.max_text_len and the position "
@@ -274,65 +619,89 @@ def _migrate(overrides: dict) -> dict:
     if "data.audio_mel_bins" in out:
         bins = _int("data.audio_mel_bins", out.pop("data.audio_mel_bins"))
         if "model.audio_mel_bins" in out and _int("model.audio_mel_bins", out["model.audio_mel_bins"]) != bins:
-            raise ValueError(f"data.audio_mel_bins={bins} and model.audio_mel_bins={out['model.audio_mel_bins']} "
+            raise ConfigError(f"data.audio_mel_bins={bins} and model.audio_mel_bins={out['model.audio_mel_bins']} "
                              "differ; the fbank bins are now model.audio_mel_bins alone")
         out["model.audio_mel_bins"] = bins
         log.warning("config: data.audio_mel_bins moved to model.audio_mel_bins (= %d)", bins)
     if "model.gradient_checkpointing" in out:
         if _coerce(out.pop("model.gradient_checkpointing"), False, "model.gradient_checkpointing"):
-            raise ValueError("model.gradient_checkpointing was removed (it never took effect); use "
+            raise ConfigError("model.gradient_checkpointing was removed (it never took effect); use "
                              "train.activation_checkpointing=full (or selective)")
         log.warning("config: model.gradient_checkpointing (removed, it never took effect) ignored")
     return out
 
 
-def check(cfg: Config) -> Config:
-    """Cross-section facts one field cannot check alone: the texts fit the position table."""
-    rows = cfg.model.max_positions
-    if cfg.data.max_text_len > rows:
-        raise ValueError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_positions={rows}")
-    if cfg.eval.max_len + 2 > rows:
-        raise ValueError(f"eval.max_len={cfg.eval.max_len} + [CLS] + [MASK] exceeds model.max_positions={rows}")
-    return cfg
-
-
-def apply_overrides(cfg: Config, overrides: dict) -> Config:
-    """Apply {"train.lr": "3e-4", ...}; unknown keys are an error naming the key; moved fields
-    are mapped (`_migrate`)."""
+def apply_overrides(cfg: Config, overrides: dict, source: str = "override") -> Config:
+    """Apply {"train.lr": "3e-4", ...}; unknown keys are an error naming the key (and
+    `source`: the recipe file or "override"); moved fields are mapped (`_migrate`)."""
     for key, value in _migrate(overrides).items():
         parts = key.split(".")
         if len(parts) != 2:
-            raise ValueError(f"override {key!r}: expected section.field, e.g. train.lr")
+            raise ConfigError(f"{source} {key!r}: expected section.field, e.g. train.lr")
         sec, name = parts
-        if not hasattr(cfg, sec):
-            raise ValueError(f"override {key!r}: no section {sec!r} (sections: {[f.name for f in fields(cfg)]})")
+        if sec not in {f.name for f in fields(cfg)}:
+            raise ConfigError(f"{source} {key!r}: no section {sec!r} (sections: {', '.join(f.name for f in fields(cfg))})")
         section = getattr(cfg, sec)
-        if not hasattr(section, name):
-            raise ValueError(f"override {key!r}: section {sec!r} has no field {name!r} "
-                             f"(fields: {[f.name for f in fields(section)]})")
+        if name not in {f.name for f in fields(section)}:
+            raise ConfigError(f"{source} {key!r}: section {sec!r} has no field {name!r} (valor-fast config show "
+                              f"--section {sec} lists them)")
         setattr(section, name, _coerce(value, getattr(section, name), key))
     return cfg
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
-    """Build a Config: defaults <- named model size <- recipe YAML <- dotted overrides."""
-    raw: dict = {}
-    if path:
-        if not os.path.exists(path):
-            here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-            alt = os.path.join(here, path if path.endswith(".yaml") else path + ".yaml")
-            if os.path.exists(alt):
-                path = alt
-            else:
-                raise FileNotFoundError(f"config {path!r} not found (recipes live in configs/)")
+def find_recipe(path: str) -> str:
+    """A recipe path, or a name under configs/ (`tiny`, `finetune_qa.yaml`)."""
+    if os.path.exists(path):
+        return path
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    alt = os.path.join(here, path if path.endswith(".yaml") else path + ".yaml")
+    if os.path.exists(alt):
+        return alt
+    names = sorted(f[:-5] for f in os.listdir(here) if f.endswith(".yaml")) if os.path.isdir(here) else []
+    raise ConfigError(f"config {path!r} not found (a YAML path, or a recipe name: {', '.join(names)})")
+
+
+def read_recipe(path: str) -> Dict[str, Any]:
+    """The recipe's {"section.field": value}: the file must be a mapping of sections, each a
+    mapping of fields (ConfigError naming the file otherwise)."""
+    try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot be read ({e.strerror or e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a mapping of sections (model:, data:, loss:, train:, eval:), "
+                          f"got a {type(raw).__name__}")
+    flat = {}
+    for sec, body in raw.items():
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"config {path}: section {sec!r} must be a mapping of fields, got a "
+                              f"{type(body).__name__} ({body!r})")
+        flat.update({f"{sec}.{k}": v for k, v in body.items()})
+    return flat
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, world: Optional[int] = None) -> Config:
+    """Build a Config: defaults <- named model size <- recipe YAML <- dotted overrides; then
+    every field is validated (`validate`; ConfigError naming the field, value and range)."""
+    flat = read_recipe(find_recipe(path)) if path else {}
+    source = f"config {path}:" if path else "override"
     overrides = dict(overrides or {})
-    size = overrides.get("model.size") or raw.get("model", {}).get("size", "tiny")
+    size = overrides.get("model.size", flat.get("model.size", "tiny"))
+    if size not in SIZES:
+        raise ConfigError(f"model.size={size!r}: must be one of {' | '.join(SIZES)}")
     cfg = Config(model=model_config(size))
-    flat = {f"{s}.{k}": v for s, sec in raw.items() for k, v in (sec or {}).items()}
-    flat.update(overrides)
-    return check(apply_overrides(cfg, flat))
+    apply_overrides(cfg, flat, source)
+    apply_overrides(cfg, overrides)
+    return validate(cfg, world)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -342,5 +711,50 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    """config.yaml of a run folder, written atomically."""
+    from .utils.fs import atomic_write_bytes
+    atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(), "config")
+
+
+# ---------------- `valor-fast config show` ----------------
+
+def field_docs(cls) -> Dict[str, str]:
+    """{field: docstring} of a dataclass whose fields carry a string literal below them."""
+    import ast
+    import inspect
+    import textwrap
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def show(cfg: Config, section: Optional[str] = None, width: int = 100) -> str:
+    """Every field (of `section`, or all): `section.field: type = value` (with the size's
+    default when the value differs), the allowed values, and the docstring."""
+    import textwrap
+    secs = [f.name for f in fields(cfg)]
+    if section is not None and section not in secs:
+        raise ConfigError(f"--section {section!r}: choose one of {', '.join(secs)}")
+    default = Config(model=model_config(cfg.model.size))
+    lines = []
+    for sec in secs if section is None else [section]:
+        part, base = getattr(cfg, sec), getattr(default, sec)
+        docs = field_docs(type(part))
+        lines.append(f"[{sec}]")
+        for f in fields(part):
+            key, cur, dflt = f"{sec}.{f.name}", getattr(part, f.name), getattr(base, f.name)
+            note = "" if cur == dflt else f"   (default {dflt!r})"
+            lines.append(f"  {key}: {type_name(cur)} = {cur!r}{note}")
+            lines.append(f"      allowed: {RULES[key].allowed() if key in RULES else '(no rule)'}")
+            lines += textwrap.wrap(docs.get(f.name, "(no docstring)"), width, initial_indent="      ",
+                                   subsequent_indent="      ")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

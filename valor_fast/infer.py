@@ -87,8 +87,11 @@ def load_clip(video: str, audio: Optional[str], cfg: Config) -> dict:
 
 @torch.no_grad()
 def caption_files(model, cfg: Config, device, videos: List[str], audios: Optional[List[str]] = None,
-                  beam: Optional[int] = None) -> Dict[str, str]:
+                  beam: Optional[int] = None, source: Optional[str] = None) -> Dict[str, str]:
+    """A caption per video file; non-finite decoder memory (a broken model) raises
+    NonFiniteScoresError naming `source` (the checkpoint) and the file."""
     from .eval.caption import generate
+    from .eval.metrics import check_finite
     from .tasks.mgc import group_memory_masks
     out = {}
     for i, path in enumerate(videos):
@@ -96,6 +99,7 @@ def caption_files(model, cfg: Config, device, videos: List[str], audios: Optiona
         vt = model.encode_video(clip["video"].to(device))
         at = model.encode_audio(clip["audio"].to(device))
         memory, n_video = model.memory(vt, at)
+        check_finite(memory, f"decoder memory of {path}", source)
         group = cfg.eval.caption_group if bool(clip["has_audio"]) else "tv"
         mm = group_memory_masks([group], 1, n_video, memory.shape[1] - n_video, clip["has_audio"].to(device), device)
         out[path] = generate(model, memory, mm, cfg.eval, beam=beam)[0]
@@ -103,11 +107,14 @@ def caption_files(model, cfg: Config, device, videos: List[str], audios: Optiona
 
 
 @torch.no_grad()
-def embed_split(model, cfg: Config, device, split: str, batch_size: int = 64) -> Dict[str, torch.Tensor]:
+def embed_split(model, cfg: Config, device, split: str, batch_size: int = 64,
+                source: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Contrastive-space features of every clip of a split: text (first caption), video (per
     frame + pooled), audio (per slice + pooled) and the fused audiovisual feature, all L2-normalised,
-    in the order of the split's annotations."""
+    in the order of the split's annotations.  Non-finite features raise NonFiniteScoresError
+    naming `source` (the checkpoint): a broken model's features are never written."""
     from .data import build_loader
+    from .eval.metrics import check_finite
     loader = build_loader(cfg.data, split, cfg.model.image_size, batch_size, False, cfg.train.seed,
                           mel_bins=cfg.model.audio_mel_bins)
     parts: Dict[str, list] = {k: [] for k in ("text", "video", "video_frames", "audio", "audio_slices", "av")}
@@ -126,6 +133,8 @@ def embed_split(model, cfg: Config, device, split: str, batch_size: int = 64) ->
         parts["av"].append(model.av_pooled(v, a))
         ids.extend(b["video_id"])
     out = {k: torch.cat(v).float().cpu().contiguous() for k, v in parts.items()}
+    for k, v in out.items():
+        check_finite(v, f"{k} embeddings", source)
     out["_ids"] = ids   # type: ignore[assignment]
     return out
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 import os
 from typing import Dict, List
+
+from .jsonio import load_json, load_json_or_lines
 
 FORMATS = ("msrvtt", "msrvtt_1ka", "vatex", "audiocaps", "valor32k", "msrvtt_qa")
 
@@ -30,22 +31,17 @@ def _records(caps: Dict[str, List[str]], qa: Dict[str, List[dict]] = None) -> Li
 
 
 def _load_json_or_lines(path: str):
-    with open(path) as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return [json.loads(l) for l in text.splitlines() if l.strip()]
+    return load_json_or_lines(path)   # malformed: AnnotationError naming path:line:col
 
 
 def read_msrvtt(path: str) -> List[dict]:
     split = None
     if "#" in os.path.basename(path):
         path, split = path.rsplit("#", 1)
-    with open(path) as f:
-        d = json.load(f)
-    if "sentences" not in d:
-        raise ValueError(f"{path}: not an MSRVTT annotation file (no 'sentences' key; keys: {sorted(d)[:5]})")
+    d = load_json(path)
+    if not isinstance(d, dict) or "sentences" not in d:
+        keys = sorted(d)[:5] if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{path}: not an MSRVTT annotation file (no 'sentences' key; keys: {keys})")
     keep = None
     if split is not None:
         keep = {v["video_id"] for v in d.get("videos", []) if v.get("split") == split}

@@ -10,8 +10,11 @@ Per batch (B clips, n frames each, S px, audio at `data.sample_rate`):
      resizes each clip's region (the centred square, or the crop window inside it) to S x S
      with an antialiased linear filter -> uint8 (B, n, S, S, 3); JPEG frame folders go through
      `decoders.image` (nvJPEG, "mixed", on a GPU) the same way;
-  3. audio: DALI decodes WAV/FLAC on the CPU (it has no GPU audio decoder), the waveforms move
-     to the device padded to (B, N), are resampled there, and `fbank.valor_fbank_batched`
+  3. audio: DALI decodes WAV/FLAC on the CPU (it has no GPU audio decoder; any PCM or float
+     sample format, as float), a clip without an audio file has its video's own track (AAC in
+     MP4, which DALI's decoder lacks) decoded by PyAV on the CPU (`audio.read_container_audio`);
+     the waveforms move to the device, are resampled there (`fbank.resample`, bounded memory),
+     padded to (B, N), and `fbank.valor_fbank_batched`
      computes the Kaldi fbank (FFT + mel matmul, fp32 without TF32) -> the 512-frame slice
      windows are drawn (shared order) and gathered -> (B, slices, 512, mel);
   4. captions: drawn (shared order); token ids were cached at construction.
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from ..utils.log import get_logger, log_once
+from .audio import check_decoded, read_container_audio
 from .dataset import VIDEO_DTYPES, VideoAudioTextDataset
 from .fbank import resample, slice_fbank_batched, slice_windows, valor_fbank_batched
 from .media import BadMediaError, derive_generator
@@ -286,19 +290,34 @@ class DaliLoader:
         return res
 
     def _decode_audio(self, slots: List[int], plans) -> Dict[int, object]:
-        """-> {slot: (float32 waveform (N,) on the CPU, sample rate), or an error string}."""
+        """-> {slot: (float32 waveform (N,) on the CPU at its own rate, that rate), or an error
+        string}.  Audio files go through DALI's decoder (CPU only; WAV/FLAC, every sample format
+        as float); a clip whose audio is its video's own track (AAC in MP4, which DALI cannot
+        decode) through the CPU path's PyAV decoder."""
         res: Dict[int, object] = {}
         have = [b for b in slots if plans[b]["ainfo"] is not None]
-        if not have:
+        for b in [b for b in have if plans[b]["ainfo"].source == "container"]:
+            try:
+                got = read_container_audio(plans[b]["ainfo"].path)
+                res[b] = got if got is not None else (torch.zeros(0), plans[b]["ainfo"].sample_rate)
+            except DecodeError as e:
+                res[b] = str(e)
+        files = [b for b in have if plans[b]["ainfo"].source != "container"]
+        if not files:
             return res
-        groups = [{"encoded": [_read(plans[b]["ainfo"].path)]} for b in have]
-        for b, r in zip(have, self._isolated("audio", groups)):
+        groups = [{"encoded": [_read(plans[b]["ainfo"].path)]} for b in files]
+        for b, r in zip(files, self._isolated("audio", groups)):
             if isinstance(r, str):
                 res[b] = r
                 continue
             (wave, sr), k, _ = r
-            w = np.array(wave[k]).reshape(-1).astype(np.float32)
-            res[b] = (torch.from_numpy(w), int(np.array(sr[k]).reshape(-1)[0]))
+            w = torch.from_numpy(np.array(wave[k]).reshape(-1).astype(np.float32))
+            try:
+                check_decoded(plans[b]["ainfo"].path, w)
+            except DecodeError as e:
+                res[b] = str(e)
+                continue
+            res[b] = (w, int(np.array(sr[k]).reshape(-1)[0]))
         return res
 
     # -- batches --

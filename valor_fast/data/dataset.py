@@ -10,8 +10,14 @@ a sample gets.
 
 With `data.cache` (CPU path) every clip is decoded once: frames are kept as uint8 at the
 encoder's resolution and the audio as its full normalised fbank, in memory and in an on-disk cache
-(`root/.cache/<size>/<id>.pt`, keyed by the media files' size and mtime) so a second run starts
-at once.  Captions are tokenised once, at construction (off the hot path).
+(`root/.cache/<size>/<sha256(id)[:32]>.pt`, holding the id, keyed by the media files' size and
+mtime) so a second run starts at once.  Captions are tokenised once, at construction (off the hot
+path).
+
+Audio: the clip's WAV/FLAC file when there is one, else the video container's own audio track
+(`audio.py`), else none.  Ids are confined (`paths.py`): an id that is absolute, holds `..` or
+leads through a symlink out of the dataset is bad media, reported by id; the decode cache is
+used only while it resolves inside the data root.
 
 Bad media (see `media.py` for the policy): a training sample whose files are bad is replaced by
 the next good index of a seed-fixed permutation, with its own caption; evaluation splits drop bad
@@ -22,38 +28,27 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from ..config import DataConfig
 from ..utils.log import get_logger, log_once
 from .annotations import read_annotations
-from .fbank import resample, slice_fbank, valor_fbank
+from .audio import load_audio, load_container_audio
+from .fbank import slice_fbank, valor_fbank
 from .media import (BadMediaError, ReplacementOrder, derive_generator, find_audio, find_video, probe_audio,
                     probe_video)
-from .shards import ShardIndex, is_member, media_open, media_stat
+from .paths import dataset_cache, id_hash, write_private
+from .shards import ShardIndex, is_member, media_stat
 from .tokenizer import encode_cached, pad_ids
 from .video import (DecodeError, crop_resize, crop_window, decode_frame_folder, decode_video, normalize,
                     resize_frames, sample_indices)
 
 log = get_logger(__name__)
-CACHE_VERSION = 2   # bump when decoding changes what a cache entry holds (2: bilinear-chroma YUV->RGB)
+# bump when decoding changes what a cache entry holds (2: bilinear-chroma YUV->RGB; 3: audio read
+# at full precision, the container's own audio track, entries named by a hash of the id)
+CACHE_VERSION = 3
 VIDEO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def load_audio(path: str, sample_rate: int) -> torch.Tensor:
-    """Mono float32 waveform at `sample_rate` (channels averaged).  Raises DecodeError for an
-    empty, truncated or undecodable file; a file with zero samples gives an empty tensor."""
-    import soundfile as sf
-    probe_audio(path)
-    try:
-        pcm, sr = sf.read(media_open(path), dtype="int16", always_2d=True)
-    except Exception as e:
-        raise DecodeError(f"audio {path!r} could not be decoded: {type(e).__name__}: {e}") from e
-    wave = torch.from_numpy(pcm.astype(np.float32).mean(1) / 32768.0)
-    if wave.numel() == 0:
-        return wave
-    return resample(wave, sr, sample_rate) if sr != sample_rate else wave
+NO_AUDIO = "has no file and its video no audio track"
 
 
 class VideoAudioTextDataset(torch.utils.data.Dataset):
@@ -78,6 +73,7 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
             raise ValueError(f"{split} annotations in {cfg.root!r} are empty")
         self.video_dir = os.path.join(cfg.root, cfg.video_dir)
         self.audio_dir = os.path.join(cfg.root, cfg.audio_dir)
+        self.cache_root = dataset_cache(cfg.root)
         globs = [g for g in (cfg.shards, ann[len("shards:"):] if ann.startswith("shards:") else "") if g]
         self.shards = ShardIndex.load(cfg.root, ",".join(globs)) if globs else None
         self._cache: Dict[int, dict] = {}
@@ -98,7 +94,7 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
 
     def _tokenise(self) -> None:
         flat = [c for r in self.records for c in r["captions"]]
-        ids = encode_cached(flat, self.cfg.max_text_len, os.path.join(self.cfg.root, ".cache"))
+        ids = encode_cached(flat, self.cfg.max_text_len, self.cache_root)
         self.caption_ids, k = [], 0
         for r in self.records:
             self.caption_ids.append(ids[k:k + len(r["captions"])])
@@ -117,25 +113,26 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
 
     # -- media --
     def paths(self, i: int) -> Tuple[str, Optional[str]]:
-        """(video path or frame folder, audio path or None).  Raises DecodeError when the video is
-        missing, or the audio is missing and data.allow_missing_audio is off."""
+        """(video path or frame folder, audio file or None), confined to the dataset.  Raises
+        DecodeError when the video is missing, or UnsafePathError (a DecodeError) when the id or
+        a path it leads to would leave the dataset."""
         vid = self.records[i]["video_id"]
-        vpath = find_video(self.video_dir, vid, self.shards)
+        vpath = find_video(self.video_dir, vid, self.shards, root=self.cfg.root)
         if vpath is None:
             raise DecodeError(f"no video file or frame folder for {vid!r} in {self.video_dir!r}"
                               + (" or the shards" if self.shards else ""))
-        apath = find_audio(self.audio_dir, vid, self.shards)
-        if apath is None and not self.cfg.allow_missing_audio:
-            raise DecodeError(f"no audio file for {vid!r} in {self.audio_dir!r} (data.allow_missing_audio=false)")
-        return vpath, apath
+        return vpath, find_audio(self.audio_dir, vid, self.shards, root=self.cfg.root)
 
     def probe(self, i: int):
         """(VideoInfo, AudioInfo or None) from headers and packets, no pixels (the DALI path's
-        plan, and the evaluation splits' start-up check)."""
+        plan, and the evaluation splits' start-up check).  The audio is the clip's own file
+        (source "file"), else its video's audio track (source "container"), else None."""
         vpath, apath = self.paths(i)
         v = probe_video(vpath, self.records[i]["video_id"])
-        a = probe_audio(apath) if apath is not None else None
-        if a is not None and a.n_samples == 0:
+        a = probe_audio(apath) if apath is not None else v.audio
+        if a is None:
+            return v, self._no_audio(i, NO_AUDIO)
+        if a.n_samples == 0:
             a = self._no_audio(i, "has zero samples")
         return v, a
 
@@ -156,6 +153,45 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
                 self.scan_bad[self.records[i]["video_id"]] = str(e)
         self.scanned = len(self.records)
 
+    def _cache_file(self, vid: str) -> Optional[str]:
+        if self.cache_root is None:
+            return None
+        return os.path.join(self.cache_root, str(self.size), id_hash(vid) + ".pt")
+
+    def _load_cached(self, cache_file: str, vid: str, key: str) -> Optional[dict]:
+        if not os.path.isfile(cache_file):
+            return None
+        try:
+            d = torch.load(cache_file, weights_only=True)
+        except Exception:
+            return None   # unreadable cache entry: decode again
+        return d if isinstance(d, dict) and d.get("key") == key and d.get("video_id") == vid else None
+
+    def _save_cached(self, cache_file: str, d: dict) -> None:
+        try:
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            write_private(cache_file, lambda f: torch.save(d, f))
+        except OSError as e:   # read-only dataset folder: keep it in memory only
+            log_once("cache-ro:" + self.cfg.root, f"decode cache not written under {self.cfg.root!r}: {e}")
+
+    def _decode_audio(self, i: int, vpath: str, apath: Optional[str]) -> torch.Tensor:
+        """Normalised fbank (T, mel) fp16 of clip i's audio (file, else the video's track), or
+        an empty tensor when it has none (allowed) / zero samples."""
+        sr = self.cfg.sample_rate
+        if apath is not None:
+            wave = load_audio(apath, sr)
+        elif not os.path.isdir(vpath):
+            wave = load_container_audio(vpath, sr)
+        else:
+            wave = None
+        if wave is None:
+            self._no_audio(i, NO_AUDIO)
+        elif wave.numel() == 0:
+            self._no_audio(i, "has zero samples")
+        else:
+            return valor_fbank(wave, sr, self.mel_bins).to(torch.float16)
+        return torch.zeros(0)
+
     def decode(self, i: int, indices: Optional[list] = None) -> dict:
         """CPU decode of clip i: {"frames": uint8 (F, 3, S, S), "fbank": (T, mel) fp16 or empty}.
         `indices`: only those frames, in that order (the uncached path; never cached).  Raises
@@ -165,34 +201,19 @@ class VideoAudioTextDataset(torch.utils.data.Dataset):
         cache_file = key = None
         if self.use_cache and indices is None:
             stats = [media_stat(p) for p in (vpath, apath) if p and (is_member(p) or os.path.isfile(p))]
-            key = f"v{CACHE_VERSION}|{stats}|{self.cfg.sample_rate}|{self.mel_bins}"
-            cache_file = os.path.join(self.cfg.root, ".cache", str(self.size), vid + ".pt")
-            if os.path.exists(cache_file):
-                try:
-                    d = torch.load(cache_file, weights_only=True)
-                    if d.get("key") == key:
-                        return d
-                except Exception:
-                    pass   # unreadable cache entry: decode again
+            key = f"v{CACHE_VERSION}|{stats}|{'file' if apath else 'video'}|{self.cfg.sample_rate}|{self.mel_bins}"
+            cache_file = self._cache_file(vid)
+            d = self._load_cached(cache_file, vid, key) if cache_file else None
+            if d is not None:
+                return d
         if os.path.isdir(vpath):
             frames = decode_frame_folder(vpath, indices)
         else:
             frames = decode_video(vpath, indices)
-        d = {"frames": resize_frames(frames, self.size), "key": key, "fbank": torch.zeros(0)}
-        wave = load_audio(apath, self.cfg.sample_rate) if apath is not None else None
-        if apath is None:
-            self._no_audio(i, "file is missing")
-        elif wave.numel() == 0:
-            self._no_audio(i, "has zero samples")
-        else:
-            d["fbank"] = valor_fbank(wave, self.cfg.sample_rate, self.mel_bins).to(torch.float16)
+        d = {"frames": resize_frames(frames, self.size), "key": key, "video_id": vid,
+             "fbank": self._decode_audio(i, vpath, apath)}
         if cache_file:
-            try:
-                os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-                torch.save(d, cache_file + ".tmp")
-                os.replace(cache_file + ".tmp", cache_file)
-            except OSError as e:   # read-only dataset folder: keep it in memory only
-                log_once("cache-ro:" + self.cfg.root, f"decode cache not written under {self.cfg.root!r}: {e}")
+            self._save_cached(cache_file, d)
         return d
 
     def _fill_cache(self) -> None:

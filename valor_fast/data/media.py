@@ -33,8 +33,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..utils.log import get_logger
+from .paths import check_id, confine, real_bases
 from .shards import ShardIndex, is_member, media_open, media_size, require_media
-from .video import DecodeError, check_truncated, image_size, list_frame_folder, open_video
+from .video import IMAGE_EXTS, DecodeError, check_truncated, image_size, list_frame_folder, open_video
 
 log = get_logger(__name__)
 
@@ -53,30 +54,45 @@ class BadMediaError(RuntimeError):
         self.report = report
 
 
-def _find(folder: str, vid: str, exts, shards: Optional["ShardIndex"]) -> Optional[str]:
-    """A member <vid>.<ext> of `shards` first, then <folder>/<vid>.<ext>, for exts in order."""
+def _find(folder: str, vid: str, exts, shards: Optional["ShardIndex"], bases: tuple) -> Optional[str]:
+    """A member <vid>.<ext> of `shards` first, then <folder>/<vid>.<ext>, for exts in order; a
+    file found is returned as its real path, confined to `bases`."""
+    check_id(vid)
     hit = shards.find(vid, exts) if shards is not None else None
     if hit:
         return hit
     for e in exts:
         p = os.path.join(folder, vid + e)
         if os.path.exists(p):
-            return p
+            return confine(p, bases, vid)
     return None
 
 
-def find_video(video_dir: str, vid: str, shards: Optional["ShardIndex"] = None) -> Optional[str]:
+def find_video(video_dir: str, vid: str, shards: Optional["ShardIndex"] = None,
+               root: Optional[str] = None) -> Optional[str]:
     """<video_dir>/<vid>.<ext> for the known video extensions, or the frame folder <vid>/; a
-    member of `shards` first when given."""
-    hit = _find(video_dir, vid, VIDEO_EXTS, shards)
+    member of `shards` first when given.  Raises UnsafePathError (a DecodeError) for an id that
+    is not a safe relative name or a path that resolves outside `video_dir` and `root`
+    (paths.py); a frame folder's images are held to the same rule."""
+    bases = real_bases(video_dir, root)
+    hit = _find(video_dir, vid, VIDEO_EXTS, shards, bases)
     if hit:
         return hit
     p = os.path.join(video_dir, vid)
-    return p if os.path.isdir(p) else None
+    if not os.path.isdir(p):
+        return None
+    real = confine(p, bases, vid)
+    for name in os.listdir(real):
+        q = os.path.join(real, name)
+        if os.path.islink(q) and name.lower().endswith(IMAGE_EXTS):
+            confine(q, bases, vid, what=f"frame {name!r}")
+    return real
 
 
-def find_audio(audio_dir: str, vid: str, shards: Optional["ShardIndex"] = None) -> Optional[str]:
-    return _find(audio_dir, vid, AUDIO_EXTS, shards)
+def find_audio(audio_dir: str, vid: str, shards: Optional["ShardIndex"] = None,
+               root: Optional[str] = None) -> Optional[str]:
+    """<audio_dir>/<vid>.wav|.flac (a member of `shards` first), confined as `find_video`."""
+    return _find(audio_dir, vid, AUDIO_EXTS, shards, real_bases(audio_dir, root))
 
 
 @dataclass
@@ -88,6 +104,7 @@ class VideoInfo:
     width: int = 0
     height: int = 0
     files: List[str] = field(default_factory=list)   # frame folder: sorted image names
+    audio: Optional["AudioInfo"] = None              # the container's own audio track, if any
 
     @property
     def seconds(self) -> Optional[float]:
@@ -100,9 +117,13 @@ class AudioInfo:
     n_samples: int
     sample_rate: int
     channels: int
+    source: str = "file"           # "file" (a WAV/FLAC beside the video) or "container" (its own track)
 
     @property
-    def seconds(self) -> float:
+    def seconds(self) -> Optional[float]:
+        """Duration; None when the header does not declare it (n_samples -1)."""
+        if self.n_samples < 0:
+            return None
         return self.n_samples / self.sample_rate if self.sample_rate else 0.0
 
 
@@ -126,6 +147,7 @@ def probe_video(path: Optional[str], vid: str = "") -> VideoInfo:
             n = sum(1 for pk in c.demux(st) if pk.size > 0)
             rate = st.average_rate or st.guessed_rate
             w, h = st.codec_context.width, st.codec_context.height
+            audio = _track_info(path, c)
     except DecodeError:
         raise
     except Exception as e:
@@ -133,29 +155,80 @@ def probe_video(path: Optional[str], vid: str = "") -> VideoInfo:
     if n == 0:
         raise DecodeError(f"video {path!r} has no video packets")
     check_truncated(path, n, expected)
-    return VideoInfo(path, "file", n, float(rate) if rate else None, w, h)
+    return VideoInfo(path, "file", n, float(rate) if rate else None, w, h, audio=audio)
+
+
+def _track_info(path: str, container) -> Optional[AudioInfo]:
+    """AudioInfo (source "container") of the first audio stream of an open container, from its
+    header: the sample count estimated from the declared duration, -1 when none is declared
+    (the decoder then finds out), or None without an audio stream."""
+    if not container.streams.audio:
+        return None
+    st = container.streams.audio[0]
+    sr = int(st.rate or st.codec_context.sample_rate or 0)
+    if st.duration and st.time_base:
+        n = int(round(float(st.duration * st.time_base) * sr))
+    elif container.duration:
+        n = int(round(container.duration / 1_000_000 * sr))
+    else:
+        n = -1
+    return AudioInfo(path, n, sr, int(st.codec_context.layout.nb_channels), "container")
+
+
+def _riff_chunks(path: str):
+    """(id, declared length, data offset) of each top-level chunk of a RIFF/WAVE file or
+    member, with the bytes present (None when it is not a plain RIFF/WAVE file); the fmt
+    chunk's first 16 bytes ride along as `fmt`."""
+    size = media_size(path)
+    with (open(path, "rb") if not is_member(path) else media_open(path)) as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        chunks, fmt, pos = [], b"", 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            cid, clen = struct.unpack("<4sI", f.read(8))
+            if cid == b"fmt ":
+                fmt = f.read(min(clen, 40))
+            chunks.append((cid, clen, pos + 8))
+            if cid == b"data":
+                break
+            pos += 8 + clen + (clen & 1)
+    return chunks, fmt, size
+
+
+def wav_layout(path: str) -> Optional[Tuple[int, int, int, int]]:
+    """(format tag: 1 PCM / 3 IEEE float, bits per sample, data offset, data bytes present) of
+    a plain WAV file, or None when it is not one (FLAC, RIFF without fmt/data)."""
+    got = _riff_chunks(path)
+    if got is None:
+        return None
+    chunks, fmt, size = got
+    data = [c for c in chunks if c[0] == b"data"]
+    if len(fmt) < 16 or not data:
+        return None
+    tag, bits = struct.unpack("<H", fmt[0:2])[0], struct.unpack("<H", fmt[14:16])[0]
+    if tag == 0xFFFE and len(fmt) >= 26:            # WAVE_FORMAT_EXTENSIBLE: the sub-format GUID
+        tag = struct.unpack("<H", fmt[24:26])[0]
+    _, clen, off = data[0]
+    present = size - off
+    if clen not in (0, 0xFFFFFFFF):
+        present = min(present, clen)
+    return tag, bits, off, present
 
 
 def _wav_data_shortfall(path: str) -> Optional[Tuple[int, int]]:
     """(declared, present) bytes of a RIFF/WAVE file's data chunk when fewer are present than
     the header declares; None when complete or not a plain RIFF file.  libsndfile silently
     reads what is there, so a cut WAV would pass as a short clip."""
-    size = media_size(path)
-    with (open(path, "rb") if not is_member(path) else media_open(path)) as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        pos = 12
-        while pos + 8 <= size:
-            f.seek(pos)
-            cid, clen = struct.unpack("<4sI", f.read(8))
-            if cid == b"data":
-                present = size - pos - 8
-                # 0xFFFFFFFF / 0: streaming writers that never patched the size
-                if clen not in (0, 0xFFFFFFFF) and present < clen:
-                    return clen, present
-                return None
-            pos += 8 + clen + (clen & 1)
+    got = _riff_chunks(path)
+    if got is None:
+        return None
+    chunks, _, size = got
+    for cid, clen, off in chunks:
+        # 0xFFFFFFFF / 0: streaming writers that never patched the size
+        if cid == b"data" and clen not in (0, 0xFFFFFFFF) and size - off < clen:
+            return clen, size - off
     return None
 
 

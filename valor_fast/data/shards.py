@@ -8,7 +8,11 @@ under a second), and the index is cached under `<root>/.cache/shards/`, keyed by
 size and mtime.  A member is named by a *media path* `"<shard path>::<member name>"`; the
 `media_*` helpers below take either such a path or a plain file path, so every decoder (PyAV,
 soundfile, DALI's encoded-bytes input) reads both.  Only uncompressed tars can be read in
-place (`.tar`); a compressed one (`.tar.gz`) is refused with a message saying so."""
+place (`.tar`); a compressed one (`.tar.gz`) is refused with a message saying so.
+
+Member names are data: one that is absolute, holds `..`, a NUL byte or `::` (paths.id_problem)
+is skipped when the shard is indexed (counted and logged, in `ShardIndex.unsafe`), so it never
+becomes a clip id, a media path or a cache name."""
 from __future__ import annotations
 
 import glob
@@ -23,10 +27,11 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from ..utils.log import get_logger
 from .errors import DecodeError
+from .paths import SHARD_SEP, dataset_cache, id_problem, write_private
 
 log = get_logger(__name__)
 
-SEP = "::"
+SEP = SHARD_SEP   # "<shard path>::<member name>"
 INDEX_VERSION = 1
 _INDEXES: Dict[tuple, "ShardIndex"] = {}   # per process: one index per (root, globs)
 
@@ -154,9 +159,13 @@ class ShardIndex:
         self.shards = shards
         self.members: Dict[Tuple[str, str], Tuple[int, int]] = {}
         self.samples: Dict[str, Dict[str, str]] = {}
-        dup = 0
+        dup, self.unsafe = 0, {}
         for shard in shards:
             for name, off, size in self._members(shard, cache_dir):
+                why = id_problem(name)
+                if why is not None:   # never a media path or a clip id: it names no place in the dataset
+                    self.unsafe[f"{shard}{SEP}{name}"] = f"member name {name!r} {why}"
+                    continue
                 self.members[(shard, name)] = (off, size)
                 key, ext = sample_key(name)
                 exts = self.samples.setdefault(key, {})
@@ -167,6 +176,9 @@ class ShardIndex:
         if dup:
             log.warning("%d shard member(s) repeat a sample key and extension already seen; the first "
                         "one is used", dup)
+        if self.unsafe:
+            log.warning("%d shard member(s) skipped, their names lead out of the dataset: %s", len(self.unsafe),
+                        "; ".join(f"{k}: {v}" for k, v in list(self.unsafe.items())[:10]))
         for s in shards:
             _BY_SHARD[s] = self
 
@@ -203,9 +215,8 @@ class ShardIndex:
         if cache:
             try:
                 os.makedirs(cache_dir, exist_ok=True)
-                with open(cache + ".tmp", "w") as f:
-                    json.dump({"stamp": stamp, "members": rows}, f)
-                os.replace(cache + ".tmp", cache)
+                blob = json.dumps({"stamp": stamp, "members": rows}).encode()
+                write_private(cache, lambda f: f.write(blob))
             except OSError:
                 pass   # read-only dataset: index again next time
         return rows
@@ -216,7 +227,8 @@ class ShardIndex:
         key = (os.path.abspath(root), tuple(shards))
         idx = _INDEXES.get(key)
         if idx is None:
-            idx = _INDEXES[key] = cls(shards, os.path.join(root, ".cache", "shards"))
+            cache = dataset_cache(root)
+            idx = _INDEXES[key] = cls(shards, os.path.join(cache, "shards") if cache else None)
             log.info("indexed %d shard(s): %d samples, %d members", len(shards), len(idx.samples),
                      len(idx.members))
         return idx

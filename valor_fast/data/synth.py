@@ -9,8 +9,12 @@ text->audiovisual can (VALOR's claim, measurable).  Every single attribute value
 training: the test measures composition, not new words.
 
 Layout written under `root`: videos/<id>.webm (VP9), audios/<id>.wav (16-bit mono),
-{train,val,test}.jsonl ({"video_id", "captions", "qa", "attrs"}), meta.json.  Generation is
-atomic (written to root.tmp, then renamed).
+{train,val,test}.jsonl ({"video_id", "captions", "qa", "attrs"}), meta.json, and the owner
+marker (utils/fs.py) listing every file written.  Generation is atomic (written to root.tmp,
+then renamed).  Nothing is ever deleted that the generator cannot prove it wrote: `root` is
+replaced only when it is missing, empty, or marked as a synthetic set holding nothing but the
+files the marker lists and the loaders' cache (.cache/); anything else is a ForeignContentError
+naming the folder and what to do.
 """
 from __future__ import annotations
 
@@ -23,9 +27,15 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from ..utils.fs import ForeignContentError, check_owned, write_owner_marker
 from ..utils.log import get_logger
 
 log = get_logger(__name__)
+
+KIND = "synthetic-dataset"              # the owner marker of a finished set
+PARTIAL_KIND = "synthetic-dataset-partial"   # of root.tmp while it is being written
+OWN_PATTERNS = (".cache/*",)             # written into a set after it was made: the loaders' caches
+PARTIAL_PATTERNS = ("videos/*.webm", "audios/*.wav", "*.jsonl", "meta.json", "videos", "audios")
 
 VERSION = 1
 COLORS = {"red": (215, 40, 40), "green": (40, 175, 60), "blue": (45, 85, 225), "yellow": (235, 210, 40)}
@@ -181,9 +191,12 @@ def generate(root: str, seed: int = 0, clips_per_combo: int = 4, image_size: int
     rng = np.random.default_rng(seed)
     records = {"train": [], "val": [], "test": []}
     jobs = []
-    tmp = root.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    root = root.rstrip("/") or root
+    tmp = root + ".tmp"
+    _check_replaceable(root)   # before minutes of work: refuse a folder we cannot prove ours
+    _clear_partial(tmp)
+    os.makedirs(tmp)
+    write_owner_marker(tmp, PARTIAL_KIND, with_manifest=False)
     os.makedirs(os.path.join(tmp, "videos"))
     os.makedirs(os.path.join(tmp, "audios"))
     for split, combos, reps in (("train", train, clips_per_combo), ("val", val, 1), ("test", test, 1)):
@@ -218,12 +231,65 @@ def generate(root: str, seed: int = 0, clips_per_combo: int = 4, image_size: int
             "counts": {k: len(v) for k, v in records.items()}}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(root):
-        shutil.rmtree(root)
+    write_owner_marker(tmp, KIND, version=VERSION)
+    _check_replaceable(root, remove=True)
     os.replace(tmp, root)
     meta["seconds_taken"] = round(time.time() - t0, 1)
     log.info("synthetic dataset: %s in %s (%.1fs)", meta["counts"], root, meta["seconds_taken"])
     return meta
+
+
+def _check_replaceable(root: str, remove: bool = False) -> None:
+    """`root` may be replaced: missing, an empty folder, or provably a synthetic set of ours
+    (ForeignContentError naming the folder otherwise).  `remove`: clear it now."""
+    if not os.path.lexists(root):
+        return
+    if os.path.isdir(root) and not os.path.islink(root) and not os.listdir(root):
+        if remove:
+            os.rmdir(root)
+        return
+    why = check_owned(root, KIND, patterns=OWN_PATTERNS)
+    if why is not None:
+        raise ForeignContentError(f"refusing to write the synthetic dataset into {root}: {why}, so valor-fast cannot "
+                                  f"prove it wrote that folder; nothing was changed. Choose a new or empty folder "
+                                  f"(data synth --root / --data.root), or empty this one yourself")
+    if remove:
+        shutil.rmtree(root)
+
+
+def _clear_partial(tmp: str) -> None:
+    """A root.tmp left by a crashed generation: removed when provably one of ours."""
+    if not os.path.lexists(tmp):
+        return
+    why = check_owned(tmp, PARTIAL_KIND, patterns=PARTIAL_PATTERNS)
+    if why is not None:
+        raise ForeignContentError(f"{tmp} (where the synthetic dataset is written before its rename) exists and "
+                                  f"is not a partial set of ours ({why}); nothing was changed: move it away")
+    shutil.rmtree(tmp)
+
+
+def _stale_synthetic(cfg, meta_path: str) -> bool:
+    """data.root holds a meta.json: True when it is a synthetic set of ours with other settings
+    (to regenerate); False when it matches (reuse); ForeignContentError when its settings differ
+    and valor-fast cannot prove it wrote the folder (a real dataset with its own meta.json)."""
+    try:
+        with open(meta_path) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        m = None
+    want = {"version": VERSION, "seed": cfg.data.synth_seed, "clips_per_combo": cfg.data.synth_clips_per_combo}
+    have = {k: m.get(k) for k in want} if isinstance(m, dict) else None
+    if have == want:
+        return False
+    why = check_owned(cfg.data.root, KIND, patterns=OWN_PATTERNS)
+    if why is None:
+        log.warning("synthetic dataset in %s was generated with %s, the config asks for %s: regenerating",
+                    cfg.data.root, have, want)
+        return True
+    raise ForeignContentError(
+        f"data.root={cfg.data.root} has a meta.json that is not this synthetic set's ({have or 'unreadable'}; the "
+        f"config asks for {want}) and {why}: it is left untouched. To train on it as your dataset, pass "
+        f"--data.synth false; for the synthetic set, point --data.root at a new folder")
 
 
 def prepare_data(cfg) -> None:
@@ -240,21 +306,16 @@ def prepare_data(cfg) -> None:
             return
         ann = os.path.join(cfg.data.root, first)
     meta = os.path.join(cfg.data.root, "meta.json")
-    if os.path.exists(ann) and cfg.data.synth and os.path.exists(meta):
-        # a synthetic folder written by another generator version or with other settings is
-        # regenerated, not silently reused
-        with open(meta) as f:
-            m = json.load(f)
-        want = {"version": VERSION, "seed": cfg.data.synth_seed, "clips_per_combo": cfg.data.synth_clips_per_combo}
-        have = {k: m.get(k) for k in want}
-        if have != want:
-            log.warning("synthetic dataset in %s was generated with %s, the config asks for %s: regenerating",
-                        cfg.data.root, have, want)
-            shutil.rmtree(cfg.data.root)
-    if os.path.exists(ann):
+    stale = os.path.exists(ann) and cfg.data.synth and os.path.exists(meta) and _stale_synthetic(cfg, meta)
+    if os.path.exists(ann) and not stale:
         return
     if not cfg.data.synth:
         raise FileNotFoundError(f"no training annotations at {ann!r} (set data.root, or data.synth=true "
                                 f"to generate the synthetic dataset)")
+    if not stale and os.path.isdir(cfg.data.root) and os.listdir(cfg.data.root) \
+            and check_owned(cfg.data.root, KIND, patterns=OWN_PATTERNS) is not None:
+        raise ForeignContentError(f"no training annotations at {ann!r}, and data.root={cfg.data.root} holds other "
+                                  f"files: the synthetic dataset is not generated over them. Set data.train_ann "
+                                  f"(and val_ann / test_ann) to the folder's annotations, or data.root to a new folder")
     log.info("generating the synthetic audiovisual dataset into %s", cfg.data.root)
     generate(cfg.data.root, seed=cfg.data.synth_seed, clips_per_combo=cfg.data.synth_clips_per_combo)

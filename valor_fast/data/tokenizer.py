@@ -14,6 +14,9 @@ import torch
 # takes the ones decoding needs as arguments (DECODE_IDS)
 CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
 FIRST_WORD_ID = 999  # ids below are [unused]/special tokens in bert-base-uncased: never sampled
+# upstream VALOR draws MGC's random replacement ids from range(106, vocab) (model/modeling.py:159,
+# 673): [unused] tokens 106-998 included (loss.mask_random_from chooses)
+UPSTREAM_FIRST_RANDOM_ID = 106
 # keyword arguments of valor_fast.model.decoding's searches for this vocabulary: a caption starts
 # at [CLS], ends at [SEP], and the trailing [MASK] is the position read for the next token
 DECODE_IDS = MappingProxyType({"bos_id": CLS_ID, "eos_id": SEP_ID, "mask_id": MASK_ID})

@@ -18,6 +18,7 @@ import torch
 from ..config import DataConfig
 from ..utils.log import get_logger
 from .annotations import read_annotations
+from .audio import load_audio, load_clip_audio
 from .media import find_audio, find_video, probe_audio, probe_video
 from .shards import ShardIndex, expand_shards, sample_key
 from .video import DecodeError
@@ -28,10 +29,17 @@ log = get_logger(__name__)
 # -- check -----------------------------------------------------------------------------------
 
 def _check_one(job) -> dict:
-    """One clip: probe (headers/packets), then, unless `quick`, a full CPU decode."""
-    vid, vpath, apath, quick, sample_rate = job
+    """One clip: probe (headers/packets), then, unless `quick`, a full CPU decode of its video
+    and audio.  The audio source is the clip's audio file ("file"), else its video's own audio
+    track ("container"), else "none"."""
+    vid, vpath, apath, quick, sample_rate, err = job
     row = {"video_id": vid, "video": vpath, "audio": apath, "frames": None, "fps": None, "seconds": None,
-           "audio_seconds": None, "sample_rate": None, "error": None, "audio_error": None}
+           "audio_source": "file" if apath else "none", "audio_seconds": None, "sample_rate": None,
+           "error": err, "audio_error": None}
+    if err:
+        row["audio_source"] = None
+        return row
+    info = None
     try:
         info = probe_video(vpath, vid)
         row.update(frames=info.n_frames, fps=info.fps, seconds=info.seconds, width=info.width, height=info.height)
@@ -41,27 +49,68 @@ def _check_one(job) -> dict:
             row["frames"] = int(fr.shape[0])
     except DecodeError as e:
         row["error"] = str(e)
-    if apath is not None:
-        try:
+    a = None
+    try:
+        if apath is not None:
             a = probe_audio(apath)
+        elif info is not None and info.audio is not None:
+            a, row["audio_source"] = info.audio, "container"
+        if a is not None:
             row.update(audio_seconds=a.seconds, sample_rate=a.sample_rate)
             if not quick:
-                from .dataset import load_audio
-                load_audio(apath, sample_rate)
-        except DecodeError as e:
-            row["audio_error"] = str(e)
+                load_clip_audio(a, sample_rate)
+    except DecodeError as e:
+        row["audio_error"] = str(e)
     return row
 
 
-def check_dataset(root: str, cfg: Optional[DataConfig] = None, quick: bool = False, workers: int = 2,
-                  progress: bool = True) -> dict:
-    """Scan every split whose annotation file exists under `root`.  Returns a report: per split the
-    clip count, bad videos / audio files (id -> error), clips without audio, and duration
-    statistics.  `quick`: headers and packets only (no pixel decoding)."""
-    cfg = replace(cfg or DataConfig(), root=root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset folder {root!r} does not exist")
-    report: Dict[str, dict] = {"root": os.path.abspath(root), "quick": quick, "splits": {}}
+def _job(vid: str, vdir: str, adir: str, root: str, shards, quick: bool, sample_rate: int):
+    """The check job of one id: its media looked up (and confined) as training looks them up;
+    an unsafe id or path is the job's error."""
+    try:
+        return (vid, find_video(vdir, vid, shards, root=root), find_audio(adir, vid, shards, root=root),
+                quick, sample_rate, None)
+    except DecodeError as e:
+        return (vid, None, None, quick, sample_rate, str(e))
+
+
+def _run_jobs(jobs: list, workers: int, desc: str, progress: bool) -> List[dict]:
+    from tqdm import tqdm
+    bar = dict(total=len(jobs), desc=desc, disable=not progress, mininterval=1.0)
+    if workers <= 1 or len(jobs) < 2:
+        return [_check_one(j) for j in tqdm(jobs, **bar)]
+    # spawn, not fork: a process that already ran DALI pipelines or torch's thread pools holds
+    # locks in threads that fork does not copy, and a forked child can hang on them.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return list(tqdm(ex.map(_check_one, jobs, chunksize=8), **bar))
+
+
+def _stat(a: np.ndarray):
+    return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())} if a.size else None
+
+
+def _summarise(rows: List[dict], annotations: Optional[str]) -> dict:
+    """A split's (or a folder scan's) report: counts, bad ids with their errors, clips without
+    audio, audio sources, duration statistics, and every clip's row."""
+    secs = np.array([r["seconds"] for r in rows if r["seconds"]], dtype=np.float64)
+    asecs = np.array([r["audio_seconds"] for r in rows if r["audio_seconds"]], dtype=np.float64)
+    sources: Dict[str, int] = {}
+    for r in rows:
+        if r["audio_source"]:
+            sources[r["audio_source"]] = sources.get(r["audio_source"], 0) + 1
+    return {"annotations": annotations, "clips": len(rows),
+            "bad_video": {r["video_id"]: r["error"] for r in rows if r["error"]},
+            "bad_audio": {r["video_id"]: r["audio_error"] for r in rows if r["audio_error"]},
+            "missing_audio": sorted(r["video_id"] for r in rows if r["audio_source"] == "none"),
+            "audio_sources": dict(sorted(sources.items())),
+            "video_seconds": _stat(secs), "audio_seconds": _stat(asecs),
+            "sample_rates": sorted({r["sample_rate"] for r in rows if r["sample_rate"]}),
+            "rows": rows}
+
+
+def _annotated_splits(root: str, cfg: DataConfig):
+    """(split, annotation name, shard globs) of every split whose annotation file exists, each
+    annotation file once."""
     seen = set()
     for split, ann in (("train", cfg.train_ann), ("val", cfg.val_ann), ("test", cfg.test_ann)):
         fmt, _, rest = ann.partition(":")
@@ -72,51 +121,135 @@ def check_dataset(root: str, cfg: Optional[DataConfig] = None, quick: bool = Fal
                 expand_shards(root, rest)
             except FileNotFoundError:
                 continue
-        elif not os.path.exists(os.path.join(root, ann.split(":", 1)[-1].split(",")[0])):
+        elif not os.path.exists(os.path.join(root, ann.split(":", 1)[-1].split(",")[0].split("#")[0])):
             continue
         seen.add(ann)
+        yield split, ann, [g for g in (cfg.shards, rest if fmt == "shards" else "") if g]
+
+
+def check_dataset(root: str, cfg: Optional[DataConfig] = None, quick: bool = False, workers: int = 2,
+                  progress: bool = True) -> dict:
+    """Scan every split whose annotation file exists under `root`; with none, every media file
+    under the video and audio folders (`scan_media_folders`, reported as the split "files").
+    Returns a report: per split the clip count, bad videos / audio files (id -> error), clips
+    without audio, where each clip's audio comes from (file / container / none), duration
+    statistics and every clip's row.  `quick`: headers and packets only (no pixel decoding)."""
+    cfg = replace(cfg or DataConfig(), root=root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+    report: Dict[str, object] = {"root": os.path.abspath(root), "quick": quick, "splits": {}}
+    vdir, adir = os.path.join(root, cfg.video_dir), os.path.join(root, cfg.audio_dir)
+    for split, ann, globs in _annotated_splits(root, cfg):
         recs = read_annotations(root, ann)
-        globs = [g for g in (cfg.shards, rest if fmt == "shards" else "") if g]
         shards = ShardIndex.load(root, ",".join(globs)) if globs else None
-        vdir, adir = os.path.join(root, cfg.video_dir), os.path.join(root, cfg.audio_dir)
-        jobs = [(r["video_id"], find_video(vdir, r["video_id"], shards), find_audio(adir, r["video_id"], shards),
-                 quick, cfg.sample_rate) for r in recs]
-        from tqdm import tqdm
-        bar = dict(total=len(jobs), desc=f"check {split}", disable=not progress, mininterval=1.0)
-        if workers <= 1:
-            rows = [_check_one(j) for j in tqdm(jobs, **bar)]
-        else:
-            # spawn, not fork: a process that already ran DALI pipelines or torch's thread pools
-            # holds locks in threads that fork does not copy, and a forked child can hang on them.
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-                rows = list(tqdm(ex.map(_check_one, jobs, chunksize=8), **bar))
-        bad_v = {r["video_id"]: r["error"] for r in rows if r["error"]}
-        bad_a = {r["video_id"]: r["audio_error"] for r in rows if r["audio_error"]}
-        no_audio = sorted(r["video_id"] for r in rows if r["audio"] is None)
-        secs = np.array([r["seconds"] for r in rows if r["seconds"]], dtype=np.float64)
-        asecs = np.array([r["audio_seconds"] for r in rows if r["audio_seconds"]], dtype=np.float64)
-        stat = (lambda a: {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())}
-                if a.size else None)
-        report["splits"][split] = {
-            "annotations": ann, "clips": len(rows), "bad_video": bad_v, "bad_audio": bad_a,
-            "missing_audio": no_audio, "video_seconds": stat(secs), "audio_seconds": stat(asecs),
-            "sample_rates": sorted({r["sample_rate"] for r in rows if r["sample_rate"]}),
-        }
+        jobs = [_job(r["video_id"], vdir, adir, root, shards, quick, cfg.sample_rate) for r in recs]
+        report["splits"][split] = _summarise(_run_jobs(jobs, workers, f"check {split}", progress), ann)
     if not report["splits"]:
-        raise FileNotFoundError(f"no annotation file of data.train_ann/val_ann/test_ann found under {root!r}")
+        if not (os.path.isdir(vdir) or os.path.isdir(adir)):
+            raise FileNotFoundError(f"{root!r} has no annotation file (data.train_ann / val_ann / test_ann) and no "
+                                    f"media folder ({cfg.video_dir!r} or {cfg.audio_dir!r}) to scan")
+        scan = scan_media_folders(root, cfg)
+        jobs = [_job(vid, vdir, adir, root, None, quick, cfg.sample_rate) for vid in scan["ids"]]
+        rows = _run_jobs(jobs, workers, "check files", progress)
+        for vid, err in scan["unsafe"].items():
+            rows.append(_check_one((vid, None, None, quick, cfg.sample_rate, err)))
+        files = _summarise(rows, None)
+        files.update(orphan_audio=_check_orphans(scan["orphan_audio"], adir, root, quick, cfg.sample_rate),
+                     skipped=scan["skipped"])
+        files["bad_audio"].update({v: e for v, e in files["orphan_audio"].items() if e})
+        report["splits"]["files"] = files
     report["bad"] = sum(len(s["bad_video"]) + len(s["bad_audio"]) for s in report["splits"].values())
     return report
+
+
+def _walk_media(folder: str, bases: tuple):
+    """(relative path, is a frame folder or file) of every entry under `folder`, following
+    symlinked folders only while they resolve inside `bases`; yields (rel, None) for a folder
+    that leads out (reported as unsafe)."""
+    from .paths import inside
+    from .video import IMAGE_EXTS
+    seen = set()
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        full = os.path.join(folder, rel) if rel else folder
+        real = os.path.realpath(full)
+        if not any(inside(real, b) for b in bases):
+            yield rel, None
+            continue
+        if real in seen:
+            continue
+        seen.add(real)
+        names = sorted(os.listdir(full))
+        if rel and any(n.lower().endswith(IMAGE_EXTS) for n in names):
+            yield rel, "frames"
+            continue
+        for n in names:
+            p = os.path.join(rel, n) if rel else n
+            if os.path.isdir(os.path.join(full, n)):
+                stack.append(p)
+            else:
+                yield p, "file"
+
+
+def scan_media_folders(root: str, cfg: DataConfig) -> dict:
+    """What `data check` scans when there are no annotations: the ids of every video file and
+    frame folder under data.video_dir (relative path without extension, the id annotations would
+    use), the audio files under data.audio_dir without a video ("orphan_audio"), entries that
+    are not media ("skipped") and folders that lead out of the dataset ("unsafe", by id)."""
+    from .media import AUDIO_EXTS, VIDEO_EXTS
+    from .paths import real_bases
+    vdir, adir = os.path.join(root, cfg.video_dir), os.path.join(root, cfg.audio_dir)
+    ids, unsafe, skipped, audio = [], {}, [], []
+    for folder, exts, out in ((vdir, VIDEO_EXTS, ids), (adir, AUDIO_EXTS, audio)):
+        if not os.path.isdir(folder):
+            continue
+        bases = real_bases(folder, root)
+        for rel, kind in _walk_media(folder, bases):
+            stem, ext = os.path.splitext(rel)
+            if kind is None:
+                unsafe[rel] = f"folder {os.path.join(folder, rel)!r} resolves outside the dataset: refused"
+            elif kind == "frames" and out is ids:
+                out.append(rel)
+            elif kind == "file" and ext.lower() in exts:
+                out.append(stem)
+            else:
+                skipped.append(os.path.relpath(os.path.join(folder, rel), root))
+    ids = sorted(set(ids))
+    have = set(ids)
+    return {"ids": ids, "orphan_audio": sorted(set(a for a in audio if a not in have)), "unsafe": unsafe,
+            "skipped": sorted(skipped)}
+
+
+def _check_orphans(ids: List[str], adir: str, root: str, quick: bool, sample_rate: int) -> Dict[str, Optional[str]]:
+    """Audio files without a video: id -> None when they decode, else the error."""
+    out: Dict[str, Optional[str]] = {}
+    for vid in ids:
+        try:
+            path = find_audio(adir, vid, root=root)
+            probe_audio(path)
+            if not quick:
+                load_audio(path, sample_rate)
+            out[vid] = None
+        except DecodeError as e:
+            out[vid] = str(e)
+    return out
 
 
 def format_check(report: dict) -> str:
     lines = [f"dataset {report['root']} ({'headers only' if report['quick'] else 'full decode'})"]
     for split, s in report["splits"].items():
         vs, as_ = s["video_seconds"], s["audio_seconds"]
+        src = ", ".join(f"{k} {v}" for k, v in s.get("audio_sources", {}).items())
         lines.append(f"  {split:5s} {s['clips']:7d} clips | bad video {len(s['bad_video'])} | bad audio "
                      f"{len(s['bad_audio'])} | no audio {len(s['missing_audio'])} | video s "
                      + (f"{vs['min']:.1f}/{vs['median']:.1f}/{vs['max']:.1f}" if vs else "n/a")
                      + " | audio s " + (f"{as_['min']:.1f}/{as_['median']:.1f}/{as_['max']:.1f}" if as_ else "n/a")
-                     + f" (min/median/max) | rates {s['sample_rates']}")
+                     + f" (min/median/max) | rates {s['sample_rates']} | audio from: {src or 'n/a'}")
+        if s["annotations"] is None:
+            lines.append(f"    no annotation file: scanned every media file under the video and audio folders "
+                         f"({len(s.get('orphan_audio', {}))} audio file(s) without a video, "
+                         f"{len(s.get('skipped', []))} other file(s) skipped)")
         for vid, err in list(s["bad_video"].items()) + list(s["bad_audio"].items()):
             lines.append(f"    BAD {vid}: {err}")
         if s["missing_audio"]:
@@ -229,8 +362,13 @@ def write_shards(src_root: str, dst_root: str, per_shard: int = 16, prefix: str 
         with tarfile.open(p, "w") as tf:
             for r in recs[s:s + per_shard]:
                 vid = r["video_id"]
-                for f in (find_video(os.path.join(src_root, video_dir), vid),
-                          find_audio(os.path.join(src_root, audio_dir), vid)):
+                try:   # the media lookup training uses: an id leading out of the dataset is skipped
+                    media = (find_video(os.path.join(src_root, video_dir), vid, root=src_root),
+                             find_audio(os.path.join(src_root, audio_dir), vid, root=src_root))
+                except DecodeError as e:
+                    log.warning("data pack: clip %r skipped: %s", vid, e)
+                    continue
+                for f in media:
                     if f and os.path.isfile(f):
                         tf.add(f, arcname=vid + os.path.splitext(f)[1])
                 if "captions" in r:

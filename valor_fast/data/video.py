@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 from typing import Optional, Tuple
 
 import numpy as np
@@ -38,6 +39,150 @@ def check_truncated(path: str, got: int, expected: Optional[float]) -> None:
     if expected is not None and got < TRUNCATED_SHARE * expected and expected - got >= 2:
         raise DecodeError(f"video {path!r} is truncated: {got} of the ~{expected:.0f} frames its header "
                           f"promises")
+
+
+# -- container completeness: the byte counts a container's own header declares ----------------
+#
+# A file cut short keeps decoding up to the cut: a WebM that lost 5-20% of its bytes (an
+# interrupted download) gives 80-95% of its frames, above TRUNCATED_SHARE, and would train
+# as a shorter clip whose audio no longer lines up.  Containers say how long they are:
+# Matroska/WebM's Segment element declares its size (and, when a streaming writer left it
+# "unknown", each Cluster declares its own); MP4/MOV's top-level boxes (ftyp, moov, mdat, ...)
+# declare theirs; AVI's RIFF header declares the first RIFF chunk's.  A declared size running
+# past the end of the file is truncation.  Reading these headers costs a few small reads.
+
+_EBML, _SEGMENT = 0x1A45DFA3, 0x18538067
+_MKV_MAX_CHILDREN = 1 << 16
+# the Segment's children (Matroska level 1: SeekHead, Info, Tracks, Cluster, Cues, Tags, Chapters,
+# Attachments, Void, CRC-32); an element of any other id ends the walk (trailing bytes, not a cut)
+_MKV_LEVEL1 = {0x114D9B74: "SeekHead", 0x1549A966: "Info", 0x1654AE6B: "Tracks", 0x1F43B675: "Cluster",
+               0x1C53BB6B: "Cues", 0x1254C367: "Tags", 0x1043A770: "Chapters", 0x1941A469: "Attachments",
+               0xEC: "Void", 0xBF: "CRC-32"}
+# top-level ISO-BMFF / QuickTime boxes; a "box" of another type ends the walk (trailing bytes)
+_MP4_TYPES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"moof", b"mfra",
+              b"styp", b"sidx", b"ssix", b"meta", b"pdin", b"prft", b"emsg", b"udta", b"junk"}
+
+
+class _Reader:
+    """read(offset, n) over a plain file or a shard member (whose bytes are in memory anyway)."""
+
+    def __init__(self, path: str):
+        from .shards import is_member, media_bytes, media_size
+        self.size = media_size(path)
+        self._data = media_bytes(path) if is_member(path) else None
+        self._f = None if self._data is not None else open(path, "rb")
+
+    def read(self, off: int, n: int) -> bytes:
+        if self._data is not None:
+            return self._data[off:off + n]
+        self._f.seek(off)
+        return self._f.read(n)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def _vint(buf: bytes, pos: int, strip: bool) -> Tuple[Optional[int], int]:
+    """An EBML variable-length integer at buf[pos]: (value, its length); the value is None for
+    a size of all ones ("unknown"); (None, 0) when the bytes do not hold one."""
+    if pos >= len(buf) or buf[pos] == 0:
+        return None, 0
+    n = 8 - buf[pos].bit_length() + 1
+    if pos + n > len(buf):
+        return None, 0
+    v = int.from_bytes(buf[pos:pos + n], "big")
+    if strip:
+        v &= (1 << (7 * n)) - 1
+        if v == (1 << (7 * n)) - 1:
+            return None, n
+    return v, n
+
+
+def _mkv_element(r: _Reader, off: int) -> Optional[Tuple[int, Optional[int], int]]:
+    """(id, size or None for unknown, data offset) of the EBML element at `off`, or None."""
+    buf = r.read(off, 12)
+    eid, n = _vint(buf, 0, strip=False)
+    if not n:
+        return None
+    size, m = _vint(buf, n, strip=True)
+    if not m:
+        return None
+    return eid, size, off + n + m
+
+
+def _matroska_shortfall(r: _Reader) -> Optional[str]:
+    head = _mkv_element(r, 0)
+    if head is None or head[0] != _EBML or head[1] is None:
+        return None
+    seg = _mkv_element(r, head[2] + head[1])
+    if seg is None or seg[0] != _SEGMENT:
+        return None
+    _, size, start = seg
+    if size is not None:
+        if start + size > r.size:
+            return f"its Matroska segment declares {start + size} bytes, {r.size} present"
+        return None
+    off = start   # unknown segment size (a streaming writer): each child's own size
+    for _ in range(_MKV_MAX_CHILDREN):
+        if off >= r.size:
+            return None
+        el = _mkv_element(r, off)
+        if el is None or el[1] is None or el[0] not in _MKV_LEVEL1:
+            return None   # an unknown-sized cluster (nothing declared to compare) or trailing bytes
+        if el[2] + el[1] > r.size:
+            return (f"its Matroska {_MKV_LEVEL1[el[0]]} at byte {off} declares {el[2] + el[1] - off} bytes, "
+                    f"{r.size - off} present")
+        off = el[2] + el[1]
+    return None
+
+
+def _mp4_shortfall(r: _Reader) -> Optional[str]:
+    off = 0
+    while off + 8 <= r.size:
+        size, typ = struct.unpack(">I4s", r.read(off, 8))
+        if typ not in _MP4_TYPES:
+            return None   # not an ISO base media file (first box), or trailing bytes after the last
+        if size == 1:
+            size = struct.unpack(">Q", r.read(off + 8, 8))[0]
+        elif size == 0:
+            return None   # runs to the end of the file by definition
+        if size < 8:
+            return f"its {typ.decode('latin-1')!r} box at byte {off} declares an invalid size {size}"
+        if off + size > r.size:
+            return f"its {typ.decode('latin-1')!r} box at byte {off} declares {size} bytes, {r.size - off} present"
+        off += size
+    return None
+
+
+def _avi_shortfall(r: _Reader) -> Optional[str]:
+    head = r.read(0, 12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] not in (b"AVI ", b"AVIX"):
+        return None
+    size = struct.unpack("<I", head[4:8])[0]
+    if 8 + size > r.size:
+        return f"its RIFF header declares {8 + size} bytes, {r.size} present"
+    return None
+
+
+def container_shortfall(path: str) -> Optional[str]:
+    """Why the container of `path` (file or member) is cut short by its own declared sizes,
+    or None when it is complete (or its format declares none we read)."""
+    r = _Reader(path)
+    try:
+        for check in (_matroska_shortfall, _mp4_shortfall, _avi_shortfall):
+            why = check(r)
+            if why:
+                return why
+    finally:
+        r.close()
+    return None
+
+
+def check_complete(path: str) -> None:
+    why = container_shortfall(path)
+    if why:
+        raise DecodeError(f"video {path!r} is truncated: {why}")
 
 
 def yuv420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, full_range: bool = False,
@@ -89,9 +234,11 @@ def frames_to_rgb(frames: list) -> np.ndarray:
 @contextlib.contextmanager
 def open_video(path: str):
     """(container, first video stream, frames the header promises) of a file or shard member;
-    DecodeError naming the file when it is missing, empty or has no video stream."""
+    DecodeError naming the file when it is missing, empty, cut short of the sizes its container
+    declares (`check_complete`) or has no video stream."""
     from .shards import media_open, require_media
     require_media(path, "video")
+    check_complete(path)
     import av
     with av.open(media_open(path)) as c:
         if not c.streams.video:

@@ -12,17 +12,19 @@ def evaluation_of(cfg: Config) -> str:
     return get_task(cfg.train.task).evaluation
 
 
-def evaluate_task(model, loader, cfg: Config, device, amp=None, kind: Optional[str] = None) -> Dict[str, float]:
+def evaluate_task(model, loader, cfg: Config, device, amp=None, kind: Optional[str] = None,
+                  source: Optional[str] = None) -> Dict[str, float]:
     """The metrics of the task on `loader`'s split: retrieval only, captioning (+ retrieval), or
-    QA.  `kind` overrides the task's own evaluation."""
+    QA.  `kind` overrides the task's own evaluation.  `source` names the model scored (its
+    checkpoint): non-finite embeddings raise NonFiniteScoresError naming it."""
     kind = kind or evaluation_of(cfg)
     if kind == "qa":
         from ..data.annotations import read_annotations
         from .qa import evaluate_qa
         train_answers = [str(q["answer"]) for r in read_annotations(cfg.data.root, cfg.data.train_ann) for q in r["qa"]]
         return evaluate_qa(model, loader, cfg, device, autocast=amp, train_answers=train_answers,
-                           max_answer_len=cfg.eval.qa_max_answer_len)
+                           max_answer_len=cfg.eval.qa_max_answer_len, source=source)
     if kind not in ("retrieval", "caption"):
         raise ValueError(f"evaluation must be retrieval, caption or qa, got {kind!r}")
     from .evaluate import evaluate
-    return evaluate(model, loader, cfg, device, captions=kind == "caption", autocast=amp)
+    return evaluate(model, loader, cfg, device, captions=kind == "caption", autocast=amp, source=source)

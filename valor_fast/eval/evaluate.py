@@ -9,10 +9,10 @@ import torch
 from ..config import Config
 from ..model.valor import VALOR, Features
 from ..tasks.mga import similarity_matrix
-from ..tasks.mgc import group_memory_masks
+from ..tasks.mgc import audio_presence, group_memory_masks
 from ..utils.log import get_logger
 from .caption import generate
-from .metrics import caption_metrics, retrieval_metrics
+from .metrics import caption_metrics, check_finite, duplicate_ids, retrieval_metrics
 
 log = get_logger(__name__)
 
@@ -35,13 +35,42 @@ def _pad_text(feats, masks):
     return Features(torch.cat(toks), torch.cat(ws), torch.cat(ms), torch.cat([f.pooled for f in feats]))
 
 
+def split_source(loader, cfg: Config) -> str:
+    """'split <name> (<annotation file>)' of an evaluation loader, for reports."""
+    split = getattr(getattr(loader, "dataset", None), "split", None) or getattr(loader, "split", None)
+    ann = {"train": cfg.data.train_ann, "val": cfg.data.val_ann, "test": cfg.data.test_ann}.get(split)
+    import os
+    where = ann if ann is None or ":" in ann or os.path.isabs(ann) else os.path.join(cfg.data.root, ann)
+    return f"split {split!r} ({where})" if split else "the evaluation split"
+
+
+def report_duplicates(ids, loader, cfg: Config) -> int:
+    """Log every id an evaluation split lists more than once (each copy is scored as its own
+    clip, a tied distractor of the other in retrieval; captioning keeps one prediction per id)
+    with the annotation file; returns how many ids repeat."""
+    dup = duplicate_ids(ids)
+    if dup:
+        log.warning("%s lists %d video id(s) more than once, each copy scored as a clip: %s", split_source(loader, cfg),
+                    len(dup), ", ".join(f"{i!r} x{c}" for i, c in dup.items()))
+    return len(dup)
+
+
+def _check_batch(feats, b, source: Optional[str]) -> None:
+    """Non-finite embeddings of a batch: NonFiniteScoresError naming the model (`source`) and the
+    batch's first clip, before anything is scored (one host sync a batch)."""
+    src = f"{source}, batch starting at clip {b['video_id'][0]!r}" if source else None
+    for what, f in feats:
+        check_finite(f.pooled, what, src)
+
+
 @torch.no_grad()
 def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
-             max_caption_clips: Optional[int] = None, autocast=None) -> Dict[str, float]:
+             max_caption_clips: Optional[int] = None, autocast=None, source: Optional[str] = None) -> Dict[str, float]:
     """Retrieval with the split's first caption of every clip as the query (eval.retrieval_captions
     = first, MSRVTT-1kA style) or every caption (= all: VATEX / AudioCaps; clip->text counts the
     best-ranked of its captions), and captioning of every clip (ground truth = all its captions).
-    Returns flat metrics."""
+    Returns flat metrics.  `source` names the model (its checkpoint) in the error for NaN/Inf
+    embeddings or scores: a broken model is refused, never scored."""
     if cfg.eval.retrieval_captions not in ("first", "all"):
         raise ValueError(f"eval.retrieval_captions must be first or all, got {cfg.eval.retrieval_captions!r}")
     all_caps = cfg.eval.retrieval_captions == "all"
@@ -71,11 +100,13 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
             tmask.append(t_mask)
             vf.append(model.video_features(vt))
             af.append(model.audio_features(at))
+            _check_batch((("text embeddings", tf[-1]), ("video embeddings", vf[-1]), ("audio embeddings", af[-1])),
+                         b, source)
             ids.extend(b["video_id"])
             if captions and (max_caption_clips is None or n_cap < max_caption_clips):
                 memory, n_video = model.memory(vt, at)
                 mm = group_memory_masks([cfg.eval.caption_group], memory.shape[0], n_video,
-                                        memory.shape[1] - n_video, b.get("has_audio"), device)
+                                        memory.shape[1] - n_video, audio_presence(b, cfg.loss), device)
                 out = generate(model, memory, mm, cfg.eval)
                 for vid, text, caps in zip(b["video_id"], out, b["captions"]):
                     preds[vid] = text
@@ -83,11 +114,11 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
                 n_cap += len(out)
     t = _pad_text(tf, tmask)
     v, a = _cat_features(vf), _cat_features(af)
-    metrics: Dict[str, float] = {}
+    metrics: Dict[str, float] = {"eval/duplicate_ids": float(report_duplicates(ids, loader, cfg))}
     n = len(ids)
     for g, name in (("tv", "v"), ("ta", "a"), ("tav", "av")):
-        sim = similarity_matrix(model, t, v, a, g, mode)
-        metrics.update(retrieval_metrics(sim, text_to_clip, name))
+        sim = similarity_matrix(model, t, v, a, g, mode, cfg.loss.fine_padding, cfg.loss.fine_text_len)
+        metrics.update(retrieval_metrics(sim, text_to_clip, name, source=source))
     if captions and preds:
         metrics.update(caption_metrics(preds, refs))
         metrics["caption/n_clips"] = float(len(preds))

@@ -11,8 +11,8 @@ import torch
 
 from ..config import Config
 from ..model.valor import VALOR
-from ..tasks.mgc import group_memory_masks
-from ..tasks.qa import encode_qa, normalize_answer
+from ..tasks.mgc import audio_presence, group_memory_masks
+from ..tasks.qa import encode_qa, normalize_answer, question_prompt
 from .caption import generate
 
 
@@ -33,11 +33,14 @@ def answer_stats(gt: Sequence[str], train_answers: Optional[Sequence[str]] = Non
 @torch.no_grad()
 def evaluate_qa(model: VALOR, loader, cfg: Config, device, autocast=None,
                 train_answers: Optional[Sequence[str]] = None, beam: Optional[int] = None,
-                max_answer_len: int = 8, predictions: Optional[List[dict]] = None) -> Dict[str, float]:
+                max_answer_len: int = 8, predictions: Optional[List[dict]] = None,
+                source: Optional[str] = None) -> Dict[str, float]:
     """Every QA pair of every clip in `loader`.  Questions are bucketed by token length so a batch
     of prompts shares one length (the cached decoder keeps one position per step); the clip's
     memory is computed once and reused by all its questions.  `predictions`, if a list, receives
-    {video_id, question, answer, prediction, correct} rows."""
+    {video_id, question, answer, prediction, correct} rows.  Non-finite memory (a broken model)
+    raises NonFiniteScoresError naming `source`."""
+    from .metrics import check_finite
     from ..data.tokenizer import get_tokenizer
     tok = get_tokenizer()
     was_training = model.training
@@ -51,19 +54,27 @@ def evaluate_qa(model: VALOR, loader, cfg: Config, device, autocast=None,
             vt = model.encode_video(batch["video"].to(device))
             at = model.encode_audio(batch["audio"].to(device))
             memory, n_video = model.memory(vt, at)
-            has_audio = batch.get("has_audio")
+            check_finite(memory, "decoder memory (video + audio tokens)",
+                         f"{source}, batch starting at clip {batch['video_id'][0]!r}" if source else None)
+            has_audio = audio_presence(batch, cfg.loss)
             mm = group_memory_masks([cfg.eval.caption_group], memory.shape[0], n_video, memory.shape[1] - n_video,
                                     None if has_audio is None else has_audio.to(device), device)
-            buckets = collections.defaultdict(list)   # prompt length -> [(clip row, qa dict, ids)]
+            # prompt length -> [(clip row, qa dict, ids)]; the question is the text's prefix, or
+            # with model.task_prompts the decoder's prompt stream (the answer starts at [CLS])
+            buckets = collections.defaultdict(list)
+            prompted = bool(getattr(model.cfg, "task_prompts", False))
             for i, qas in enumerate(batch["qa"]):
                 for qa in qas:
-                    ids, _ = encode_qa(tok, qa["question"], None, cfg.data.max_text_len - max_answer_len)
+                    if prompted:
+                        ids = question_prompt(tok, qa["question"], cfg.data.max_text_len)
+                    else:
+                        ids, _ = encode_qa(tok, qa["question"], None, cfg.data.max_text_len - max_answer_len)
                     buckets[len(ids)].append((i, qa, ids))
             for _, items in sorted(buckets.items()):
                 rows = torch.tensor([i for i, _, _ in items], device=device)
                 prompt = torch.tensor([ids for _, _, ids in items], device=device)
-                out = generate(model, memory[rows], mm[rows], cfg.eval, beam=beam, max_len=max_answer_len,
-                               prompt=prompt)
+                kw = {"task_prompt": prompt} if prompted else {"prompt": prompt}
+                out = generate(model, memory[rows], mm[rows], cfg.eval, beam=beam, max_len=max_answer_len, **kw)
                 for (i, qa, _), pred in zip(items, out):
                     ok = normalize_answer(pred) == normalize_answer(str(qa["answer"]))
                     correct += ok

@@ -74,15 +74,54 @@ class ModelConfig:
     init and lets InfoNCE collapse)."""
     temperature: float = 0.07
     """Initial contrastive temperature (learnable; logits = similarity / temperature)."""
+    temperature_param: str = "auto"
+    """How the learnable temperature is stored: contra_temp (the temperature itself, VALOR-B's
+    `contra_temp`), logit_scale (tau = 1 / exp(logit_scale), CLIP's parameter: VALOR-L divides by
+    `1 / exp(clip_model.logit_scale)` and never reads contra_temp) or auto (upstream's rule:
+    logit_scale with vision=clip, contra_temp with vision=swin).  The converter maps the
+    checkpoint tensor of the chosen one and reports the other unused.  Either is clamped to
+    [1e-3, 1] (upstream clamps neither; released values, 0.01 - 0.07, are inside)."""
+    # rule: temperature_param in {auto, logit_scale, contra_temp}
+    task_prompts: bool = False
+    """VALOR-L's task prompts (upstream `use_task_prompt`): a fixed prompt follows the text in the
+    BERT, with its own positions from 0 and a learned `prompt_embedding` row in place of the token
+    type - 'project language in common space' in the text encoder (MGA, retrieval), 'describe the
+    video with natural language' in the decoder (MGC, captioning, SCST), and the question with
+    'answer the question' spliced after its [CLS] as the decoder's prompt in QA (the answer is then
+    the text).  The text sees the whole prompt; in the decoder the prompt sees only itself.  On
+    for the valor_l size; off (no prompt row) otherwise."""
+    # rule: task_prompts is a bool
 
 
+# VALOR-L's task prompts as bert-base-uncased WordPiece ids ([CLS] sentence [SEP]); upstream
+# tokenises the sentences at run time (model/modeling.py:355-369).  Stated here so that model/
+# needs no tokenizer; tests/test_model.py checks them against data/tokenizer.py.  "qa" holds the
+# inner words only: they are spliced after the question's [CLS].
+TASK_PROMPT_IDS: dict = {
+    "contra": (101, 2622, 2653, 1999, 2691, 2686, 102),         # project language in common space
+    "caption": (101, 6235, 1996, 2678, 2007, 3019, 2653, 102),  # describe the video with natural language
+    "qa": (3437, 1996, 3160),                                   # answer the question
+}
+
+
+def temperature_param_of(cfg: ModelConfig) -> str:
+    """contra_temp or logit_scale: how `cfg` stores its temperature (auto resolved)."""
+    if cfg.temperature_param == "auto":
+        return "logit_scale" if cfg.vision == "clip" else "contra_temp"
+    if cfg.temperature_param not in ("logit_scale", "contra_temp"):
+        raise ValueError(f"model.temperature_param must be auto, logit_scale or contra_temp, "
+                         f"got {cfg.temperature_param!r}")
+    return cfg.temperature_param
 
 
 # Named model sizes.  tiny is sized for a 2-core CPU; base/large follow the VALOR reference.
 SIZES: dict = {
     "tiny": dict(image_size=64, patch_size=16, vision_width=128, vision_layers=2, vision_heads=4,
                  text_width=128, text_layers=2, text_heads=4, text_ffn=512,
-                 audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128, pool="mean"),
+                 audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128, pool="mean",
+                 # a from-scratch CPU model: the temperature itself learns (upstream's logit_scale
+                 # comes with pretrained CLIP weights); keeps the embedded default's checkpoints
+                 temperature_param="contra_temp"),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
                  text_width=768, text_layers=12, text_heads=12, text_ffn=3072,
                  audio_width=768, audio_layers=12, audio_heads=12, contra_dim=512),
@@ -93,7 +132,7 @@ SIZES: dict = {
 # The paper's two models.  VALOR-B: Video Swin-B (out 1024) + BERT-base + AST-base; VALOR-L: CLIP
 # ViT-L/14 at 224 px + BERT-base + AST-base (the `large` encoders under the paper's name).
 SIZES["valor_b"] = dict(SIZES["base"], vision="swin", swin_size="B", vision_width=1024)
-SIZES["valor_l"] = dict(SIZES["large"])
+SIZES["valor_l"] = dict(SIZES["large"], task_prompts=True)
 
 
 def swin_size_of(cfg: ModelConfig) -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.log import get_logger, short_list
+from .args import temperature_param_of
 from .convert_swin import swin_to_ours
 
 log = get_logger(__name__)
@@ -65,6 +66,7 @@ _BERT_LAYER = {
 _BERT_TOP = {
     "embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings": "embeddings.position",
     "embeddings.token_type_embeddings": "embeddings.token_type", "embeddings.LayerNorm": "embeddings.ln",
+    "embeddings.prompt_embedding": "embeddings.prompt",   # upstream VALOR's task-prompt row
     "cls.predictions.transform.dense": "lm_head.dense", "cls.predictions.transform.LayerNorm": "lm_head.ln",
 }
 
@@ -119,13 +121,20 @@ def _vit_block_map(prefix_in: str, names: dict) -> dict:
     return {prefix_in + a: b for a, b in names.items()}
 
 
-def resize_grid(pos: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a (h*w, C) position grid, e.g. CLIP 14x14 -> 16x16 or AST 12x101 -> 4x32."""
+def resize_grid(pos: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple[int, int],
+                mode: str = "bilinear") -> torch.Tensor:
+    """Resize a (h*w, C) position grid, e.g. CLIP 24x24 -> 16x16 or AST 12x101 -> 4x32.  bilinear
+    (align_corners False) is upstream VALOR's resize of both (model/modeling.py:526,
+    model/clip.py:488); bicubic is kept for callers that want a smoother upsampling.  Computed in
+    float32 at least (float64 stays float64)."""
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"resize_grid: mode must be bilinear or bicubic, got {mode!r}")
     if tuple(old_hw) == tuple(new_hw):
         return pos
     C = pos.shape[-1]
-    g = pos.reshape(1, old_hw[0], old_hw[1], C).permute(0, 3, 1, 2).float()
-    g = F.interpolate(g, size=new_hw, mode="bicubic", align_corners=False)
+    g = pos.reshape(1, old_hw[0], old_hw[1], C).permute(0, 3, 1, 2)
+    g = g.double() if g.dtype == torch.float64 else g.float()
+    g = F.interpolate(g, size=tuple(new_hw), mode=mode, align_corners=False)
     return g.permute(0, 2, 3, 1).reshape(new_hw[0] * new_hw[1], C).to(pos.dtype)
 
 
@@ -238,11 +247,15 @@ class _Mapper:
         return any(k.startswith(prefix) for k in self.sd)
 
 
-def _map_text(m: _Mapper) -> None:
-    """The one BERT (text encoder and decoder) and its LM head."""
+def _map_text(m: _Mapper, cfg) -> None:
+    """The one BERT (text encoder and decoder) and its LM head.  The task-prompt row
+    (embeddings.prompt_embedding) is kept only for a model.task_prompts model (VALOR-L); without
+    prompts upstream never reads it and it is reported unused."""
     sd = m.sd
     txt_prefix = "multimodal_encoder." if m.has_prefix("multimodal_encoder.") else "txt_encoder."
     bert, bert_unused = _valor_bert(sd, txt_prefix)
+    if not getattr(cfg, "task_prompts", False) and bert.pop("embeddings.prompt.weight", None) is not None:
+        bert_unused.append(txt_prefix + "embeddings.prompt_embedding.weight")
     m.out.update({"text." + k: v for k, v in bert.items()})
     m.used.update(k for k in sd if k.startswith(txt_prefix) and k not in set(bert_unused))
     if txt_prefix == "multimodal_encoder.":
@@ -328,7 +341,7 @@ def _map_audio(m: _Mapper, cfg) -> None:
     m.take("audio_encoder.last_layernorm.bias", "audio.ln.bias")
 
 
-def _map_heads(m: _Mapper) -> None:
+def _map_heads(m: _Mapper, cfg) -> None:
     """Contrastive heads, fine-similarity weights, temperature, and the decoder inputs."""
     m.take("contra_head_t.linear.weight", "text_proj.weight")
     m.take("contra_head_v.linear.weight", "vision_proj.weight")
@@ -337,8 +350,16 @@ def _map_heads(m: _Mapper) -> None:
         for i, fc in (("0", "fc1"), ("2", "fc2")):
             m.take(f"{up}_fine_weight.{i}.weight", f"{ours}.{fc}.weight")
             m.take(f"{up}_fine_weight.{i}.bias", f"{ours}.{fc}.bias")
-    m.take("va_fusion.weight", "av_fusion.weight")   # upstream's bias has no counterpart: reported unused
-    m.take("contra_temp", "temperature", lambda t: t.reshape(1).clone())
+    m.take("va_fusion.weight", "av_fusion.weight")
+    m.take("va_fusion.bias", "av_fusion.bias")
+    # the temperature upstream reads: 1 / exp(clip_model.logit_scale) with CLIP vision (VALOR-L),
+    # contra_temp otherwise; the model's model.temperature_param says which it stores, the other
+    # tensor is reported unused
+    if temperature_param_of(cfg) == "logit_scale":
+        if not m.take("clip_model.logit_scale", "logit_scale", lambda t: t.reshape(1).clone()):
+            m.take("logit_scale", "logit_scale", lambda t: t.reshape(1).clone())
+    else:
+        m.take("contra_temp", "temperature", lambda t: t.reshape(1).clone())
     for up, ours in (("video", "video_to_text"), ("audio", "audio_to_text")):
         for i in ("0", "1"):
             for p in ("weight", "bias"):
@@ -351,7 +372,31 @@ def _map_heads(m: _Mapper) -> None:
         m.used.update(("video_type_embeddings", "audio_type_embeddings"))
 
 
-def valor_to_ours(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+# frames / audio slices a clip in upstream's released pretraining recipes (docs/upstream.md section 1)
+UPSTREAM_PRETRAIN_SLOTS = {"valor_b": (4, 1), "valor_l": (2, 1)}
+
+
+def upstream_frame_slots(sd: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+    """(frames, slices) an upstream checkpoint was pretrained with, from its layout: VALOR-L
+    (clip_model.*) 2 frames, VALOR-B (video_encoder.*) 4; one audio slice."""
+    clip = any(k.startswith(("clip_model.", "module.clip_model.")) for k in sd)
+    return UPSTREAM_PRETRAIN_SLOTS["valor_l" if clip else "valor_b"]
+
+
+def fill_frame_slots(out: Dict[str, torch.Tensor], frame_slots: Tuple[int, int]) -> None:
+    """Upstream's fine-tuning / inference load (train_utils.py:148-151, inference.py:92-94): the
+    frame-embedding rows past the n frames (S slices) pretraining used were never trained, so rows
+    n.. (S..) become copies of row n-1 (S-1): a model tested at 8 frames reuses the last trained
+    slot for frames 4..7.  Rows the pretraining read are unchanged."""
+    for key, n in (("frame_embed.weight", frame_slots[0]), ("clip_embed.weight", frame_slots[1])):
+        if key in out and n >= 1:
+            t = out[key].clone()
+            t[n:] = t[n - 1]
+            out[key] = t
+
+
+def valor_to_ours(sd: Dict[str, torch.Tensor], cfg, frame_slots: Optional[Tuple[int, int]] = None
+                  ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Upstream VALOR state dict -> our VALOR keys.  Returns (mapped, unused upstream keys).
 
     text/decoder  multimodal_encoder.* (BERT with va_concate cross-attention; upstream shares it
@@ -365,27 +410,37 @@ def valor_to_ours(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Ten
     heads         contra_head_{t,v,a}.linear, {text,video,audio}_fine_weight.{0,2}, va_fusion,
                   contra_temp, video/audio_frame_embedding (1, 32, d), video/audio_type_embeddings,
                   hidden_trans_{video,audio}_multimodal.{0,1}
+
+    frame_slots (frames, slices) of the checkpoint's pretraining: the frame-embedding rows past
+    them are filled as upstream's fine-tuning load does (`fill_frame_slots`); None keeps the
+    tensors as saved (what upstream's pretraining forward reads).
     """
     m = _Mapper({k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()})
-    _map_text(m)
+    _map_text(m, cfg)
     vp = "clip_model.visual." if m.has_prefix("clip_model.visual.") else "visual."
     if m.has_prefix(vp):
         _map_clip_vision(m, vp, cfg)
     elif m.has_prefix("video_encoder."):
         _map_swin_vision(m, cfg)
     _map_audio(m, cfg)
-    _map_heads(m)
+    _map_heads(m, cfg)
+    if frame_slots is not None:
+        fill_frame_slots(m.out, frame_slots)
     return m.out, sorted(k for k in m.sd if k not in m.used)
 
 
-def load_valor_checkpoint(model, path_or_sd, strict_shapes: bool = True) -> dict:
+def load_valor_checkpoint(model, path_or_sd, strict_shapes: bool = True, frame_slots=None) -> dict:
     """Load an upstream VALOR checkpoint into our model.  Returns a report {loaded, missing (our
-    tensors left at init), unused (upstream tensors with no counterpart), shape_mismatch}; logs it."""
+    tensors left at init), unused (upstream tensors with no counterpart), shape_mismatch}; logs it.
+    frame_slots: None (the tensors as saved), "auto" (upstream's released pretraining counts,
+    `upstream_frame_slots`) or (frames, slices): see `valor_to_ours`."""
     sd = read_state_dict(path_or_sd) if isinstance(path_or_sd, str) else dict(path_or_sd)
     for wrap in ("model", "state_dict", "module"):
         if wrap in sd and isinstance(sd[wrap], dict):
             sd = sd[wrap]
-    mapped, unused = valor_to_ours(sd, model.cfg)
+    if frame_slots == "auto":
+        frame_slots = upstream_frame_slots(sd)
+    mapped, unused = valor_to_ours(sd, model.cfg, frame_slots)
     own = model.state_dict()
     mism = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in mapped.items() if k in own and own[k].shape != v.shape}
     if mism and strict_shapes:
@@ -395,7 +450,8 @@ def load_valor_checkpoint(model, path_or_sd, strict_shapes: bool = True) -> dict
     mapped = {k: v for k, v in mapped.items() if k in own and k not in mism}
     res = model.load_state_dict(mapped, strict=False)
     report = {"loaded": len(mapped), "missing": sorted(res.missing_keys), "unused": unused + extra,
-              "shape_mismatch": {k: list(v) for k, v in mism.items()}}
+              "shape_mismatch": {k: list(v) for k, v in mism.items()},
+              "frame_slots": None if frame_slots is None else list(frame_slots)}
     log.info("VALOR checkpoint: %d tensors loaded, %d of ours left at init, %d upstream tensors unused",
              report["loaded"], len(report["missing"]), len(report["unused"]))
     if report["missing"]:
@@ -405,15 +461,25 @@ def load_valor_checkpoint(model, path_or_sd, strict_shapes: bool = True) -> dict
     return report
 
 
+# tensors added to our model after runs were saved, with the value that reproduces the old
+# behaviour: an older model.safetensors without them still loads (logged)
+_ADDED_LATER = {"av_fusion.bias": "zeros (the fusion had no bias)"}
+
+
 def load_init(model, path: str) -> dict:
     """Initialise a model for fine-tuning from `path`: our safetensors (or a run folder holding
-    model.safetensors), or an upstream VALOR checkpoint (detected by its key names)."""
+    model.safetensors), or an upstream VALOR checkpoint (detected by its key names; its
+    frame-embedding rows past the pretraining frames are filled as upstream's fine-tuning load
+    does, `fill_frame_slots`)."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.safetensors")):
         path = os.path.join(path, "model.safetensors")
     sd = read_state_dict(path)
     if is_upstream_valor(sd):
-        return load_valor_checkpoint(model, sd)
+        return load_valor_checkpoint(model, sd, frame_slots="auto")
     own = model.state_dict()
+    for k in sorted(set(_ADDED_LATER) & (set(own) - set(sd))):
+        sd = dict(sd, **{k: torch.zeros_like(own[k])})
+        log.warning("%s: no %s (saved before it existed): %s", path, k, _ADDED_LATER[k])
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

@@ -27,17 +27,26 @@ class Stepper:
     """Next-token log-probabilities for a batch of prefixes, cached or not.  `start` feeds the
     first prefix ([bos] or a prompt) and `push` commits one token a row, each returning the (N, V)
     log-probabilities of the next token; `reorder` follows the beams.  `model`: a VALOR (what is
-    used: `decode`, `lm_logits` and `text.layers`)."""
+    used: `decode`, `lm_logits` and `text.layers`).  `task_prompt` (N, P), optional: the decoder's
+    prompt stream (QA's question prompt on a model.task_prompts model; None = the model's own
+    caption prompt, if it has one): fed with the first cached pass (its keys stay in the cache)
+    or with every uncached pass."""
 
     def __init__(self, model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], use_cache: bool,
-                 *, bos_id: int, mask_id: int):
+                 *, bos_id: int, mask_id: int, task_prompt: Optional[torch.Tensor] = None):
         self.model, self.memory, self.mmask, self.use_cache = model, memory, memory_mask, use_cache
         self.bos_id, self.mask_id = bos_id, mask_id
+        self.task_prompt = task_prompt
         self.caches = [dict() for _ in model.text.layers] if use_cache else None
         self.prefix: Optional[torch.Tensor] = None  # (N, t) committed tokens
 
+    def _prompt_kw(self) -> dict:
+        return {} if self.task_prompt is None else {"prompt": self.task_prompt}
+
     def reorder(self, idx: torch.Tensor) -> None:
         self.prefix = self.prefix[idx]
+        if self.task_prompt is not None:
+            self.task_prompt = self.task_prompt[idx]
         if self.caches is not None:
             for c in self.caches:
                 c["k"], c["v"] = c["k"][idx], c["v"][idx]
@@ -49,7 +58,8 @@ class Stepper:
                        else prompt.to(device))
         if self.use_cache:
             # first pass: projects the memory K/V into the caches once per clip
-            self.model.decode(self.prefix, None, self.memory, self.mmask, caches=self.caches, offset=0)
+            self.model.decode(self.prefix, None, self.memory, self.mmask, caches=self.caches, offset=0,
+                              **self._prompt_kw())
         return self._peek()
 
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -69,7 +79,8 @@ class Stepper:
             for c in self.caches:
                 c["peek"] = False
         else:
-            h = self.model.decode(torch.cat([self.prefix, mask_tok], 1), None, self.memory, self.mmask)
+            h = self.model.decode(torch.cat([self.prefix, mask_tok], 1), None, self.memory, self.mmask,
+                                  **self._prompt_kw())
         return torch.log_softmax(self.model.lm_logits(h[:, -1]).float(), dim=-1)  # (N, V)
 
 
@@ -77,11 +88,14 @@ class Stepper:
 def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
                 beam: int = 3, max_len: int = 30, length_penalty: float = 1.0,
                 use_cache: bool = True, prompt: Optional[torch.Tensor] = None,
-                *, bos_id: int, eos_id: int, mask_id: int) -> List[List[int]]:
+                *, bos_id: int, eos_id: int, mask_id: int,
+                task_prompt: Optional[torch.Tensor] = None) -> List[List[int]]:
     """memory (B, Lm, C) -> best token ids (without bos/eos) for each clip.
 
     prompt (B, P), optional: a prefix every hypothesis of a clip starts from (QA: `[CLS] question
     [SEP]`, all rows of one length: bucket questions by length); the prefix is not returned.
+    task_prompt (B, P), optional: the decoder's prompt stream (`Stepper`), e.g. QA's question on a
+    model.task_prompts model (rows of one length: no padding, the cached steps attend to all of it).
 
     Hypothesis score = sum log p / len ** length_penalty, len counting eos; a hypothesis ends
     at eos or at max_len tokens.  beam=1 is greedy search.
@@ -91,9 +105,11 @@ def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]
     B, dev = memory.shape[0], memory.device
     mem = _expand(memory, beam)                                      # (B*K, Lm, C)
     mmask = None if memory_mask is None else _expand(memory_mask, beam)
-    st = Stepper(model, mem, mmask, use_cache, bos_id=bos_id, mask_id=mask_id)
-    if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != B):
-        raise ValueError(f"prompt must be (B={B}, P), got {tuple(prompt.shape)}")
+    for name, p in (("prompt", prompt), ("task_prompt", task_prompt)):
+        if p is not None and (p.dim() != 2 or p.shape[0] != B):
+            raise ValueError(f"{name} must be (B={B}, P), got {tuple(p.shape)}")
+    st = Stepper(model, mem, mmask, use_cache, bos_id=bos_id, mask_id=mask_id,
+                 task_prompt=None if task_prompt is None else _expand(task_prompt.to(dev), beam))
     P = 1 if prompt is None else prompt.shape[1]
     logp = st.start(B * beam, dev, None if prompt is None else _expand(prompt, beam))  # (B*K, V)
     V = logp.shape[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .args import ModelConfig, swin_size_of
+from .args import TASK_PROMPT_IDS, ModelConfig, swin_size_of
 from .swin import SWIN_SIZES, clip_window
 
 GROUPS = ("tv", "ta", "tav")
@@ -78,11 +78,15 @@ def training_flops_per_sample(cfg: ModelConfig, *, frames: int, text_len: int, a
         f += audio_slices * encoder_flops(a_len, cfg.audio_width, cfg.audio_layers, 4 * cfg.audio_width, a_len)
         mem += audio_slices * a_len
     tw, tl = cfg.text_width, cfg.text_layers
+    # model.task_prompts: the prompt's tokens run through the BERT beside the text (VALOR-L)
+    pe = len(TASK_PROMPT_IDS["contra"]) if cfg.task_prompts else 0
+    pd = len(TASK_PROMPT_IDS["caption"]) if cfg.task_prompts else 0
     if mga_groups:
-        f += encoder_flops(text_len, tw, tl, cfg.text_ffn, text_len)
+        f += encoder_flops(text_len + pe, tw, tl, cfg.text_ffn, text_len + pe)
     if mgc_groups:
         n = len(mgc_groups)
-        f += n * (encoder_flops(text_len, tw, tl, cfg.text_ffn, text_len) + cross_flops(text_len, tw, tl, mem))
+        f += n * (encoder_flops(text_len + pd, tw, tl, cfg.text_ffn, text_len + pd)
+                  + cross_flops(text_len + pd, tw, tl, mem))
         f += tl * 2 * 2 * mem * tw * tw                                    # memory K/V once
         f += n * mask_prob * text_len * 2 * tw * cfg.vocab_size           # LM head at the masked rows
     return 3.0 * f

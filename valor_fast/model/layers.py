@@ -65,7 +65,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, kv: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False,
                 kv_heads: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                cache: Optional[dict] = None) -> torch.Tensor:
+                cache: Optional[dict] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         q = _split_heads(self.q(x), self.heads)  # (B, H, Lq, Dh)
         if kv_heads is not None:
             k, v = kv_heads
@@ -79,7 +79,7 @@ class Attention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             if not cache.get("peek", False):
                 cache["k"], cache["v"] = k, v
-        out = ops.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
+        out = ops.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, bias=bias)
         return self.o(_merge_heads(out))
 
 
@@ -138,12 +138,13 @@ class BertLayer(nn.Module):
         self.ln_ffn = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x, key_padding_mask=None, causal=False, memory=None, memory_mask=None,
-                memory_repeat: int = 1, cache: Optional[dict] = None):
+                memory_repeat: int = 1, cache: Optional[dict] = None, bias: Optional[torch.Tensor] = None):
         """x (N, L, C).  memory (B, Lm, C) with N = memory_repeat * B: its cross-attention K/V are
         projected once and tiled over the `memory_repeat` stacked groups (the three MGC groups
-        share one pass); with a `cache` they are projected at the first step only."""
+        share one pass); with a `cache` they are projected at the first step only.  `bias`
+        (H, L, L): an additive self-attention score bias (the prompted decoder's mask)."""
         fused = fops.fused_enabled()
-        a = self.attn(x, key_padding_mask=key_padding_mask, causal=causal, cache=cache)
+        a = self.attn(x, key_padding_mask=key_padding_mask, causal=causal, cache=cache, bias=bias)
         x = _ln(a, self.ln_attn, x)[0] if fused else self.ln_attn(x + a)
         if memory is not None or (cache is not None and "mk" in cache):
             if self.cross is None:

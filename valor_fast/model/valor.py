@@ -3,6 +3,7 @@ decoder (the same BERT layers, causal, + one cross-attention per layer over vide
 tokens concatenated).  Architecture only: losses live in valor_fast.tasks."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .args import ModelConfig, swin_size_of
+from .args import TASK_PROMPT_IDS, ModelConfig, swin_size_of, temperature_param_of
 from .audio import AST
 from .layers import init_weights
 from .text import BertText
@@ -28,6 +29,12 @@ class WeightMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x))).squeeze(-1)
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Features leave the heads in float32 at least (bf16 / fp16 under autocast -> float32; a
+    float64 model stays float64, so parity checks run in float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _to_text(width: int, text_width: int) -> nn.Module:
@@ -52,7 +59,7 @@ class VALOR(nn.Module):
         self.cfg = cfg
         tw, C = cfg.text_width, cfg.contra_dim
         self.text = BertText(cfg.vocab_size, tw, cfg.text_layers, cfg.text_heads, cfg.text_ffn,
-                             max_pos=cfg.max_positions)
+                             max_pos=cfg.max_positions, prompts=cfg.task_prompts)
         if cfg.vision == "clip":
             self.vision = ClipViT(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
                                   cfg.vision_heads)
@@ -71,16 +78,22 @@ class VALOR(nn.Module):
         self.text_weight = WeightMLP(C)
         self.vision_weight = WeightMLP(C)
         self.audio_weight = WeightMLP(C)
-        # coarse AV = normalise(W [v; a]): a learned fusion of the global V and A features
-        self.av_fusion = nn.Linear(2 * C, C, bias=False)
+        # coarse AV = normalise(W [v; a] + b): a learned fusion of the global V and A features
+        # (upstream's va_fusion, with its bias)
+        self.av_fusion = nn.Linear(2 * C, C)
         # decoder inputs: project to the text width, add frame/clip and modality embeddings
         self.video_to_text = _to_text(vw, tw)
         self.audio_to_text = _to_text(cfg.audio_width, tw)
         self.frame_embed = nn.Embedding(cfg.max_frames, tw)
         self.clip_embed = nn.Embedding(cfg.max_frames, tw)
         self.type_embed = nn.Embedding(2, tw)  # 0 = video, 1 = audio
-        # shape (1,), not a scalar: FSDP2 shards parameters along dim 0
-        self.temperature = nn.Parameter(torch.tensor([float(cfg.temperature)]))
+        # shape (1,), not a scalar: FSDP2 shards parameters along dim 0.  One of the two, by
+        # model.temperature_param: the temperature itself, or CLIP's log inverse temperature
+        self.temperature_param = temperature_param_of(cfg)
+        if self.temperature_param == "logit_scale":
+            self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / float(cfg.temperature))]))
+        else:
+            self.temperature = nn.Parameter(torch.tensor([float(cfg.temperature)]))
         init_weights(self)
         if cfg.vision == "swin":  # Swin's own init of the position-bias tables (trunc normal 0.02)
             for m in self.vision.modules():
@@ -88,10 +101,22 @@ class VALOR(nn.Module):
                     nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
         with torch.no_grad():  # start the fusion as v + a
             self.av_fusion.weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], dim=1))
+            self.av_fusion.bias.zero_()
 
     # ---------------- encoders ----------------
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.text.encode(ids, mask)
+    def task_prompt(self, kind: str, n: int, device) -> Optional[torch.Tensor]:
+        """(n, P) ids of the fixed task prompt `kind` (contra, caption) when model.task_prompts,
+        else None."""
+        if not self.cfg.task_prompts:
+            return None
+        return torch.tensor(TASK_PROMPT_IDS[kind], device=device).expand(n, -1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L, d) text states.  With model.task_prompts the contrastive prompt ('project
+        language in common space') follows the text unless `prompt` (B, P) is given."""
+        if prompt is None:
+            prompt = self.task_prompt("contra", ids.shape[0], ids.device)
+        return self.text.encode(ids, mask, prompt)
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         return self.vision(video)
@@ -109,9 +134,9 @@ class VALOR(nn.Module):
         raise ValueError(f"model.pool must be cls or mean, got {self.cfg.pool!r}")
 
     def text_features(self, hidden: torch.Tensor, mask: torch.Tensor) -> Features:
-        tok = F.normalize(self.text_proj(hidden).float(), dim=-1)   # (B, L, C)
+        tok = F.normalize(_acc(self.text_proj(hidden)), dim=-1)   # (B, L, C)
         if self.cfg.pool == "mean":
-            m = mask.float()[..., None]
+            m = mask.to(tok.dtype)[..., None]
             pooled = F.normalize((tok * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
         else:
             pooled = tok[:, 0]
@@ -121,19 +146,26 @@ class VALOR(nn.Module):
         # one feature per frame, no temporal pooling; Swin has no CLS: VALOR takes the spatial
         # mean of each frame's tokens (B, T, h*w, 1024) -> (B, T, 1024)
         per_frame = tokens.mean(2) if self.cfg.vision == "swin" else self._pool(tokens)
-        f = F.normalize(self.vision_proj(per_frame).float(), dim=-1)  # (B, n, C)
-        return Features(f, self.vision_weight(f), None, F.normalize(f.mean(1), dim=-1))
+        return self._clip_features(_acc(self.vision_proj(per_frame)), self.vision_weight)  # (B, n, C)
 
     def audio_features(self, tokens: torch.Tensor) -> Features:
-        f = F.normalize(self.audio_proj(self._pool(tokens)).float(), dim=-1)   # (B, S, C)
-        return Features(f, self.audio_weight(f), None, F.normalize(f.mean(1), dim=-1))
+        return self._clip_features(_acc(self.audio_proj(self._pool(tokens))), self.audio_weight)  # (B, S, C)
+
+    @staticmethod
+    def _clip_features(proj: torch.Tensor, weight: nn.Module) -> Features:
+        """Per-frame (per-slice) projections (B, n, C) -> normalised tokens and their weights, and
+        the coarse global: upstream averages the frames *before* the (bias-free, so linear) head
+        and normalises once, norm(W mean_k f_k) = norm(mean_k W f_k) (model/modeling.py:384-405)."""
+        f = F.normalize(proj, dim=-1)
+        return Features(f, weight(f), None, F.normalize(proj.mean(1), dim=-1))
 
     def av_pooled(self, v: Features, a: Features) -> torch.Tensor:
         return F.normalize(self.av_fusion(torch.cat([v.pooled, a.pooled], dim=-1)), dim=-1)
 
     def temp(self) -> torch.Tensor:
         # clamp keeps logits finite if the learnt temperature drifts towards 0
-        return self.temperature.clamp(min=1e-3, max=1.0).squeeze(0)
+        t = self.temperature if self.temperature_param == "contra_temp" else torch.exp(-self.logit_scale)
+        return t.clamp(min=1e-3, max=1.0).squeeze(0)
 
     # ---------------- decoder ----------------
     def memory(self, video_tokens: torch.Tensor, audio_tokens: torch.Tensor):
@@ -145,9 +177,15 @@ class VALOR(nn.Module):
         a = self.audio_to_text(audio_tokens) + self.clip_embed.weight[:S, None] + self.type_embed.weight[1]
         return torch.cat([v.reshape(B, n * Lv, -1), a.reshape(B, S * La, -1)], dim=1), n * Lv
 
-    def decode(self, ids, mask, memory, memory_mask, memory_repeat: int = 1, caches=None, offset=0) -> torch.Tensor:
+    def decode(self, ids, mask, memory, memory_mask, memory_repeat: int = 1, caches=None, offset=0,
+               prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal decoder pass (BertText.decode).  With model.task_prompts the caption prompt
+        ('describe the video with natural language') goes with every first / uncached call unless
+        `prompt` (N, P) is given (QA's question prompt)."""
+        if prompt is None and not (caches is not None and "k" in caches[0]):
+            prompt = self.task_prompt("caption", ids.shape[0], ids.device)
         return self.text.decode(ids, mask, memory, memory_mask, memory_repeat=memory_repeat, caches=caches,
-                                offset=offset)
+                                offset=offset, prompt=prompt)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text.logits(hidden)

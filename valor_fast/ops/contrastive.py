@@ -227,14 +227,15 @@ def _coarse(text, modal, temperature, valid=None, neg: Optional[Negatives] = Non
 
 # ---- fine ------------------------------------------------------------------------------------
 
-def _fine_unsupported(text, parts) -> Optional[str]:
+def _fine_unsupported(text, parts, floored: bool = False) -> Optional[str]:
     dts = {text.dtype} | {p[0].dtype for p in parts}
     if not dts <= set(kc.DTYPES):
         return f"dtype {sorted(map(str, dts))}"
     if text.shape[-1] > kc.MAX_D:
         return f"D={text.shape[-1]} > {kc.MAX_D}"
-    if text.shape[1] > kc.MAX_T:
-        return f"T={text.shape[1]} > {kc.MAX_T}"
+    T = text.shape[1] + (1 if floored else 0)  # the floor rides as one more token
+    if T > kc.MAX_T:
+        return f"T={T} > {kc.MAX_T}" + (" (with the text_floor token)" if floored else "")
     slots = sum(p[0].shape[1] for p in parts)
     if slots > kc.MAX_SLOTS:
         return f"{slots} modal tokens per clip > {kc.MAX_SLOTS}"
@@ -245,19 +246,32 @@ def _ones_mask(x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
 
-def _fine_sims(backend: str, text, text_weight, text_mask, parts) -> List[torch.Tensor]:
+def _floor_as_token(text, wt, tmask, text_floor):
+    """The floor as one more text token: a zero feature (similarity exactly 0 with every modal
+    token), real for the modal-side max of the floored texts only, weight 0 on the text side, last
+    (so an exact-0 tie goes to the real token: first index wins).  Its gradients are dropped."""
+    Bt, _, D = text.shape
+    text = torch.cat([text, text.new_zeros((Bt, 1, D))], 1)
+    wt = torch.cat([wt, wt.new_zeros((Bt, 1))], 1)
+    return text, wt, torch.cat([tmask, text_floor[:, None]], 1)
+
+
+def _fine_sims(backend: str, text, text_weight, text_mask, parts, text_floor=None) -> List[torch.Tensor]:
     """parts: [(modal, weight, mask)] of one group, or two groups x, y -> [S_x] or [S_x, S_y, S_x++y],
-    each (Bt, Bm)."""
+    each (Bt, Bm).  text_floor: (Bt,) bool or None (see kc.fine_similarity_ref)."""
     for m, w, k in parts:
         kc.check_fine_inputs(text, text_weight, text_mask, m, w, k)
+    kc.check_text_floor(text_floor, text.shape[0])
     if backend == "torch":
-        out = [kc.fine_similarity_ref(text, text_weight, text_mask, *p) for p in parts]
+        out = [kc.fine_similarity_ref(text, text_weight, text_mask, *p, text_floor) for p in parts]
         if len(parts) == 2:
             cat = kc.resolve_groups({"x": parts[0], "y": parts[1], "xy": ("x", "y")}, "fine")["xy"]
-            out.append(kc.fine_similarity_ref(text, text_weight, text_mask, *cat))
+            out.append(kc.fine_similarity_ref(text, text_weight, text_mask, *cat, text_floor))
         return out
     wt = kc.masked_softmax(text_weight, text_mask, text)  # (Bt, T), zero at padding
     tmask = _ones_mask(text) if text_mask is None else text_mask
+    if text_floor is not None:
+        text, wt, tmask = _floor_as_token(text, wt, tmask, text_floor)
     if len(parts) == 1:
         x, wx, mx = parts[0]
         mw = kc.masked_softmax(wx, mx, x)[None]  # (1, Bm, Mx)
@@ -308,21 +322,21 @@ def _fine_jobs(groups: Dict[str, kc.GroupSpec]):
     return jobs
 
 
-def _fine_group_sims(backend, text, text_weight, text_mask, groups) -> Dict[str, torch.Tensor]:
+def _fine_group_sims(backend, text, text_weight, text_mask, groups, text_floor=None) -> Dict[str, torch.Tensor]:
     out = {}
     for parts, names in _fine_jobs(groups):
-        for name, S in zip(names, _fine_sims(backend, text, text_weight, text_mask, parts)):
+        for name, S in zip(names, _fine_sims(backend, text, text_weight, text_mask, parts, text_floor)):
             if name is not None:
                 out[name] = S
     return out
 
 
-def _fine_backend(text, groups, neg: Optional[Negatives]) -> str:
+def _fine_backend(text, groups, neg: Optional[Negatives], floored: bool = False) -> str:
     plain_parts = [tuple(s) for s in groups.values() if not kc.is_concat(s)]
     unsupported = None
     for t in (text,) if neg is None else (text, neg.text):
         for s in plain_parts:
-            unsupported = unsupported or _fine_unsupported(t, [s])
+            unsupported = unsupported or _fine_unsupported(t, [s], floored)
     cat_slots = [sum(groups[p][0].shape[1] for p in s) for s in groups.values()
                  if kc.is_concat(s) and all(p in groups and not kc.is_concat(groups[p]) for p in s)]
     if unsupported is None and cat_slots and max(cat_slots) > kc.MAX_SLOTS:
@@ -330,18 +344,23 @@ def _fine_backend(text, groups, neg: Optional[Negatives]) -> str:
     return _choose("fine", text.device, unsupported)
 
 
-def _fine_group_losses(text, groups, temperature, text_weight, text_mask, valid, neg: Optional[Negatives]):
+def _fine_group_losses(text, groups, temperature, text_weight, text_mask, valid, neg: Optional[Negatives],
+                       text_floor=None):
     if text.dim() != 3:
         raise ValueError(f"fine mode needs text (B, T, D), got {tuple(text.shape)}")
     if temperature.numel() != 1:
         raise ValueError(f"temperature must hold one value, got shape {tuple(temperature.shape)}")
-    backend = _fine_backend(text, groups, neg)
+    kc.check_text_floor(text_floor, text.shape[0])
+    if neg is not None and (text_floor is None) != (neg.text_floor is None):
+        raise ValueError("text_floor and the negatives' text_floor go together (pass the same text_floor to "
+                         "gather_negatives)")
+    backend = _fine_backend(text, groups, neg, text_floor is not None)
     if neg is None:
-        S = _fine_group_sims(backend, text, text_weight, text_mask, groups)
+        S = _fine_group_sims(backend, text, text_weight, text_mask, groups, text_floor)
         return {n: info_nce(s, temperature, valid.get(n)) for n, s in S.items()}
     # local: this rank's texts vs all clips, and all texts vs this rank's clips
-    rows = _fine_group_sims(backend, text, text_weight, text_mask, neg.groups)
-    cols = _fine_group_sims(backend, neg.text, neg.text_weight, neg.text_mask, groups)
+    rows = _fine_group_sims(backend, text, text_weight, text_mask, neg.groups, text_floor)
+    cols = _fine_group_sims(backend, neg.text, neg.text_weight, neg.text_mask, groups, neg.text_floor)
     out = {}
     for n in rows:
         vr, vc = _local_masks(n, valid.get(n), neg)
@@ -351,50 +370,66 @@ def _fine_group_losses(text, groups, temperature, text_weight, text_mask, valid,
 
 # ---- public ----------------------------------------------------------------------------------
 
-def fine_similarity(text, text_weight, text_mask, modal, modal_weight, modal_mask) -> torch.Tensor:
+def fine_similarity(text, text_weight, text_mask, modal, modal_weight, modal_mask,
+                    text_floor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(Bt, Bm) weighted token-wise max-similarity (differentiable), without (Bt, Bm, T, M) on the
-    kernel backends."""
+    kernel backends.  text_floor (Bt,) bool: where True, that text's modal-side maxima over its
+    real tokens are floored at 0 (upstream VALOR's padded max, docs/upstream.md P1;
+    valor_fast.kernels.contrastive.upstream_text_floor gives upstream's rule); None: no floor."""
     kc.check_fine_inputs(text, text_weight, text_mask, modal, modal_weight, modal_mask)
+    kc.check_text_floor(text_floor, text.shape[0])
     part = (modal, modal_weight, modal_mask)
-    backend = _choose("fine", text.device, _fine_unsupported(text, [part]))
-    return _fine_sims(backend, text, text_weight, text_mask, [part])[0]
+    backend = _choose("fine", text.device, _fine_unsupported(text, [part], text_floor is not None))
+    return _fine_sims(backend, text, text_weight, text_mask, [part], text_floor)[0]
+
+
+def _no_coarse_floor(mode: str, text_floor) -> None:
+    if text_floor is not None and mode == "coarse":
+        raise ValueError("text_floor is for mode='fine' (the modal-side token max); coarse has no token max")
 
 
 def contrastive_loss(text, modal, temperature, *, mode="coarse", text_weight=None, text_mask=None,
-                     modal_weight=None, modal_mask=None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     modal_weight=None, modal_mask=None, valid: Optional[torch.Tensor] = None,
+                     text_floor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Symmetric InfoNCE (scalar fp32, or float64 for float64 inputs) between text and one modality.
 
     valid (B,) bool: only samples marked True take part (an invalid row leaves the mean over rows
     of both directions, an invalid column every softmax denominator); exactly 0 with zero
     gradients when fewer than 2 are valid.  The mask stays a tensor: no host sync.  Invalid
     samples' features are still computed, so they must be finite.  Under data parallelism, gather
-    the features (and the mask) with valor_fast.ops.distributed first."""
+    the features (and the mask) with valor_fast.ops.distributed first.  text_floor (B,) bool, fine
+    only: see `fine_similarity`."""
+    _no_coarse_floor(mode, text_floor)
     if mode == "coarse":
         return _coarse(text, modal, temperature, valid)
     if mode == "fine":
         kc.check_fine_inputs(text, text_weight, text_mask, modal, modal_weight, modal_mask)
         kc.check_valid(valid, text.shape[0])
         return _fine_group_losses(text, {"m": (modal, modal_weight, modal_mask)}, temperature, text_weight,
-                                  text_mask, {} if valid is None else {"m": valid}, None)["m"]
+                                  text_mask, {} if valid is None else {"m": valid}, None, text_floor)["m"]
     raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")
 
 
 def grouped_contrastive_loss(text, groups, temperature, *, mode, text_weight=None, text_mask=None,
                              valid: Optional[Dict[str, torch.Tensor]] = None,
-                             negatives: Optional[Negatives] = None) -> Dict[str, torch.Tensor]:
+                             negatives: Optional[Negatives] = None,
+                             text_floor: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Loss per group.  coarse: groups name -> modal (B, D).  fine: name -> (modal, weight, mask) or
     a tuple of group names to concatenate (("v", "a") for T-AV); a two-part concatenation is fused
     with its parts (one read of the features for all three groups).  valid: group name -> (B,)
     bool mask (e.g. {"a": has_audio, "av": has_audio}); a group without one uses every sample;
-    semantics as in `contrastive_loss`.
+    semantics as in `contrastive_loss`.  text_floor (B,) bool, fine only: every group's modal-side
+    maxima of the marked texts floored at 0 (see `fine_similarity`).
 
     negatives (the local loss, see valor_fast.ops.distributed): `gather_negatives(text, groups,
-    text_weight=..., text_mask=..., valid=...)` of these same arguments; this rank's rows are then
-    scored against every rank's columns, and the mean over ranks of the result is the full-batch
-    loss.  Without it, the loss is over the batch given (gather it first for global negatives)."""
+    text_weight=..., text_mask=..., valid=..., text_floor=...)` of these same arguments; this
+    rank's rows are then scored against every rank's columns, and the mean over ranks of the
+    result is the full-batch loss.  Without it, the loss is over the batch given (gather it first
+    for global negatives)."""
     if not isinstance(groups, dict) or not groups:
         raise ValueError(f"groups must be a non-empty dict name -> spec, got {type(groups).__name__}")
     kc.check_valid_groups(valid, groups, text.shape[0])
+    _no_coarse_floor(mode, text_floor)
     valid = valid or {}
     if negatives is not None and not isinstance(negatives, Negatives):
         raise ValueError(f"negatives must come from valor_fast.ops.distributed.gather_negatives, "
@@ -405,5 +440,5 @@ def grouped_contrastive_loss(text, groups, temperature, *, mode, text_weight=Non
                 raise ValueError(f"coarse mode: group {n!r} must be a (B, D) tensor, got {type(s).__name__}")
         return {n: _coarse(text, s, temperature, valid.get(n), negatives, n) for n, s in groups.items()}
     if mode == "fine":
-        return _fine_group_losses(text, groups, temperature, text_weight, text_mask, valid, negatives)
+        return _fine_group_losses(text, groups, temperature, text_weight, text_mask, valid, negatives, text_floor)
     raise ValueError(f"mode must be 'coarse' or 'fine', got {mode!r}")

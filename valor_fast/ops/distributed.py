@@ -120,6 +120,7 @@ class Negatives:
     text_weight: Optional[torch.Tensor] = None  # (N*B, T_max) fine
     text_mask: Optional[torch.Tensor] = None    # (N*B, T_max) fine
     valid: Dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (N*B,) bool
+    text_floor: Optional[torch.Tensor] = None   # (N*B,) bool fine: upstream's padded max per text
 
 
 def _gather_spec(spec):
@@ -132,10 +133,12 @@ def _gather_spec(spec):
 
 def gather_negatives(text: torch.Tensor, groups: Dict[str, Any], *, text_weight: Optional[torch.Tensor] = None,
                      text_mask: Optional[torch.Tensor] = None,
-                     valid: Optional[Dict[str, torch.Tensor]] = None) -> Negatives:
+                     valid: Optional[Dict[str, torch.Tensor]] = None,
+                     text_floor: Optional[torch.Tensor] = None) -> Negatives:
     """Gather the arguments of `grouped_contrastive_loss` (this rank's B samples) for the local
-    loss.  Fine text is padded on its token axis to the longest over ranks (padding masked).  In
-    one process it holds this process's own tensors, offset 0, world 1."""
+    loss.  Fine text is padded on its token axis to the longest over ranks (padding masked), its
+    text_floor (B,) bool gathered with it.  In one process it holds this process's own tensors,
+    offset 0, world 1."""
     if text.dim() == 3:
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
@@ -148,4 +151,5 @@ def gather_negatives(text: torch.Tensor, groups: Dict[str, Any], *, text_weight:
         text_all = gather_features(text)
     return Negatives(text=text_all, groups={n: _gather_spec(s) for n, s in groups.items()},
                      offset=rank() * text.shape[0], world=world(), text_weight=text_weight, text_mask=text_mask,
-                     valid={n: gather_features(v) for n, v in (valid or {}).items()})
+                     valid={n: gather_features(v) for n, v in (valid or {}).items()},
+                     text_floor=None if text_floor is None else gather_features(text_floor))

@@ -21,6 +21,8 @@ from typing import Dict, List, Sequence, Tuple, Type
 
 import torch
 
+from ..config import register_choices
+
 EVALUATIONS = ("retrieval", "caption", "qa")
 TASKS: Dict[str, Type["Task"]] = {}
 
@@ -74,6 +76,9 @@ def register_task(name: str):
         TASKS[name] = cls
         return cls
     return deco
+
+
+register_choices("task", lambda: tuple(TASKS))   # train.task's rule in config.RULES
 
 
 def get_task(name: str) -> Type[Task]:

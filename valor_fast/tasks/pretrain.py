@@ -9,7 +9,7 @@ from ..config import LossConfig
 from ..model.valor import VALOR
 from .base import Task, masked_mean, register_task, sample_generators
 from .mga import mga_group_losses, parse_groups
-from .mgc import mask_plan, masking_draws, mgc_group_losses, plan_of
+from .mgc import audio_presence, mask_plan, masking_draws, mgc_group_losses, plan_of
 
 
 def move_batch(batch: dict, device) -> dict:
@@ -26,7 +26,7 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     ends (encoders, mga, decoder): bench/train_step.py times the phases with it."""
     mark = mark or (lambda _phase: None)
     ids, mask = batch["text_ids"], batch["text_mask"]
-    has_audio = batch.get("has_audio")
+    has_audio = audio_presence(batch, cfg)
     vt = model.encode_video(batch["video"])          # (B, n, Lv, dv)
     at = model.encode_audio(batch["audio"])          # (B, S, La, da)
     th = model.encode_text(ids, mask)                # (B, L, dt)
@@ -35,14 +35,15 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     losses: Dict[str, torch.Tensor] = {}
     total = 0.0
     if cfg.mga_weight:
-        mga, present = mga_group_losses(model, t, v, a, cfg.mga_mode, cfg.groups, has_audio)
+        mga, present = mga_group_losses(model, t, v, a, cfg.mga_mode, cfg.groups, has_audio,
+                                        padding=cfg.fine_padding, text_len=cfg.fine_text_len)
         losses.update({f"mga/{k}": x for k, x in mga.items()})
         total = total + cfg.mga_weight * masked_mean(mga.values(), present.values())
     mark("mga")
     if cfg.mgc_weight:
         memory, n_video = model.memory(vt, at)
         plan = plan_of(batch) or mask_plan(ids, mask, cfg.groups, cfg.mask_prob, model.cfg.vocab_size, has_audio,
-                                           generator, batch.get("mask_rand"))
+                                           generator, batch.get("mask_rand"), random_from=cfg.mask_random_from)
         means, present = mgc_group_losses(model, plan, mask, memory, n_video, cfg.groups, has_audio,
                                           cfg.label_smoothing, grouped=cfg.grouped_decoder)
         groups = parse_groups(cfg.groups)
@@ -89,7 +90,8 @@ class PretrainTask(Task):
         draws = masking_draws(batch["text_mask"], sample_generators(generator, batch["index"]))
         batch = dict(batch)
         batch.update(mask_plan(batch["text_ids"], batch["text_mask"], self.groups, self.cfg.mask_prob,
-                               self.model.cfg.vocab_size, batch.get("has_audio"), draws=draws))
+                               self.model.cfg.vocab_size, audio_presence(batch, self.cfg), draws=draws,
+                               random_from=self.cfg.mask_random_from))
         return batch
 
     def forward(self, batch: dict, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ cached keys/values, so a sample of T tokens costs 2T one-token passes rather tha
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from ..data.tokenizer import DECODE_IDS
 from ..model.decoding import sample
 from ..model.valor import VALOR
 from .base import Task, register_task
-from .mgc import group_memory_masks
+from .mgc import audio_presence, group_memory_masks
 
 
 def cider_rewards(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -41,7 +41,7 @@ def scst_step_losses(model: VALOR, batch: dict, cfg: LossConfig, samples: int = 
     at = model.encode_audio(batch["audio"])
     memory, n_video = model.memory(vt, at)
     B = memory.shape[0]
-    mm = group_memory_masks([group], B, n_video, memory.shape[1] - n_video, batch.get("has_audio"), memory.device)
+    mm = group_memory_masks([group], B, n_video, memory.shape[1] - n_video, audio_presence(batch, cfg), memory.device)
     if samples < 2:
         raise ValueError(f"loss.scst_samples must be >= 2 (leave-one-out baseline), got {samples}")
     mem_k = memory.repeat_interleave(samples, 0)                      # (B*K, Lm, C)

@@ -57,15 +57,26 @@ def save_model(model: nn.Module, path: str, metadata: Optional[Dict[str, str]] =
 
 
 def load_model(model: nn.Module, path: str, strict: bool = True) -> Dict[str, list]:
-    """Load a safetensors (or weights_only torch) checkpoint; returns missing/unexpected keys."""
+    """Load a safetensors (or weights_only torch) checkpoint; returns missing/unexpected keys.
+    strict: any missing / unexpected tensor or shape mismatch is a CheckpointMismatchError
+    naming them; not strict: the tensors that fit load and every difference is logged."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found")
     if path.endswith(".safetensors"):
         sd = load_file(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # untrusted: tensors only
-    res = model.load_state_dict(sd, strict=strict)
-    return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(sd) & set(own)
+                    if tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        if strict:
+            raise CheckpointMismatchError(path, missing, unexpected, shapes)
+        _log.warning("partial load of %s: %s", path, describe_fit(missing, unexpected, shapes, limit=None))
+        sd = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(sd, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "shape_mismatch": shapes}
 
 
 def write_json(path: str, obj) -> None:
@@ -108,7 +119,7 @@ def set_rng_state(st: dict) -> None:
 
 class CheckpointLoadError(RuntimeError):
     """A checkpoint folder did not load.  `reason` is a short slug -- unsafe (a pickle or a
-    storage path a load must not follow), nonfinite, missing-tensors, unreadable -- that names
+    storage path a load must not follow), nonfinite, unreadable -- that names
     the folder it is set aside as."""
 
     def __init__(self, path: str, reason: str, detail: str):
@@ -118,6 +129,43 @@ class CheckpointLoadError(RuntimeError):
 
 class CheckpointWorldSizeError(RuntimeError):
     """The checkpoint was written by another number of ranks (its per-rank state cannot map)."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's model tensors do not fit the configured model: names missing on one
+    side, or shapes that differ.  Not corruption: the folder is left where it is, and the
+    resume stops (train.resume_partial loads what fits, printing every difference)."""
+
+    def __init__(self, path: str, missing: list, unexpected: list, shapes: list):
+        self.path, self.missing, self.unexpected, self.shapes = path, missing, unexpected, shapes
+        super().__init__(f"checkpoint {path} does not fit the configured model: {describe_fit(missing, unexpected, shapes)}. "
+                         f"Resume with the run's model config, or pass --train.resume_partial true to load the "
+                         f"tensors that fit (every difference is printed)")
+
+
+def describe_fit(missing: list, unexpected: list, shapes: list, limit: Optional[int] = 8) -> str:
+    """`missing` (ours, not in the checkpoint), `unexpected` (in it, not ours), `shapes`
+    ("key (ckpt) vs (ours)") as one line; `limit` None lists every key."""
+    def some(xs):
+        shown = xs if limit is None else xs[:limit]
+        return ", ".join(shown) + ("" if len(shown) == len(xs) else f" ... (+{len(xs) - len(shown)})")
+    parts = [f"{len(xs)} {what} [{some(xs)}]" for xs, what in
+             ((missing, "model tensor(s) not in the checkpoint"), (unexpected, "checkpoint tensor(s) the model lacks"),
+              (shapes, "shape mismatch(es), checkpoint vs model")) if xs]
+    return "; ".join(parts) or "no differences"
+
+
+def model_fit(path: str, model_state: dict) -> tuple:
+    """(missing, unexpected, shape mismatches) of a DCP checkpoint's model tensors against
+    `model_state` ({fqn: tensor}, the app_state's "model"), from its .metadata (read safely)."""
+    from .dcp_io import read_dcp_metadata
+    md = read_dcp_metadata(path).state_dict_metadata
+    saved = {k[len("model."):]: tuple(getattr(v, "size", ())) for k, v in md.items() if k.startswith("model.")}
+    ours = {k: tuple(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
+    missing = sorted(set(ours) - set(saved))
+    unexpected = sorted(set(saved) - set(ours))
+    shapes = sorted(f"{k} {saved[k]} vs {ours[k]}" for k in set(ours) & set(saved) if saved[k] != ours[k])
+    return missing, unexpected, shapes
 
 
 def _one_line(e: BaseException) -> str:
@@ -333,24 +381,23 @@ class CheckpointManager:
         meta = self._read_meta(path)
         try:
             extra = self._load_dcp(path, app_state)
-        except (KeyboardInterrupt, SystemExit, CheckpointLoadError, torch.cuda.OutOfMemoryError):
+        except (KeyboardInterrupt, SystemExit, CheckpointLoadError, CheckpointMismatchError,
+                torch.cuda.OutOfMemoryError):
             raise
         except BaseException as e:   # DCP's CheckpointException derives from BaseException
             raise CheckpointLoadError(path, _reason(e), _one_line(e)) from None
         bad = first_nonfinite(app_state, collective=False)   # per rank: load_latest agrees after
         if bad is not None:
             raise CheckpointLoadError(path, "nonfinite", f"{bad} holds NaN/Inf")
-        extra["meta"] = meta
+        extra["meta"], extra["path"] = meta, path
         return extra
 
     def _load_dcp(self, path: str, app_state: dict) -> dict:
         import torch.distributed.checkpoint as dcp
-        from .dcp_io import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
-        saved = set(read_dcp_metadata(path).state_dict_metadata)
-        want = {f"model.{k}" for k in app_state.get("model", {})}
-        lost = sorted(want - saved)
-        if lost:
-            raise CheckpointLoadError(path, "missing-tensors", f"lacks model tensors {lost[:5]} ({len(lost)} in all)")
+        from .dcp_io import SafeFileSystemReader, SafeLoadPlanner
+        missing, unexpected, shapes = model_fit(path, app_state.get("model", {}))
+        if missing or unexpected or shapes:   # every rank reads the same .metadata: all raise together
+            raise CheckpointMismatchError(path, missing, unexpected, shapes)
         dcp.load(app_state, storage_reader=SafeFileSystemReader(path),
                  planner=SafeLoadPlanner(allow_partial_load=True))
         own = os.path.join(path, f"rank{self.rank:05d}.pt")
@@ -418,23 +465,66 @@ def load_app_state(task: nn.Module, opt: torch.optim.Optimizer, state: dict) -> 
 
 
 def resume_training(ckpts: CheckpointManager, task: nn.Module, opt: torch.optim.Optimizer,
-                    spec: str) -> Optional[int]:
+                    spec: str, partial: bool = False) -> Optional[tuple]:
     """Load the checkpoint `spec` names (auto: the newest complete one, falling back to older
-    ones; else a checkpoint folder) into `task` and `opt` and restore the RNG states.  Returns
-    the step it holds, or None when auto finds nothing to resume."""
-    if spec == "auto":
-        res = ckpts.load_latest(lambda: app_state(task, opt))
-    else:
-        st = app_state(task, opt)
-        extra = ckpts.load(spec, st)
-        res = (extra["meta"]["step"], st, extra)
+    ones that do not load; else a checkpoint folder) into `task` and `opt` and restore the RNG
+    states.  Returns (step, checkpoint path), or None when auto finds nothing to resume (the
+    model then holds its initial weights).  A checkpoint whose model tensors do not fit raises
+    CheckpointMismatchError, unless `partial`: then the tensors that fit load (every
+    difference logged), the optimiser starts fresh, and the step and RNG states resume."""
+    try:
+        if spec == "auto":
+            res = ckpts.load_latest(lambda: app_state(task, opt))
+        else:
+            st = clone_app_state(task, opt)
+            extra = ckpts.load(spec, st)
+            res = (extra["meta"]["step"], st, extra)
+    except CheckpointMismatchError as e:
+        if not partial:
+            raise
+        return load_partial(ckpts, task, e)
     if res is None:
         _log.info("resume=auto: no checkpoint in %s to resume: starting from the initial weights", ckpts.root)
         return None
     step, st, extra = res
     load_app_state(task, opt, st)
     set_rng_state(extra["rng"])
-    return step
+    return step, extra["path"]
+
+
+def clone_app_state(task: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """A scratch copy of the app state to load into (a failed load leaves the live one as it was)."""
+    from .state_utils import clone_state
+    return clone_state(app_state(task, opt))
+
+
+def load_partial(ckpts: CheckpointManager, task: nn.Module, e: "CheckpointMismatchError") -> tuple:
+    """train.resume_partial: the model tensors of `e.path` whose name and shape fit, loaded into
+    a scratch copy and then applied (strict=False); everything else stays at its initial value,
+    the optimiser starts fresh.  Every missing / unexpected tensor and shape mismatch is logged."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from .dcp_io import SafeFileSystemReader, SafeLoadPlanner
+    from .state_utils import clone_state
+    _log.warning("train.resume_partial: %s: %s", e.path, describe_fit(e.missing, e.unexpected, e.shapes, limit=None))
+    meta = ckpts._read_meta(e.path)
+    skip = set(e.missing) | {s.split(" ", 1)[0] for s in e.shapes}
+    sub = {"model": clone_state({k: v for k, v in get_model_state_dict(task).items() if k not in skip})}
+    try:
+        dcp.load(sub, storage_reader=SafeFileSystemReader(e.path), planner=SafeLoadPlanner(allow_partial_load=True))
+        extra = torch.load(os.path.join(e.path, f"rank{ckpts.rank:05d}.pt"), map_location="cpu", weights_only=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:
+        raise CheckpointLoadError(e.path, _reason(err), _one_line(err)) from None
+    bad = first_nonfinite(sub)
+    if bad is not None:
+        raise CheckpointLoadError(e.path, "nonfinite", f"{bad} holds NaN/Inf")
+    set_model_state_dict(task, sub["model"], options=StateDictOptions(strict=False))
+    set_rng_state(extra["rng"])
+    _log.warning("train.resume_partial: loaded %d model tensor(s) from %s; %d left at their initial values; the "
+                 "optimiser starts fresh", len(sub["model"]), e.path, len(skip))
+    return meta["step"], e.path
 
 
 def full_model_state(task: nn.Module) -> Dict[str, torch.Tensor]:

@@ -12,8 +12,13 @@ new config (both as the nested dicts `config.to_dict` gives) and sorts the diffe
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..utils.log import get_logger
+
+log = get_logger(__name__)
 
 UNSAFE_SECTIONS = ("model", "loss")
 UNSAFE_FIELDS = ("train.task",)
@@ -88,3 +93,37 @@ def resume_config_diff(saved: Dict[str, Any], new: Dict[str, Any], allow: Sequen
         ok = (key in allow or f"{key.split('.', 1)[0]}.*" in allow or key not in n or not is_unsafe(key))
         (diff.allowed if ok else diff.unsafe).append((key, old, cur))
     return diff
+
+
+class ResumeRefusedError(RuntimeError):
+    """The new config changes the model, its loss or the task of the run being resumed."""
+
+
+def check_resume_config(saved_path: str, new: Dict[str, Any], size: str, allow_partial: bool = False) -> bool:
+    """Compare the run's config.yaml at `saved_path` with `new` (config.to_dict) before a resume.
+    Differences in unsafe fields raise ResumeRefusedError listing every one, unless
+    `allow_partial` (train.resume_partial): then they are logged and True is returned.  Allowed
+    differences are logged.  No readable config.yaml: logged, False (the load still checks every
+    tensor's name and shape)."""
+    import yaml
+    from ..config import Config, model_config, to_dict
+    try:
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        log.warning("resume: no readable config.yaml at %s (%s): the config cannot be compared; the checkpoint "
+                    "load still checks every model tensor's name and shape", saved_path, e)
+        return False
+    diff = resume_config_diff(saved, new, defaults=to_dict(Config(model=model_config(size))))
+    if diff.allowed:
+        log.info("resume: settings changed from the run's config.yaml: %s", diff.notes())
+    if not diff:
+        return False
+    where = os.path.dirname(saved_path)
+    if not allow_partial:
+        raise ResumeRefusedError(diff.message(where) + "; or pass --train.resume_partial true to load the tensors that "
+                                                       "fit (every difference is printed)")
+    log.warning("train.resume_partial: resuming %s although %s", where, ConfigDiff._fmt(diff.unsafe))
+    return True

@@ -24,12 +24,14 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional
+import weakref
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ..config import Config, dump
+from ..config import Config, ConfigError, dump, to_dict, validate
+from ..data.annotations import check_splits, run_splits
 from ..data.loader import build_loader
 from ..data.media import BadMediaError, BadMediaTracker
 from ..data.sampler import step_generator
@@ -42,15 +44,16 @@ from ..tasks.pretrain import move_batch
 from ..model.flops import training_flops_per_sample
 from ..utils.flops import device_peak_tflops
 from ..utils.log import get_logger
-from .checkpoint import (CheckpointManager, app_state, export_model_state, full_model_state, resume_training,
-                         write_json)
+from .checkpoint import (CheckpointManager, NonFiniteCheckpointError, app_state, export_model_state,
+                         full_model_state, resume_training, write_json)
 from .dist import DistInfo, all_reduce_, barrier, broadcast_object, init_distributed, shutdown
 from .metrics import MetricLogger, log_line, memory_str
 from .optim import build_optimizer, lr_factor, set_lr
 from .parallelize import parallelize
+from .resume_check import check_resume_config
+from .runlock import RunLock, run_identity
 
 log = get_logger(__name__)
-NAN_POLICIES = ("stop", "skip")
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,26 +61,42 @@ class NonFiniteError(FloatingPointError):
 
 
 class Preempted(RuntimeError):
-    pass
+    """SIGTERM (preemption) or Ctrl-C, taken between steps; `signum` sets the exit code 128 + it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}: {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class ExportError(OSError):
+    """The final export could not be written (a full disk): the last checkpoint holds the state."""
+
+
+class RunExistsError(RuntimeError):
+    """A fresh run (no train.resume) pointed at a run folder that already holds a trained state."""
+
+
+def _runs_with_checkpoints(out_dir: str) -> List[str]:
+    """Run folders under out_dir holding committed checkpoints, newest first."""
+    cands = [c for c in glob.glob(os.path.join(out_dir, "*", "checkpoints", "step_*")) if c[-8:].isdigit()]
+    runs = sorted({os.path.dirname(os.path.dirname(c)) for c in cands}, key=os.path.getmtime, reverse=True)
+    return [os.path.basename(r) for r in runs]
 
 
 def find_run_dir(cfg: Config) -> str:
-    """The run folder: out_dir/run_name, or with resume=auto and no name the newest run folder
-    holding checkpoints, else a new timestamped one."""
+    """The run folder: out_dir/run_name, else a new timestamped one.  resume=auto needs the name:
+    it never adopts another run's folder (ConfigError listing the candidates)."""
     if cfg.train.run_name:
         return os.path.abspath(os.path.join(cfg.train.out_dir, cfg.train.run_name))
     if cfg.train.resume == "auto":
-        cands = sorted(glob.glob(os.path.join(cfg.train.out_dir, "*", "checkpoints", "step_*")), key=os.path.getmtime)
-        cands = [c for c in cands if not c.endswith(".tmp")]
-        if cands:
-            return os.path.abspath(os.path.dirname(os.path.dirname(cands[-1])))
+        runs = _runs_with_checkpoints(cfg.train.out_dir)
+        hint = f" (run folders with checkpoints in {cfg.train.out_dir}, newest first: {', '.join(runs[:5])})" if runs else ""
+        raise ConfigError(f"train.resume=auto needs train.run_name: name the run folder to resume, e.g. "
+                          f"--train.run_name {runs[0] if runs else 'NAME'}{hint}")
     return os.path.abspath(os.path.join(cfg.train.out_dir, time.strftime("pretrain-%Y%m%d-%H%M%S")))
-
-
-def make_run_dir(cfg: Config) -> str:
-    path = find_run_dir(cfg)
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 class Trainer:
@@ -93,13 +112,23 @@ class Trainer:
         self.cfg, self.tc, self.info = cfg, cfg.train, info
         self._check_config()
         self.device = info.device
-        self.run_dir = self._setup_run_dir(run_dir)
+        self.run_dir = self._setup_run_dir(run_dir)   # locked from here on: close() releases it
+        try:
+            self._init_run()
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_run(self) -> None:
+        cfg, info = self.cfg, self.info
         self._setup_runtime()
+        check_splits(cfg.data, run_splits(cfg))   # every split's annotations readable before any work
         self._build()
         self.step = self.start = self._resume()
         self._build_loader()
         self.metrics = MetricLogger(self.objective.loss_keys(), info.world,
                                     os.path.join(self.run_dir, "tb") if self.tc.tensorboard and info.is_main else None)
+        self.metrics.history = self._prior_history()
         self.micro = self.tc.batch_size // (info.world * self.tc.grad_accum)
         mga_groups, mgc_groups = self.objective.flop_groups()
         self.flops_sample = training_flops_per_sample(cfg.model, frames=cfg.data.frames_train,
@@ -111,7 +140,7 @@ class Trainer:
         self.bad = torch.zeros((), device=self.device)   # device-side non-finite flag: no host sync a step
         self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         done = self.ckpts.complete()
-        self.last_good_ckpt = done[0][1] if done else None
+        self.last_good_ckpt = self.resumed_from or (done[0][1] if done else None)
         self.stop_signal: Optional[int] = None
         self.prof = None
         self.bar = None
@@ -123,20 +152,63 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------------------------
     def _check_config(self) -> None:
-        tc, world = self.tc, self.info.world
-        if tc.batch_size % (world * tc.grad_accum):
-            raise ValueError(f"train.batch_size={tc.batch_size} must divide by world ({world}) x "
-                             f"grad_accum ({tc.grad_accum})")
-        if tc.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"train.nan_policy must be stop or skip, got {tc.nan_policy!r}")
+        validate(self.cfg, self.info.world)   # every field (config.RULES) with this run's world size
 
     def _setup_run_dir(self, run_dir: Optional[str]) -> str:
-        info = self.info
-        run_dir = broadcast_object(run_dir or (make_run_dir(self.cfg) if info.is_main else None))
-        if info.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            dump(self.cfg, os.path.join(run_dir, "config.yaml"))
+        """Claim the run folder on rank 0 (lock, resume config check, run id, config.yaml)
+        before anything writes into it; every rank gets the folder and run id, or the error."""
+        claimed, err = None, None
+        if self.info.is_main:
+            try:
+                claimed = self._claim_run_dir(run_dir)
+            except Exception as e:   # every rank must reach the broadcast below
+                err = e
+        claimed, failed = broadcast_object((claimed, None if err is None else (type(err), str(err))))
+        if err is not None:
+            raise err
+        if failed is not None:
+            cls, msg = failed
+            raise (cls if issubclass(cls, (ConfigError, RuntimeError)) else RuntimeError)(msg)
+        run_dir, self.run_id, self.resume_partial = claimed
         return run_dir
+
+    def _claim_run_dir(self, run_dir: Optional[str]) -> tuple:
+        path = os.path.abspath(run_dir or find_run_dir(self.cfg))
+        lock = RunLock(path).acquire()
+        self.lock = lock
+        self._release = weakref.finalize(self, lock.release)   # a Trainer dropped unfinished frees it
+        try:
+            partial = self._check_resume(path)
+            rid = run_identity(path)
+            dump(self.cfg, os.path.join(path, "config.yaml"))
+        except BaseException:
+            self.close()
+            raise
+        return path, rid, partial
+
+    def _check_resume(self, path: str) -> bool:
+        """A fresh run never writes over a trained run's folder; a resume is refused when the
+        model / loss / task differ from the config.yaml the checkpoint was trained with (True:
+        they differ and train.resume_partial accepts it)."""
+        tc = self.tc
+        trained = os.path.basename(path) in _runs_with_checkpoints(os.path.dirname(path))
+        if not tc.resume:
+            if trained or os.path.exists(os.path.join(path, "model.safetensors")):
+                raise RunExistsError(f"run folder {path} already holds a trained run (checkpoints or "
+                                     f"model.safetensors): resume it with --train.resume auto, or start a new run "
+                                     f"with another --train.run_name")
+            return False
+        if tc.resume == "auto" and not trained:
+            return False   # nothing to resume yet (a first launch of a requeued job): a fresh start
+        saved = path if tc.resume == "auto" else os.path.dirname(os.path.dirname(os.path.abspath(tc.resume)))
+        return check_resume_config(os.path.join(saved, "config.yaml"), to_dict(self.cfg), self.cfg.model.size,
+                                   allow_partial=tc.resume_partial)
+
+    def close(self) -> None:
+        """Release the run folder (the end of fit(), or a failed construction)."""
+        fin = getattr(self, "_release", None)
+        if fin is not None:
+            fin()
 
     def _setup_runtime(self) -> None:
         tc = self.tc
@@ -154,8 +226,7 @@ class Trainer:
         cfg, tc, info = self.cfg, self.tc, self.info
         model = build_model(cfg.model)
         if tc.init:
-            from ..model.convert import load_init
-            load_init(model, tc.init)   # before sharding: every rank loads the same full weights
+            self._load_init(model)   # before sharding: every rank loads the same full weights
         self.n_params = count_parameters(model)["total"]
         model.to(self.device)
         self.objective = build_task(model, cfg)
@@ -163,17 +234,57 @@ class Trainer:
                                 self.precision)
         self.opt = build_optimizer(self.task, tc, self.device)
         self.ckpts = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), tc.keep_ckpts, info.rank,
-                                       info.world, tc.async_ckpt)
+                                       info.world, tc.async_ckpt, run_id=self.run_id)
+
+    def _load_init(self, model) -> None:
+        """train.init: what did not load is never silent -- every tensor left at its initial
+        value, every unused one and every shape mismatch is logged and written to
+        init_report.json in the run folder."""
+        from ..model.convert import load_init
+        rep = load_init(model, self.tc.init)
+        gaps = {k: rep.get(k) for k in ("missing", "unused", "shape_mismatch") if rep.get(k)}
+        if gaps and self.info.is_main:
+            for k, v in gaps.items():
+                log.warning("train.init %s: %s (%d): %s", self.tc.init, k.replace("_", " "), len(v),
+                            ", ".join(map(str, v)))
+            write_json(os.path.join(self.run_dir, "init_report.json"), dict(rep, init=self.tc.init))
 
     def _resume(self) -> int:
+        """The step to start at: 0 for a fresh run (or resume=auto with nothing that loads: the
+        initial weights); else the resumed checkpoint's step."""
+        self.resumed_from = None
         if not self.tc.resume:
             return 0
-        step = resume_training(self.ckpts, self.task, self.opt, self.tc.resume)
-        if step is None:
+        res = resume_training(self.ckpts, self.task, self.opt, self.tc.resume, partial=self.resume_partial)
+        if res is None:
+            if self.info.is_main and self.ckpts.set_aside:
+                print(f"no checkpoint of {self.run_dir} loads ({len(self.ckpts.set_aside)} set aside as "
+                      f"step_N.corrupt-<reason>): starting from the initial weights at step 0", flush=True)
             return 0
+        step, self.resumed_from = res
         if self.info.is_main:
-            print(f"resumed at step {step} from {self.ckpts.root}", flush=True)
+            print(f"resumed at step {step} from {self.resumed_from}", flush=True)
         return step
+
+    def _prior_history(self) -> list:
+        """history.json records of the steps before the resume point (kept across resumes;
+        records after it belong to the timeline the resume discards)."""
+        path = os.path.join(self.run_dir, "history.json")
+        if not self.start or not os.path.exists(path):
+            return []
+        try:
+            with open(path) as f:
+                hist = json.load(f)
+            if not isinstance(hist, list):
+                raise ValueError("not a list of records")
+        except (OSError, ValueError) as e:
+            if self.info.is_main:
+                aside = f"{path}.unreadable-{int(time.time())}"
+                log.warning("history.json of %s is unreadable (%s): kept as it is under %s; the new history starts "
+                            "at step %d", self.run_dir, e, aside, self.start)
+                os.replace(path, aside)
+            return []
+        return [h for h in hist if isinstance(h, dict) and isinstance(h.get("step"), int) and h["step"] <= self.start]
 
     def _build_loader(self) -> None:
         cfg, tc, info = self.cfg, self.tc, self.info
@@ -260,7 +371,7 @@ class Trainer:
             raise NonFiniteError(
                 f"non-finite loss or gradient norm at step {fb}; stopping (train.nan_policy=stop). "
                 f"The last good checkpoint is {self.last_good_ckpt or '(none written yet)'}; resume from it with "
-                f"--train.resume auto, perhaps with a lower --train.lr or --train.nan_policy skip")
+                f"{self._resume_hint()}, perhaps with a lower --train.lr or --train.nan_policy skip")
 
     # -- between steps --------------------------------------------------------------------------
     def after_step(self) -> None:
@@ -326,7 +437,8 @@ class Trainer:
                                                      device=self.device, mel_bins=self.cfg.model.audio_mel_bins)
         if hasattr(self.task, "unshard"):
             self.task.unshard()
-        metrics = evaluate_task(self.objective.model, self._eval_loaders[split], self.cfg, self.device, self.amp)
+        metrics = evaluate_task(self.objective.model, self._eval_loaders[split], self.cfg, self.device, self.amp,
+                                source=f"the model of {self.run_dir} at step {self.step}")
         if hasattr(self.task, "reshard"):
             self.task.reshard()
         return metrics
@@ -345,15 +457,21 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------------
     def fit(self) -> Dict[str, float]:
-        """Train from `start` to train.steps, export, evaluate; returns the final metrics."""
-        if self.start >= self.tc.steps and self.start > 0:
-            return self._already_complete()
-        self._train_loop()
-        return self._finish()
+        """Train from `start` to train.steps, export, evaluate; returns the final metrics.  The
+        run folder's lock is released however it ends."""
+        try:
+            if self.start >= self.tc.steps and self.start > 0:
+                return self._already_complete()
+            self._train_loop()
+            return self._finish()
+        finally:
+            self.close()
 
     def _train_loop(self) -> None:
         from tqdm import tqdm
-        old_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        import threading
+        on_main = threading.current_thread() is threading.main_thread()   # handlers: main thread only
+        old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS} if on_main else {}
         self._start_profiler()
         self.t_start = self.t_log = time.time()
         self.n_log = 0
@@ -363,7 +481,7 @@ class Trainer:
             self.task.train()
             while self.step < self.tc.steps:
                 if self.stop_signal is not None:
-                    raise Preempted(f"signal {self.stop_signal}")
+                    raise Preempted(self.stop_signal)
                 if self.train_step():
                     self.after_step()
                 elif self.info.is_main:
@@ -385,10 +503,15 @@ class Trainer:
         finally:
             if self.prof is not None:
                 self.prof.stop()
-            signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         self.train_s = time.time() - self.t_start
 
     def _on_signal(self, signum, frame) -> None:
+        """Stop between steps (the step in flight completes, then a checkpoint); a second
+        Ctrl-C stops at once."""
+        if signum == signal.SIGINT and self.stop_signal is not None:
+            raise KeyboardInterrupt
         self.stop_signal = signum
 
     def _start_profiler(self) -> None:
@@ -406,14 +529,37 @@ class Trainer:
             torch.cuda.memory._record_memory_history(max_entries=100000)
 
     # -- stops ----------------------------------------------------------------------------------
-    def _save_on_stop(self) -> None:
-        """A stop whose weights are sound (preemption, too much bad media): log what is pending,
-        checkpoint the step reached, wait for the write, keep the history."""
-        self.metrics.flush()
-        self.checkpoint()
+    def _save_on_stop(self) -> Optional[str]:
+        """A stop (preemption, Ctrl-C, too much bad media): checkpoint the step reached, wait for
+        the write, keep the history.  Never a non-finite state: when a step since the last check
+        was non-finite (or the weights are), nothing is saved and the reason is returned
+        (None: saved as self.last_good_ckpt)."""
+        try:
+            self.check_finite()   # collective: every rank takes the same branch
+        except NonFiniteError as e:
+            self.metrics.discard()   # steps after a non-finite value are never logged as good
+            why = str(e).split("; stopping")[0]
+        else:
+            self.metrics.flush()
+            try:
+                self.checkpoint()
+                why = None
+            except NonFiniteCheckpointError as e:
+                why = str(e)
         self.ckpts.wait()
         if self.info.is_main:
             self.metrics.write(self.run_dir)
+        return why
+
+    def _resume_hint(self) -> str:
+        return f"--train.resume auto --train.run_name {os.path.basename(self.run_dir)} (out_dir {self.tc.out_dir})"
+
+    def _stop_note(self, why: Optional[str]) -> str:
+        """What a stop left behind, for its message."""
+        if why is None:
+            return f"checkpoint {self.last_good_ckpt}; resume with {self._resume_hint()}"
+        last = self.last_good_ckpt or "(none written yet: a resume starts from the initial weights)"
+        return f"NOT checkpointed ({why}); the last good checkpoint is {last}; resume from it with {self._resume_hint()}"
 
     def _on_nonfinite(self, e: NonFiniteError) -> None:
         # weights after a bad step are not worth keeping: nothing is saved over the last good one
@@ -422,23 +568,28 @@ class Trainer:
         if self.info.is_main:
             self.metrics.write(self.run_dir)
             print(f"\nSTOPPED: {e}", file=sys.stderr, flush=True)
+        e.reported = True
 
     def _on_bad_media(self, e: BadMediaError) -> None:
-        # too much bad data: the weights are fine, so the step reached is checkpointed first
-        self._save_on_stop()
+        # too much bad data: the weights are fine (unless a step was non-finite), so the step
+        # reached is checkpointed first
+        why = self._save_on_stop()
         if self.info.is_main:
             report = os.path.join(self.run_dir, f"bad_media_rank{self.info.rank}.json")
             write_json(report, e.report)
-            print(f"\nSTOPPED at step {self.step}: {e}\ncheckpoint {self.last_good_ckpt}; report {report}",
+            print(f"\nSTOPPED at step {self.step}: {e}\n{self._stop_note(why)}; report {report}",
                   file=sys.stderr, flush=True)
+        e.reported = True
 
     def _on_interrupt(self, e: BaseException) -> None:
         # preemption / Ctrl-C: write a resumable checkpoint of the step reached, then exit
-        self._save_on_stop()
+        why = self._save_on_stop()
         if self.info.is_main:
-            print(f"\ninterrupted at step {self.step} ({e}); checkpoint {self.last_good_ckpt}; "
-                  f"resume with --train.resume auto --train.run_name {os.path.basename(self.run_dir)}",
-                  file=sys.stderr, flush=True)
+            print(f"\ninterrupted at step {self.step} ({e}); {self._stop_note(why)}", file=sys.stderr, flush=True)
+        try:
+            e.reported = True
+        except AttributeError:
+            pass
 
     def _on_oom(self) -> None:
         if self.device.type == "cuda" and self.info.is_main:
@@ -448,27 +599,48 @@ class Trainer:
 
     # -- the end --------------------------------------------------------------------------------
     def _already_complete(self) -> Dict[str, float]:
-        """Resumed at or past train.steps: nothing is trained, written or overwritten."""
+        """Resumed at or past train.steps: nothing is trained, written or overwritten -- except
+        a missing model.safetensors (an export that failed), written from the checkpoint."""
         self.metrics.close()
+        export = os.path.join(self.run_dir, "model.safetensors")
+        if broadcast_object(not os.path.exists(export) if self.info.is_main else None):
+            sd = full_model_state(self.task)   # collective
+            if self.info.is_main:
+                export_model_state(sd, export, {"step": str(self.start), "size": self.cfg.model.size})
+                print(f"{export} was missing: written from checkpoint {self.resumed_from}", file=sys.stderr, flush=True)
         path = os.path.join(self.run_dir, "metrics.json")
         if self.info.is_main:
-            print(f"run already complete: {self.run_dir} holds step {self.start} and train.steps={self.tc.steps}; "
-                  f"nothing to train (raise --train.steps to continue it)", file=sys.stderr, flush=True)
+            print(f"run already complete: {self.run_dir} resumed at step {self.start} (checkpoint "
+                  f"{self.resumed_from}) and train.steps={self.tc.steps}; nothing trained, nothing written. Raise "
+                  f"--train.steps to continue it, or start a new run with another --train.run_name",
+                  file=sys.stderr, flush=True)
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
         return {"train/steps": float(self.start)}
 
     def _export(self) -> None:
-        """The final checkpoint and the unsharded safetensors weights + history (rank 0)."""
+        """The final checkpoint, then the unsharded safetensors weights + history (rank 0), each
+        written atomically: a failed export (a full disk) leaves the final checkpoint and any
+        previous file intact and raises ExportError naming both."""
         self.metrics.flush()
-        self.checkpoint()
-        self.ckpts.wait()
+        try:
+            self.checkpoint()
+            self.ckpts.wait()
+        except OSError as e:
+            raise ExportError(e.errno, f"the final checkpoint was not written ({e.strerror or e}); the last good "
+                                       f"checkpoint is {self.last_good_ckpt}") from None
         sd = full_model_state(self.task)
         if self.info.is_main:
-            export_model_state(sd, os.path.join(self.run_dir, "model.safetensors"),
-                               {"step": str(self.step), "size": self.cfg.model.size})
-            self.metrics.write(self.run_dir)
+            path = os.path.join(self.run_dir, "model.safetensors")
+            try:
+                export_model_state(sd, path, {"step": str(self.step), "size": self.cfg.model.size})
+                self.metrics.write(self.run_dir)
+            except OSError as e:
+                raise ExportError(e.errno, f"{e.strerror or e}; the trained state is safe in checkpoint "
+                                           f"{self.last_good_ckpt} (after freeing space, --train.resume auto "
+                                           f"--train.run_name {os.path.basename(self.run_dir)} writes the export "
+                                           f"from it)") from None
 
     def _finish(self) -> Dict[str, float]:
         from ..eval.evaluate import format_table
