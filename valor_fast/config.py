@@ -117,12 +117,10 @@ class LossConfig:
     scored with the floor.  The token-weight softmax excludes padding either way.  Used by MGA and
     by retrieval scoring.  The embedded default's recipes (configs/tiny.yaml, finetune_*.yaml)
     choose exclude."""
-    # rule: fine_padding in {upstream, exclude}
     fine_text_len: int = 42
     """fine_padding=upstream: upstream pads every caption to this many positions (max_txt_len 40
     word pieces + [CLS] + [SEP]), so a caption with fewer real tokens gets the 0 floor whatever
     our batch's padded length."""
-    # rule: fine_text_len >= 1
     mask_random_from: int = 106
     """MGC: the 10% random replacements are uniform ids in [mask_random_from, vocab): 106 is
     upstream VALOR's range, which includes bert-base-uncased's [unused] tokens 106-998 (ids that
@@ -130,7 +128,6 @@ class LossConfig:
     choice (the branch exists to teach robustness to wrong real tokens; an [unused] id is a second
     [MASK] in disguise) and the one of the embedded default's recipes (configs/tiny.yaml,
     finetune_*.yaml)."""
-    # rule: 0 <= mask_random_from < model.vocab_size
     missing_audio: str = "mask"
     """A clip without audio (batch has_audio False; its spectrogram is all zeros, as upstream's
     loader gives it): mask (it leaves the T-A and T-AV terms of MGA and MGC, and its audio keys
@@ -139,7 +136,6 @@ class LossConfig:
     configs/valor_b.yaml and valor_l.yaml).  mask is the better-founded default: the tokens AST
     makes of an all-zero input are one fixed vector, so upstream's T-A pairs for such clips teach
     the model to match captions with nothing."""
-    # rule: missing_audio in {mask, zeros}
 
 
 @dataclass
@@ -415,6 +411,7 @@ RULES: Dict[str, Rule] = {
     "model.max_frames": POS_INT, "model.vocab_size": POS_INT, "model.max_positions": Num(lo=3),
     "model.init_text": ANY, "model.init_vision": ANY, "model.pool": OneOf("cls", "mean"),
     "model.temperature": POSITIVE,
+    "model.temperature_param": OneOf("auto", "logit_scale", "contra_temp"), "model.task_prompts": ANY,
     # data
     "data.root": Text(nonempty=True), "data.synth": ANY, "data.synth_seed": NONNEG_INT,
     "data.synth_clips_per_combo": POS_INT, "data.train_ann": Text(nonempty=True),
@@ -428,7 +425,9 @@ RULES: Dict[str, Rule] = {
     "loss.mga_mode": OneOf("fine", "coarse"), "loss.mga_weight": NONNEG, "loss.mgc_weight": NONNEG,
     "loss.groups": CommaSet("tv", "ta", "tav"), "loss.mask_prob": UNIT,
     "loss.label_smoothing": Num(lo=0, hi=1, hi_open=True), "loss.scst_samples": Num(lo=2),
-    "loss.grouped_decoder": ANY,
+    "loss.grouped_decoder": ANY, "loss.fine_padding": OneOf("upstream", "exclude"),
+    "loss.fine_text_len": POS_INT, "loss.mask_random_from": NONNEG_INT,
+    "loss.missing_audio": OneOf("mask", "zeros"),
     # train
     "train.steps": POS_INT, "train.batch_size": POS_INT, "train.lr": POSITIVE, "train.vision_lr": NONNEG,
     "train.weight_decay": NONNEG, "train.betas": Pair(Num(lo=0, hi=1, hi_open=True)), "train.eps": POSITIVE,
@@ -473,6 +472,13 @@ def _cross_frames(cfg: "Config", world: int) -> Optional[str]:
     return None
 
 
+def _cross_vocab(cfg: "Config", world: int) -> Optional[str]:
+    if cfg.loss.mask_random_from >= cfg.model.vocab_size:
+        return (f"loss.mask_random_from={cfg.loss.mask_random_from}: must be < model.vocab_size "
+                f"({cfg.model.vocab_size})")
+    return None
+
+
 def _cross_heads(cfg: "Config", world: int) -> Optional[str]:
     m = cfg.model
     pairs = [("text", m.text_width, m.text_heads), ("audio", m.audio_width, m.audio_heads)]
@@ -495,7 +501,7 @@ def _cross_batch(cfg: "Config", world: int) -> Optional[str]:
 
 
 CROSS: List[Callable[["Config", int], Optional[str]]] = [_cross_positions, _cross_frames, _cross_heads,
-                                                         _cross_batch]
+                                                         _cross_batch, _cross_vocab]
 
 
 def validate(cfg: "Config", world: Optional[int] = None) -> "Config":

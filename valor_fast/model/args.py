@@ -81,7 +81,6 @@ class ModelConfig:
     logit_scale with vision=clip, contra_temp with vision=swin).  The converter maps the
     checkpoint tensor of the chosen one and reports the other unused.  Either is clamped to
     [1e-3, 1] (upstream clamps neither; released values, 0.01 - 0.07, are inside)."""
-    # rule: temperature_param in {auto, logit_scale, contra_temp}
     task_prompts: bool = False
     """VALOR-L's task prompts (upstream `use_task_prompt`): a fixed prompt follows the text in the
     BERT, with its own positions from 0 and a learned `prompt_embedding` row in place of the token
@@ -90,7 +89,6 @@ class ModelConfig:
     'answer the question' spliced after its [CLS] as the decoder's prompt in QA (the answer is then
     the text).  The text sees the whole prompt; in the decoder the prompt sees only itself.  On
     for the valor_l size; off (no prompt row) otherwise."""
-    # rule: task_prompts is a bool
 
 
 # VALOR-L's task prompts as bert-base-uncased WordPiece ids ([CLS] sentence [SEP]); upstream
