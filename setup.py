@@ -48,7 +48,7 @@ setup(
     packages=packages,
     package_dir={"valor_fast.kernels": "kernels"},
     include_package_data=True,
-    package_data={"valor_fast": ["assets/*", "_lib/*.so"]},
+    package_data={"valor_fast": ["assets/*", "_lib/*.so", "recipes/*.yaml"]},
     install_requires=[
         "torch>=2.4,<3",
         "numpy>=1.24",

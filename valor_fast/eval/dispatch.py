@@ -13,10 +13,11 @@ def evaluation_of(cfg: Config) -> str:
 
 
 def evaluate_task(model, loader, cfg: Config, device, amp=None, kind: Optional[str] = None,
-                  source: Optional[str] = None) -> Dict[str, float]:
+                  source: Optional[str] = None, captions_out: Optional[dict] = None) -> Dict[str, float]:
     """The metrics of the task on `loader`'s split: retrieval only, captioning (+ retrieval), or
     QA.  `kind` overrides the task's own evaluation.  `source` names the model scored (its
-    checkpoint): non-finite embeddings raise NonFiniteScoresError naming it."""
+    checkpoint): non-finite embeddings raise NonFiniteScoresError naming it.  `captions_out`: see
+    `evaluate.evaluate` (captioning only)."""
     kind = kind or evaluation_of(cfg)
     if kind == "qa":
         from ..data.annotations import read_annotations
@@ -27,4 +28,5 @@ def evaluate_task(model, loader, cfg: Config, device, amp=None, kind: Optional[s
     if kind not in ("retrieval", "caption"):
         raise ValueError(f"evaluation must be retrieval, caption or qa, got {kind!r}")
     from .evaluate import evaluate
-    return evaluate(model, loader, cfg, device, captions=kind == "caption", autocast=amp, source=source)
+    return evaluate(model, loader, cfg, device, captions=kind == "caption", autocast=amp, source=source,
+                    captions_out=captions_out)
