@@ -65,6 +65,7 @@ setup(
         "triton": ["triton>=3.0"],
         "dali": ["nvidia-dali-cuda130"],
         "profile": ["torch-tb-profiler", "tensorboard"],
+        "viz": ["matplotlib>=3.5", "tensorboard"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["valor-fast=valor_fast.cli:main"]},

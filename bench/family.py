@@ -6,7 +6,7 @@ synthetic set, one row a (model, seed) appended to bench/results/family.jsonl.
     python bench/family.py --models vlsa --seeds 0 --no-save --out-dir /tmp/fam
 
 Each run goes through the real Trainer (`valor_fast.train.trainer.Trainer`) with the model's
-recipe (VALOR: configs/tiny.yaml; CoAVT / VLSA: valor_fast/recipes/<model>_tiny.yaml) and
+recipe (the shipped recipes tiny, coavt_tiny, vlsa_tiny in valor_fast/recipes/) and
 `train.seed` = the seed.  Before the first step the Trainer's freshly initialised model is
 evaluated on the test split (`untrained`: the same evaluation, so every metric has its chance
 level measured beside it), then `fit()` trains, exports and evaluates again (`trained`).
@@ -34,7 +34,7 @@ if _ROOT not in sys.path:
 
 from bench.common import append_result, env_info  # noqa: E402
 
-RECIPES = {"valor": os.path.join(_ROOT, "configs", "tiny.yaml"),
+RECIPES = {"valor": os.path.join(_ROOT, "valor_fast", "recipes", "tiny.yaml"),
            "coavt": os.path.join(_ROOT, "valor_fast", "recipes", "coavt_tiny.yaml"),
            "vlsa": os.path.join(_ROOT, "valor_fast", "recipes", "vlsa_tiny.yaml")}
 RESULTS = os.path.join(_HERE, "results", "family.jsonl")

@@ -51,7 +51,7 @@ def test_benchmark_adapters(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # beam search == exhaustive search on a tiny vocabulary
 # ---------------------------------------------------------------------------------------------
-ALLOWED = [104, 105, 106, SEP_ID]   # every other id gets -inf
+ALLOWED = [1037, 2417, 4418, SEP_ID]   # 'a', 'red', 'circle', [SEP]: every other id gets -inf
 
 
 class _PrefixLM(torch.nn.Module):
@@ -59,7 +59,7 @@ class _PrefixLM(torch.nn.Module):
     prefix (and of the clip), with only ALLOWED tokens possible: beam search sees it exactly as it
     sees VALOR (decode + lm_logits over `[CLS] w1..wt [MASK]`)."""
 
-    def __init__(self, seed, V=110):
+    def __init__(self, seed, V=4500):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.emb = torch.randn(V, 8, generator=g)
@@ -124,6 +124,32 @@ def test_beam_search_equals_exhaustive_search(lp):
                 break
             seq.append(tok)
         assert greedy[i] == seq
+
+
+def test_beam_search_never_emits_special_or_unused_ids():
+    from valor_fast.data.tokenizer import FIRST_WORD_ID, PAD_ID
+    from valor_fast.model.args import model_config
+    from valor_fast.model.decoding import banned_token_mask, sample
+    from valor_fast.model.valor import VALOR
+    ban = banned_token_mask(30522, FIRST_WORD_ID, SEP_ID)
+    assert ban[[PAD_ID, 1, 99, 100, CLS_ID, MASK_ID, 104, 998]].all() and not ban[SEP_ID]
+    assert not ban[FIRST_WORD_ID:].any()
+    assert DECODE_IDS["first_word_id"] == FIRST_WORD_ID
+    m = VALOR(model_config("tiny", image_size=32, audio_frames=128)).eval()
+    special = torch.tensor([PAD_ID, 1, 50, 100, CLS_ID, MASK_ID, 104, 500, 998])
+    with torch.no_grad():   # make the special / unused ids the most likely by far, [SEP] never
+        m.text.lm_head.bias[special] = 60.0
+        m.text.lm_head.bias[SEP_ID] = -60.0
+        m.text.lm_head.bias[2417] = 20.0          # 'red': the best id generation may emit
+    mem = torch.randn(2, 9, m.cfg.text_width)
+    unmasked = beam_search(m, mem, None, beam=1, max_len=5, **{**DECODE_IDS, "first_word_id": 0})
+    assert any(t < FIRST_WORD_ID for s in unmasked for t in s)   # the bias does make them the argmax
+    for beam, cache in ((1, True), (3, True), (2, False)):
+        out = beam_search(m, mem, None, beam=beam, max_len=5, use_cache=cache, **DECODE_IDS)
+        assert all(len(s) == 5 for s in out), out
+        assert all(t >= FIRST_WORD_ID for s in out for t in s), out
+    seqs, logp = sample(m, mem, None, 4, torch.Generator().manual_seed(0), **DECODE_IDS)
+    assert all(t >= FIRST_WORD_ID for s in seqs for t in s) and torch.isfinite(logp).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +235,7 @@ def pretrained(tmp_path_factory):
     common = ["--data.root", str(root / "ds"), "--data.synth", "false", "--model.image_size", "32",
               "--model.patch_size", "8", "--train.batch_size", "16", "--train.out_dir", str(root / "runs"),
               "--eval.max_len", "8", "--eval.beam", "2", "--train.log_every", "10"]
-    assert main(["pretrain", "--config", "configs/tiny.yaml", "--train.steps", "40", "--train.run_name", "pre",
+    assert main(["pretrain", "--config", "tiny", "--train.steps", "40", "--train.run_name", "pre",
                  "--train.final_eval", "false"] + common) == 0
     return root, common, str(root / "runs" / "pre" / "model.safetensors")
 
@@ -280,7 +306,8 @@ def test_scst_sampling_and_step():
     seqs, logp = sample(m, mem, None, 5, torch.Generator().manual_seed(0), **DECODE_IDS)
     assert logp.requires_grad
     for i, seq in enumerate(seqs):
-        st = Stepper(m, mem[i:i + 1], None, use_cache=False, bos_id=CLS_ID, mask_id=MASK_ID)
+        st = Stepper(m, mem[i:i + 1], None, use_cache=False, bos_id=CLS_ID, mask_id=MASK_ID, eos_id=SEP_ID,
+                     first_word_id=DECODE_IDS["first_word_id"])
         lp, tot = st.start(1, mem.device), 0.0
         for tok in seq + ([SEP_ID] if len(seq) < 5 else []):
             tot += float(lp[0, tok])

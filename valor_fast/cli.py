@@ -4,13 +4,13 @@
     valor-fast data check PATH [--quick] [--out report.json]
     valor-fast data pack PATH --out PATH/shards [--per-shard 256]
     valor-fast data bench [PATH] [--backends cpu,dali] [--frames 4 8] [--size 224] [--jpeg] [--out F]
-    valor-fast pretrain [--config configs/tiny.yaml] [--train.lr 3e-4 ...]
+    valor-fast pretrain [--config tiny] [--train.lr 3e-4 ...]
     valor-fast eval --ckpt RUN/model.safetensors [--config RUN/config.yaml] [--split test]
     valor-fast finetune --task retrieval|caption|qa --init RUN/model.safetensors [--config ...]
     valor-fast eval --ckpt RUN/model.safetensors [--task retrieval|caption|qa]
     valor-fast caption VIDEO [VIDEO ...] --ckpt RUN/model.safetensors [--audio WAV ...]
     valor-fast embed --ckpt RUN/model.safetensors --split test --out feats.safetensors
-    valor-fast convert model_step_N.pt --out model.safetensors [--config configs/base.yaml]
+    valor-fast convert model_step_N.pt --out model.safetensors [--config valor_b]
     valor-fast info
     valor-fast config show [--config RECIPE] [--section train] [--section.field value ...]
     valor-fast bench [--quick] [--size base --batch 32 --find-max-batch]
@@ -62,8 +62,8 @@ def split_overrides(argv: List[str]) -> Tuple[List[str], dict]:
 OVERRIDES_HELP = """\
 config overrides:
   Every config field can be set on the command line as --SECTION.FIELD VALUE (or
-  --SECTION.FIELD=VALUE), applied on top of --config RECIPE (a YAML path or a name under
-  configs/, e.g. tiny, base, finetune_caption).  Sections: model, data, loss, train, eval.
+  --SECTION.FIELD=VALUE), applied on top of --config RECIPE (a YAML path or the name of a
+  shipped recipe: tiny (the default), base, large, valor_b, valor_l, finetune_caption, ...).  Sections: model, data, loss, train, eval.
   Examples: --train.lr 3e-4  --train.steps 2000  --data.root /data/msrvtt  --loss.groups tav,tv
   Every value is checked before any work starts (an error names the field, the value and
   what it allows).  All fields with their type, default and meaning:
@@ -101,17 +101,17 @@ def cmd_pretrain(args, over) -> int:
         return subprocess.call(cmd)
     from .train.trainer import train
     cfg = _load(args, over)
-    train(cfg)
+    train(cfg, recipe=args.config or "tiny (the default)")
     return 0
 
 
 def cmd_finetune(args, over) -> int:
-    """pretrain's launcher with a task recipe: configs/finetune_<task>.yaml unless --config."""
+    """pretrain's launcher with a task recipe: the shipped recipe finetune_<task> unless --config."""
     if args.config is None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        args.config = os.path.join(root, "configs", f"finetune_{args.task}.yaml")
-        if not os.path.exists(args.config):
-            raise UsageError(f"no recipe {args.config}; pass --config")
+        from .config import RECIPES_DIR
+        args.config = f"finetune_{args.task}"
+        if not os.path.exists(os.path.join(RECIPES_DIR, args.config + ".yaml")):
+            raise UsageError(f"no recipe {args.config} in {RECIPES_DIR}; pass --config")
     over = dict(over)
     over["train.task"] = args.task
     if args.init:
@@ -382,12 +382,12 @@ def _sub(sub, name: str, help: str, overrides: bool = True):
 
 def _train_parsers(sub) -> None:
     sp = _sub(sub, "pretrain", "pretrain (MGA + MGC) on the configured data")
-    sp.add_argument("--config", default=None, help="recipe YAML (configs/*.yaml or a path)")
+    sp.add_argument("--config", default=None, help="recipe: a shipped name (tiny, base, large, valor_b, valor_l, finetune_*) or a YAML path; default: tiny, the embedded default")
     sp.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")
     sf = _sub(sub, "finetune", "fine-tune a checkpoint on a downstream task")
     sf.add_argument("--task", required=True, choices=["retrieval", "caption", "qa", "scst"])
     sf.add_argument("--init", default=None, help="our model.safetensors / run folder, or an upstream VALOR .pt")
-    sf.add_argument("--config", default=None, help="recipe (default configs/finetune_<task>.yaml)")
+    sf.add_argument("--config", default=None, help="recipe name or YAML path (default: finetune_<task>)")
     sf.add_argument("--nproc", type=int, default=1, help="processes on this node (runs torchrun)")
     sc = _sub(sub, "config", "show the config fields: type, value, allowed values, docstring")
     sc.add_argument("action", choices=["show"])
@@ -421,7 +421,7 @@ def _model_parsers(sub) -> None:
     sm.add_argument("--out", required=True, help="features file (.safetensors or .npz)")
     sv = _sub(sub, "convert", "upstream VALOR checkpoint -> our safetensors, with a key report")
     sv.add_argument("ckpt", help="upstream model_step_N.pt (read with weights_only=True)")
-    sv.add_argument("--config", default=None, help="recipe of the matching size (configs/base.yaml, ...)")
+    sv.add_argument("--config", default=None, help="recipe of the matching size (valor_b, valor_l, base, ... or a YAML path)")
     sv.add_argument("--out", required=True)
     sv.add_argument("--frame-slots", default="auto",
                     help="frame-embedding rows past the pretraining frames,slices are copies of the last trained "

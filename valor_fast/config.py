@@ -1,5 +1,7 @@
-"""Typed configuration: dataclasses with a docstring per field, YAML recipes in configs/,
-dotted command-line overrides (`--train.lr 3e-4`).  The resolved config is printed and saved
+"""Typed configuration: dataclasses with a docstring per field, YAML recipes shipped in the package
+(valor_fast/recipes/, named on the command line: `--config tiny`), dotted command-line overrides
+(`--train.lr 3e-4`).  The dataclass defaults are the embedded default recipe, recipes/tiny.yaml
+(what `valor-fast pretrain` runs with no --config; tests/test_recipes.py holds them equal).  The resolved config is printed and saved
 as `config.yaml` in every run folder.
 """
 from __future__ import annotations
@@ -107,7 +109,7 @@ class LossConfig:
     grouped_decoder: bool = True
     """MGC: run the groups as one decoder pass stacked on the batch, memory K/V projected once
     (False: one pass per group, the unfused baseline; same losses)."""
-    fine_padding: str = "upstream"
+    fine_padding: str = "exclude"
     """Fine similarity with padded captions: upstream (VALOR's: the token similarities are
     multiplied by the 0/1 masks, so a caption shorter than fine_text_len tokens lets its padding
     into the max over text tokens as 0 - the clip-side term becomes max(0, best real match)) or
@@ -115,36 +117,35 @@ class LossConfig:
     depends only on the caption's own tokens, not on how far it was padded, and negative best
     matches keep their gradient - but a checkpoint converted from upstream was trained and is
     scored with the floor.  The token-weight softmax excludes padding either way.  Used by MGA and
-    by retrieval scoring.  The embedded default's recipes (configs/tiny.yaml, finetune_*.yaml)
-    choose exclude."""
+    by retrieval scoring.  The default (and recipes tiny, finetune_*) is exclude; the upstream
+    recipes valor_b and valor_l choose upstream."""
     fine_text_len: int = 42
     """fine_padding=upstream: upstream pads every caption to this many positions (max_txt_len 40
     word pieces + [CLS] + [SEP]), so a caption with fewer real tokens gets the 0 floor whatever
     our batch's padded length."""
-    mask_random_from: int = 106
+    mask_random_from: int = 999
     """MGC: the 10% random replacements are uniform ids in [mask_random_from, vocab): 106 is
     upstream VALOR's range, which includes bert-base-uncased's [unused] tokens 106-998 (ids that
     never occur in text: 3% of the vocabulary); 999 draws real word pieces only, the better-founded
     choice (the branch exists to teach robustness to wrong real tokens; an [unused] id is a second
-    [MASK] in disguise) and the one of the embedded default's recipes (configs/tiny.yaml,
-    finetune_*.yaml)."""
+    [MASK] in disguise), the default (recipes tiny, finetune_*); valor_b and valor_l choose 106."""
     missing_audio: str = "mask"
     """A clip without audio (batch has_audio False; its spectrogram is all zeros, as upstream's
     loader gives it): mask (it leaves the T-A and T-AV terms of MGA and MGC, and its audio keys
     are masked in the decoder, in training and evaluation) or zeros (upstream VALOR: the zero
-    spectrogram's AST tokens take part in every group like real audio; the recipes
-    configs/valor_b.yaml and valor_l.yaml).  mask is the better-founded default: the tokens AST
+    spectrogram's AST tokens take part in every group like real audio; the recipes valor_b and
+    valor_l).  mask is the better-founded default: the tokens AST
     makes of an all-zero input are one fixed vector, so upstream's T-A pairs for such clips teach
     the model to match captions with nothing."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 800
     """Optimiser steps."""
     batch_size: int = 32
     """Global batch size."""
-    lr: float = 1e-4
+    lr: float = 1e-3
     """Peak learning rate."""
     vision_lr: float = 0.0
     """Learning rate of pretrained vision weights (0 = same as lr)."""
@@ -165,7 +166,7 @@ class TrainConfig:
     eval_every: int = 0
     """Validate on the val split every N steps: the task's metrics as val/... in history.json and
     TensorBoard (0 = never; the test split is evaluated at the end when train.final_eval)."""
-    log_every: int = 20
+    log_every: int = 100
     """Log a metrics line every N steps."""
     out_dir: str = "runs"
     """Parent folder of run folders."""
@@ -222,7 +223,7 @@ class TrainConfig:
     task: str = "pretrain"
     """pretrain (MGA + MGC) | retrieval (MGA on loss.groups) | caption (MGC on loss.groups) | qa
     (answer generation, MGC on the answer tokens) | scst (self-critical CIDEr-reward captioning,
-    after caption fine-tuning); the recipes configs/finetune_*.yaml set the matching loss weights
+    after caption fine-tuning); the recipes finetune_<task> set the matching loss weights
     and groups."""
     init: str = ""
     """Checkpoint to start from: our model.safetensors (or its run folder), or an upstream VALOR
@@ -772,16 +773,28 @@ def apply_overrides(cfg: Config, overrides: dict, source: str = "override") -> C
     return cfg
 
 
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+"""The recipes shipped in the package (package data: an installed valor-fast has them too)."""
+
+
+def recipe_names() -> List[str]:
+    return sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml")) if os.path.isdir(RECIPES_DIR) else []
+
+
 def find_recipe(path: str) -> str:
-    """A recipe path, or a name under configs/ (`tiny`, `finetune_qa.yaml`)."""
-    if os.path.exists(path):
+    """A recipe's file: an existing YAML path, else a shipped recipe by name (`tiny`,
+    `finetune_qa`, `finetune_qa.yaml`).  The recipes' old place, `configs/<name>.yaml` (gone from
+    the repository), also resolves to the shipped recipe, with a warning."""
+    if os.path.isfile(path):
         return path
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    alt = os.path.join(here, path if path.endswith(".yaml") else path + ".yaml")
-    if os.path.exists(alt):
+    name = os.path.basename(path) if os.path.dirname(os.path.normpath(path)) == "configs" else path
+    stem = name[:-5] if name.endswith(".yaml") else name
+    alt = os.path.join(RECIPES_DIR, stem + ".yaml")
+    if os.sep not in stem and "/" not in stem and os.path.isfile(alt):
+        if name != path:
+            log.warning("config %s: the recipes moved into the package; using the recipe %r (%s)", path, stem, alt)
         return alt
-    names = sorted(f[:-5] for f in os.listdir(here) if f.endswith(".yaml")) if os.path.isdir(here) else []
-    raise ConfigError(f"config {path!r} not found (a YAML path, or a recipe name: {', '.join(names)})")
+    raise ConfigError(f"config {path!r} not found (a YAML path, or a recipe name: {', '.join(recipe_names())})")
 
 
 def read_recipe(path: str) -> Dict[str, Any]:
@@ -814,7 +827,9 @@ def read_recipe(path: str) -> Dict[str, Any]:
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, world: Optional[int] = None) -> Config:
     """Build a Config: defaults <- named model size <- recipe YAML <- dotted overrides; then
-    every field is validated (`validate`; ConfigError naming the field, value and range)."""
+    every field is validated (`validate`; ConfigError naming the field, value and range).
+    `path`: a YAML path or a recipe name (`find_recipe`); None = the defaults, which are the
+    embedded default recipe (tiny)."""
     flat = read_recipe(find_recipe(path)) if path else {}
     source = f"config {path}:" if path else "override"
     overrides = dict(overrides or {})

@@ -18,8 +18,10 @@ FIRST_WORD_ID = 999  # ids below are [unused]/special tokens in bert-base-uncase
 # 673): [unused] tokens 106-998 included (loss.mask_random_from chooses)
 UPSTREAM_FIRST_RANDOM_ID = 106
 # keyword arguments of valor_fast.model.decoding's searches for this vocabulary: a caption starts
-# at [CLS], ends at [SEP], and the trailing [MASK] is the position read for the next token
-DECODE_IDS = MappingProxyType({"bos_id": CLS_ID, "eos_id": SEP_ID, "mask_id": MASK_ID})
+# at [CLS], ends at [SEP], the trailing [MASK] is the position read for the next token, and no id
+# below FIRST_WORD_ID but [SEP] is ever generated
+DECODE_IDS = MappingProxyType({"bos_id": CLS_ID, "eos_id": SEP_ID, "mask_id": MASK_ID,
+                               "first_word_id": FIRST_WORD_ID})
 
 
 def vocab_path() -> str:

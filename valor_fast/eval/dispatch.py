@@ -13,11 +13,12 @@ def evaluation_of(cfg: Config) -> str:
 
 
 def evaluate_task(model, loader, cfg: Config, device, amp=None, kind: Optional[str] = None,
-                  source: Optional[str] = None) -> Dict[str, float]:
+                  source: Optional[str] = None, captions_out: Optional[dict] = None) -> Dict[str, float]:
     """The metrics of the task on `loader`'s split: retrieval only, captioning (+ retrieval), or
     QA, measured for cfg.model.family (VALOR: eval/evaluate.py, eval/qa.py; CoAVT, VLSA:
     eval/family.py).  `kind` overrides the task's own evaluation.  `source` names the model
-    scored (its checkpoint): non-finite embeddings raise NonFiniteScoresError naming it."""
+    scored (its checkpoint): non-finite embeddings raise NonFiniteScoresError naming it.
+    `captions_out`: see `evaluate.evaluate` (VALOR captioning only)."""
     kind = kind or evaluation_of(cfg)
     if kind not in ("retrieval", "caption", "qa"):
         raise ValueError(f"evaluation must be retrieval, caption or qa, got {kind!r}")
@@ -35,4 +36,5 @@ def evaluate_task(model, loader, cfg: Config, device, amp=None, kind: Optional[s
         return evaluate_qa(model, loader, cfg, device, autocast=amp, train_answers=train_answers,
                            max_answer_len=cfg.eval.qa_max_answer_len, source=source)
     from .evaluate import evaluate
-    return evaluate(model, loader, cfg, device, captions=kind == "caption", autocast=amp, source=source)
+    return evaluate(model, loader, cfg, device, captions=kind == "caption", autocast=amp, source=source,
+                    captions_out=captions_out)

@@ -65,12 +65,14 @@ def _check_batch(feats, b, source: Optional[str]) -> None:
 
 @torch.no_grad()
 def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
-             max_caption_clips: Optional[int] = None, autocast=None, source: Optional[str] = None) -> Dict[str, float]:
+             max_caption_clips: Optional[int] = None, autocast=None, source: Optional[str] = None,
+             captions_out: Optional[dict] = None) -> Dict[str, float]:
     """Retrieval with the split's first caption of every clip as the query (eval.retrieval_captions
     = first, MSRVTT-1kA style) or every caption (= all: VATEX / AudioCaps; clip->text counts the
     best-ranked of its captions), and captioning of every clip (ground truth = all its captions).
     Returns flat metrics.  `source` names the model (its checkpoint) in the error for NaN/Inf
-    embeddings or scores: a broken model is refused, never scored."""
+    embeddings or scores: a broken model is refused, never scored.  `captions_out`, a dict: filled
+    with {video_id: (prediction, references)} of the captioned clips (the run's summary.md)."""
     if cfg.eval.retrieval_captions not in ("first", "all"):
         raise ValueError(f"eval.retrieval_captions must be first or all, got {cfg.eval.retrieval_captions!r}")
     all_caps = cfg.eval.retrieval_captions == "all"
@@ -122,6 +124,8 @@ def evaluate(model: VALOR, loader, cfg: Config, device, captions: bool = True,
     if captions and preds:
         metrics.update(caption_metrics(preds, refs))
         metrics["caption/n_clips"] = float(len(preds))
+        if captions_out is not None:
+            captions_out.update({k: (preds[k], refs[k]) for k in sorted(preds)})
         first = sorted(preds)[:3]
         for k in first:
             log.info("caption %s: %r (ref: %r)", k, preds[k], refs[k][0])

@@ -11,12 +11,28 @@ per clip and shared by every beam and step.
 The token ids come in as arguments (`bos_id` starts a caption, `eos_id` ends it, `mask_id` is the
 peeked position): model/ knows no tokenizer.  For the BERT vocabulary they are
 `valor_fast.data.tokenizer.DECODE_IDS` (`beam_search(model, memory, mask, **DECODE_IDS)`).
+
+Generation never emits a reserved id: with `first_word_id` (DECODE_IDS: 999 for bert-base-uncased)
+every id below it except eos ([PAD] 0, [unused0-98] 1-99, [UNK] 100, [CLS] 101, [MASK] 103,
+[unused99-993] 104-998) gets -inf before the search or draw.  Caption text is decoded with
+skip_special_tokens, so such an id would otherwise vanish from the text silently (an undertrained
+decoder's "[PAD] [PAD] ..." reads as "").
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 import torch
+
+
+def banned_token_mask(vocab: int, first_word_id: int, eos_id: int, device=None) -> torch.Tensor:
+    """(vocab,) bool, True for the ids generation must never emit: every id below first_word_id
+    except eos_id (which ends a sequence)."""
+    banned = torch.zeros(vocab, dtype=torch.bool, device=device)
+    banned[:min(max(first_word_id, 0), vocab)] = True
+    if 0 <= eos_id < vocab:
+        banned[eos_id] = False
+    return banned
 
 
 def _expand(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,12 +47,15 @@ class Stepper:
     used: `decode`, `lm_logits` and `text.layers`).  `task_prompt` (N, P), optional: the decoder's
     prompt stream (QA's question prompt on a model.task_prompts model; None = the model's own
     caption prompt, if it has one): fed with the first cached pass (its keys stay in the cache)
-    or with every uncached pass."""
+    or with every uncached pass.  `first_word_id` > 0: ids below it, `eos_id` excepted, get log-probability
+    -inf (`banned_token_mask`)."""
 
     def __init__(self, model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], use_cache: bool,
-                 *, bos_id: int, mask_id: int, task_prompt: Optional[torch.Tensor] = None):
+                 *, bos_id: int, mask_id: int, task_prompt: Optional[torch.Tensor] = None,
+                 eos_id: int = -1, first_word_id: int = 0):
         self.model, self.memory, self.mmask, self.use_cache = model, memory, memory_mask, use_cache
-        self.bos_id, self.mask_id = bos_id, mask_id
+        self.bos_id, self.mask_id, self.eos_id, self.first_word_id = bos_id, mask_id, eos_id, first_word_id
+        self._banned: Optional[torch.Tensor] = None  # (V,) bool, built at the first peek
         self.task_prompt = task_prompt
         self.caches = [dict() for _ in model.text.layers] if use_cache else None
         self.prefix: Optional[torch.Tensor] = None  # (N, t) committed tokens
@@ -82,7 +101,19 @@ class Stepper:
         else:
             h = self.model.decode(torch.cat([self.prefix, mask_tok], 1), None, self.memory, self.mmask,
                                   **self._prompt_kw())
-        return torch.log_softmax(self.model.lm_logits(h[:, -1]).float(), dim=-1)  # (N, V)
+        return self._logp(h)
+
+    def _logp(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities (N, V) from the hidden state at the read position, with
+        the ids below first_word_id (but eos) banned."""
+        logits = self.model.lm_logits(h[:, -1]).float()                            # (N, V)
+        if self.first_word_id > 0:
+            if self._banned is None:
+                self._banned = banned_token_mask(logits.shape[-1], self.first_word_id, self.eos_id,
+                                                 logits.device)
+            # out of place: sampling runs through here with gradients on
+            logits = logits.masked_fill(self._banned, float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
 
 
 class NextTokenStepper(Stepper):
@@ -96,7 +127,7 @@ class NextTokenStepper(Stepper):
         self.prefix = (torch.full((n, 1), self.bos_id, dtype=torch.long, device=device) if prompt is None
                        else prompt.to(device))
         h = self.model.decode(self.prefix, None, self.memory, self.mmask, caches=self.caches, offset=0)
-        return self._next(h)
+        return self._logp(h)
 
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.prefix.shape[1]
@@ -105,17 +136,14 @@ class NextTokenStepper(Stepper):
             h = self.model.decode(tokens[:, None], None, None, self.mmask, caches=self.caches, offset=t)
         else:
             h = self.model.decode(self.prefix, None, self.memory, self.mmask)
-        return self._next(h)
-
-    def _next(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.model.lm_logits(h[:, -1]).float(), dim=-1)   # (N, V)
+        return self._logp(h)
 
 
 @torch.no_grad()
 def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
                 beam: int = 3, max_len: int = 30, length_penalty: float = 1.0,
                 use_cache: bool = True, prompt: Optional[torch.Tensor] = None,
-                *, bos_id: int, eos_id: int, mask_id: int,
+                *, bos_id: int, eos_id: int, mask_id: int, first_word_id: int = 0,
                 task_prompt: Optional[torch.Tensor] = None, stepper: type = Stepper) -> List[List[int]]:
     """memory (B, Lm, C) -> best token ids (without bos/eos) for each clip.
 
@@ -125,8 +153,9 @@ def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]
     model.task_prompts model (rows of one length: no padding, the cached steps attend to all of it).
 
     Hypothesis score = sum log p / len ** length_penalty, len counting eos; a hypothesis ends
-    at eos or at max_len tokens.  beam=1 is greedy search.  `stepper`: Stepper (VALOR's masked
-    decoder) or NextTokenStepper (a plain next-token decoder: CoAVT).
+    at eos or at max_len tokens.  beam=1 is greedy search.  first_word_id: see `Stepper`.
+    `stepper`: Stepper (VALOR's masked decoder) or NextTokenStepper (a plain next-token decoder:
+    CoAVT).
     """
     if beam < 1 or max_len < 1:
         raise ValueError(f"beam ({beam}) and max_len ({max_len}) must be >= 1")
@@ -138,7 +167,8 @@ def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]
             raise ValueError(f"{name} must be (B={B}, P), got {tuple(p.shape)}")
     if task_prompt is not None and stepper is not Stepper:
         raise ValueError("task_prompt feeds VALOR's prompt stream: only the masked-decoder Stepper takes it")
-    st = stepper(model, mem, mmask, use_cache, bos_id=bos_id, mask_id=mask_id,
+    st = stepper(model, mem, mmask, use_cache, bos_id=bos_id, mask_id=mask_id, eos_id=eos_id,
+                 first_word_id=first_word_id,
                  task_prompt=None if task_prompt is None else _expand(task_prompt.to(dev), beam))
     P = 1 if prompt is None else prompt.shape[1]
     logp = st.start(B * beam, dev, None if prompt is None else _expand(prompt, beam))  # (B*K, V)
@@ -187,15 +217,18 @@ def beam_search(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]
 
 def sample(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], max_len: int,
            generator: Optional[torch.Generator] = None, greedy: bool = False,
-           *, bos_id: int, eos_id: int, mask_id: int) -> Tuple[List[List[int]], torch.Tensor]:
+           *, bos_id: int, eos_id: int, mask_id: int, first_word_id: int = 0
+           ) -> Tuple[List[List[int]], torch.Tensor]:
     """memory (N, Lm, C) -> (token lists without eos, summed log-probabilities (N,) with grad).
     One sequence a row, drawn by Gumbel-max from `generator` (greedy: the argmax).  A sequence
     ends at its first eos (whose log-probability counts) or after max_len tokens.
 
     The cached decoder runs with gradients on: autograd flows through the cached keys/values, so
-    a sample of T tokens costs 2T one-token passes rather than T full passes."""
+    a sample of T tokens costs 2T one-token passes rather than T full passes.  first_word_id: see
+    `Stepper`."""
     N, dev = memory.shape[0], memory.device
-    st = Stepper(model, memory, memory_mask, use_cache=True, bos_id=bos_id, mask_id=mask_id)
+    st = Stepper(model, memory, memory_mask, use_cache=True, bos_id=bos_id, mask_id=mask_id, eos_id=eos_id,
+                 first_word_id=first_word_id)
     logp = st.start(N, dev)                                            # (N, V)
     total = torch.zeros(N, device=dev)
     alive = torch.ones(N, dtype=torch.bool, device=dev)
@@ -217,4 +250,4 @@ def sample(model, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], max
     return seqs, total
 
 
-__all__ = ["NextTokenStepper", "Stepper", "beam_search", "sample"]
+__all__ = ["NextTokenStepper", "Stepper", "banned_token_mask", "beam_search", "sample"]

@@ -100,25 +100,25 @@ class PretrainTask(Task):
 
 @register_task("retrieval")
 class RetrievalTask(PretrainTask):
-    """Retrieval fine-tuning: the pretraining objective with MGA only (configs/finetune_retrieval.yaml)."""
+    """Retrieval fine-tuning: the pretraining objective with MGA only (recipe finetune_retrieval)."""
 
     evaluation = "retrieval"
 
     @classmethod
     def from_config(cls, model: VALOR, cfg) -> "RetrievalTask":
         if not cfg.loss.mga_weight:
-            raise ValueError("train.task=retrieval needs loss.mga_weight > 0 (configs/finetune_retrieval.yaml)")
+            raise ValueError("train.task=retrieval needs loss.mga_weight > 0 (recipe finetune_retrieval)")
         return cls(model, cfg.loss)
 
 
 @register_task("caption")
 class CaptionTask(PretrainTask):
-    """Caption fine-tuning: the pretraining objective with MGC (configs/finetune_caption.yaml)."""
+    """Caption fine-tuning: the pretraining objective with MGC (recipe finetune_caption)."""
 
     evaluation = "caption"
 
     @classmethod
     def from_config(cls, model: VALOR, cfg) -> "CaptionTask":
         if not cfg.loss.mgc_weight:
-            raise ValueError("train.task=caption needs loss.mgc_weight > 0 (configs/finetune_caption.yaml)")
+            raise ValueError("train.task=caption needs loss.mgc_weight > 0 (recipe finetune_caption)")
         return cls(model, cfg.loss)

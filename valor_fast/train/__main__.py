@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node=N -m valor_fast.train --config configs/tiny.yaml [--a.b v ...]`"""
+"""`torchrun --nproc_per_node=N -m valor_fast.train --config tiny [--a.b v ...]`"""
 import sys
 
 from ..cli import main

@@ -101,14 +101,16 @@ def find_run_dir(cfg: Config) -> str:
 class Trainer:
     """One training run of `cfg` on this process's rank (`info`).  `fit()` trains and returns the
     final metrics; the run folder gets config.yaml, checkpoints/, model.safetensors,
-    history.json, metrics.json (and tb/, profile/ when enabled).
+    history.json, metrics.json, summary.md and curves.png (the report, eval/report.py; the PNG with
+    matplotlib) (and tb/, profile/ when enabled).  `recipe`: the recipe's name or path, for the
+    summary.
 
     Attributes other components read: cfg, info, device, run_dir, objective (the Task, unwrapped),
     task (the module that trains: the Task after FSDP / DDP), opt, ckpts, loader, metrics,
     step (optimiser steps done), start (the step the run started or resumed at)."""
 
-    def __init__(self, cfg: Config, info: DistInfo, run_dir: Optional[str] = None):
-        self.cfg, self.tc, self.info = cfg, cfg.train, info
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Optional[str] = None, recipe: str = ""):
+        self.cfg, self.tc, self.info, self.recipe = cfg, cfg.train, info, recipe
         self._check_config()
         self.device = info.device
         self.run_dir = self._setup_run_dir(run_dir)   # locked from here on: close() releases it
@@ -428,8 +430,9 @@ class Trainer:
             self.metrics.write(self.run_dir)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, split: str) -> Dict[str, float]:
-        """The task's metrics on `split` (every rank runs it: FSDP gathers collectively)."""
+    def evaluate(self, split: str, captions_out: Optional[dict] = None) -> Dict[str, float]:
+        """The task's metrics on `split` (every rank runs it: FSDP gathers collectively);
+        `captions_out`: filled with {video_id: (prediction, references)} when it captions."""
         if split not in self._eval_loaders:
             self._eval_loaders[split] = build_loader(self.cfg.data, split, self.cfg.model.image_size,
                                                      self.cfg.eval.batch_size, False, self.tc.seed,
@@ -437,7 +440,7 @@ class Trainer:
         if hasattr(self.task, "unshard"):
             self.task.unshard()
         metrics = evaluate_task(self.objective.model, self._eval_loaders[split], self.cfg, self.device, self.amp,
-                                source=f"the model of {self.run_dir} at step {self.step}")
+                                source=f"the model of {self.run_dir} at step {self.step}", captions_out=captions_out)
         if hasattr(self.task, "reshard"):
             self.task.reshard()
         return metrics
@@ -645,18 +648,40 @@ class Trainer:
         from ..eval.evaluate import format_table
         self._export()
         metrics: Dict[str, float] = {}
+        captions: Dict[str, tuple] = {}
         if self.tc.final_eval:
             # the held-out test split (every rank runs it: FSDP gathers collectively)
-            metrics.update(self.evaluate("test"))
+            metrics.update(self.evaluate("test", captions))
         metrics.update(self._train_summary())
         if self.info.is_main:
             write_json(os.path.join(self.run_dir, "metrics.json"), metrics)
+            report = self._write_report(metrics, captions)
             if self.tc.final_eval:
                 print("\nTest split (held-out attribute combinations):")
                 print(format_table(metrics))
             print(f"\nrun folder: {self.run_dir}", flush=True)
+            for what, path in report.items():
+                print(f"{what}: {path}", flush=True)
         self.metrics.close()
         return metrics
+
+    def _write_report(self, metrics: Dict[str, float], captions: Dict[str, tuple]) -> Dict[str, str]:
+        """summary.md and curves.png (eval/report.py); the test captions beside them as
+        test_captions.json.  Written after the export: a failure here is logged, the run stands."""
+        from ..eval.report import write_report
+        try:
+            if captions:
+                write_json(os.path.join(self.run_dir, "test_captions.json"),
+                           {k: {"prediction": p, "references": list(r)} for k, (p, r) in captions.items()})
+            tc = self.tc   # the schedule's lr of each recorded step (set before the step's update)
+            hist = [dict(h, lr=tc.lr * lr_factor(h["step"] - 1, tc.steps, tc.warmup)) if "loss" in h else h
+                    for h in self.metrics.history]
+            out = write_report(self.run_dir, hist, metrics, to_dict(self.cfg),
+                               list(captions.values()), self.recipe, self.train_s, metrics.get("train/samples_per_s"))
+        except Exception as e:   # noqa: BLE001 - the model and metrics are already written
+            log.warning("run report not written (%s: %s); model.safetensors and metrics.json are", type(e).__name__, e)
+            return {}
+        return {k: v for k, v in out.items() if v}
 
     def _train_summary(self) -> Dict[str, float]:
         out = {"train/steps": float(self.step), "train/seconds": self.train_s}
@@ -668,10 +693,11 @@ class Trainer:
         return out
 
 
-def train(cfg: Config, run_dir: Optional[str] = None) -> Dict[str, float]:
-    """Train `cfg` (one process, or this rank under torchrun) and return the final metrics."""
+def train(cfg: Config, run_dir: Optional[str] = None, recipe: str = "") -> Dict[str, float]:
+    """Train `cfg` (one process, or this rank under torchrun) and return the final metrics;
+    `recipe` names the recipe in the run's summary.md."""
     info = init_distributed(cfg.train.device, cfg.train.hsdp_replicas)
     try:
-        return Trainer(cfg, info, run_dir).fit()
+        return Trainer(cfg, info, run_dir, recipe).fit()
     finally:
         shutdown()

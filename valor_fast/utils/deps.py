@@ -19,6 +19,7 @@ INSTALL_HINTS = {
     "av": "pip install av",
     "soundfile": "pip install soundfile",
     "pycocoevalcap": "pip install pycocoevalcap",
+    "matplotlib": 'pip install -e ".[viz]"  (or: pip install matplotlib)',
 }
 
 
@@ -39,6 +40,7 @@ HAS_AV = _has("av")
 HAS_SOUNDFILE = _has("soundfile")
 HAS_COCOEVAL = _has("pycocoevalcap")
 HAS_TB_PROFILER = _has("torch_tb_profiler")
+HAS_MATPLOTLIB = _has("matplotlib")
 
 
 def missing(mod: str, what: str) -> None:
@@ -51,4 +53,5 @@ def summary() -> dict:
         "triton": HAS_TRITON, "flash_attn": HAS_FLASH_ATTN, "xformers": HAS_XFORMERS,
         "dali": HAS_DALI, "av": HAS_AV, "soundfile": HAS_SOUNDFILE,
         "pycocoevalcap": HAS_COCOEVAL, "torch_tb_profiler": HAS_TB_PROFILER,
+        "matplotlib": HAS_MATPLOTLIB,
     }
