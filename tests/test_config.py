@@ -124,6 +124,6 @@ def test_config_show_lists_every_field_with_type_value_and_docstring(tmp_path, c
     recipe.write_text("train:\n  lr: 3.0e-4\n")
     assert main(["config", "show", "--config", str(recipe), "--section", "train", "--train.steps", "7"]) == 0
     out = capsys.readouterr().out
-    assert "train.lr: float = 0.0003   (default 0.0001)" in out and "train.steps: int = 7" in out
+    assert "train.lr: float = 0.0003   (default 0.001)" in out and "train.steps: int = 7" in out
     assert "[model]" not in out and "  model.size:" not in out
     assert show(load_config(None, {}), "loss").startswith("[loss]")
