@@ -316,6 +316,42 @@ def test_local_loss_path_in_one_process(backend, mode):
         torch.testing.assert_close(glo[k], gsq[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_fine_as_the_fsdp_step_calls_it(backend):
+    """The fine call of a two-rank bf16 FSDP2 MGA step (tests/train/test_cuda_shaped_step.py):
+    fp32 features (the projections' outputs, normalised) with bf16 token / slot weights (FSDP2's
+    bf16 parameters), the token axis padded past every caption's real tokens (the gather pads it
+    to the longest over ranks), every caption floored (loss.fine_padding "upstream"), and one clip
+    without audio (valid drops it from T-A / T-AV).  Each gradient vs float64, within 2x the torch
+    backend's error on the same mixed-dtype inputs."""
+    B, T, D = 5, 9, 16
+    inp = _fine_inputs(B, T, 2, 1, D)
+    inp["text_mask"][:, T - 2:] = False  # padding no caption reaches
+    floor = torch.ones(B, dtype=torch.bool, device=DEV)
+    has_audio = torch.ones(B, dtype=torch.bool, device=DEV)
+    has_audio[B - 1] = False
+    weights = ("text_weight", "wv", "wa", "temperature")
+    inp = {k: v.to(torch.bfloat16).double() if k in weights else v for k, v in inp.items()}
+    need = ("text", "text_weight", "v", "wv", "a", "temperature")
+
+    def run(be, low):
+        x = {k: (v.to(torch.bfloat16 if k in weights else torch.float32) if low else v).detach()
+             .requires_grad_(k in need) if v.is_floating_point() else v for k, v in inp.items()}
+        groups = {"v": (x["v"], x["wv"], x["mv"]), "a": (x["a"], x["wa"], None), "av": ("v", "a")}
+        with C.use_backend(be):
+            res = C.grouped_contrastive_loss(x["text"], groups, x["temperature"], mode="fine",
+                                             text_weight=x["text_weight"], text_mask=x["text_mask"],
+                                             valid={"a": has_audio, "av": has_audio}, text_floor=floor)
+        sum((i + 1.0) * v for i, v in enumerate(res.values())).backward()
+        return res, {k: x[k].grad for k in need}
+    (ref_o, ref_g), (eag_o, eag_g), (got_o, got_g) = run("torch", False), run("torch", True), run(backend, True)
+    for k in ref_o:
+        _assert_close(f"{backend} loss {k}", got_o[k], ref_o[k].double(), eag_o[k], torch.float32)
+    for k in need:
+        dt = torch.bfloat16 if k in weights else torch.float32
+        _assert_close(f"{backend} grad {k}", got_g[k], ref_g[k], eag_g[k], dt)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_custom_ops_opcheck():
     """Fake impls + autograd registration are consistent (what torch.compile relies on)."""

@@ -29,7 +29,10 @@ noise-level gradient element the weights differ by 2 lr, whichever path rounded;
 norm was seen 2-4% off fp32 on the Triton path while eager bf16 happened to land 0.2% off.  So
 losses and grad norms from the second step on get a further 5% relative floor: they check that
 the fused-AdamW trajectory stays finite and close, not bit-level agreement (the gradients, all
-compared at step 1, carry the kernel check).
+compared at step 1, carry the kernel check).  Fine MGA's gradient is discontinuous (argmaxes over
+tokens): a seed where the path under test picked another token than fp32 at a near-tie (a gap
+within bf16 noise) and misses a bound is not comparable and xfails naming the pick; a pick that parts from
+fp32 at a clear margin fails (see `fine_branch_check`).
 
 Sizes are tiny (width 32, 1 layer per tower, 16 px frames, 8-token captions, a global batch of
 4 clips, one of them without audio so the T-A / T-AV masks cross ranks, 2 optimiser steps) to keep
@@ -169,11 +172,12 @@ def run_steps(path: str, precision: str, seed: int, rank: int = 0, world: int = 
         opt = torch.optim.AdamW(param_groups(root, TRAIN), betas=tuple(TRAIN.betas), eps=TRAIN.eps,
                                 foreach=False, fused=False)
     amp, _ = autocast_ctx(precision, dev)
-    out = {"losses": [], "grad_norm": [], "grads": {}, "fused_adamw": bool(opt.defaults.get("fused"))}
+    out = {"losses": [], "grad_norm": [], "grads": {}, "fused_adamw": bool(opt.defaults.get("fused")),
+           "fine_sims": []}
     with _backends(path):
         for step in range(STEPS):
             batch = _rank_batch(mcfg, loss_cfg, step, seed, rank, world)
-            with amp():
+            with amp(), (_recording_fine_sims(out["fine_sims"]) if step == 0 else contextlib.nullcontext()):
                 losses = root(batch)
             losses["loss"].backward()
             gn = torch.nn.utils.clip_grad_norm_(root.parameters(), TRAIN.grad_clip)
@@ -184,6 +188,88 @@ def run_steps(path: str, precision: str, seed: int, rank: int = 0, world: int = 
             opt.step()
             opt.zero_grad(set_to_none=True)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# fine MGA's maxima: a near-tie makes the step-1 gradients incomparable
+# ---------------------------------------------------------------------------------------------
+# Fine MGA routes each gradient through argmaxes (a slot's best text token, a token's best slot,
+# and text_floor's max(0, .)), so its gradient is discontinuous in the features.  Near-ties are
+# common at these sizes: the fp32 reference's smallest top-2 gap among the step-1 maxima was
+# 1.8e-4 .. 3.7e-3 over seeds 1-11 and 42942, while bf16 moves the similarities by ~1e-3 (seed
+# 42942: text 2's tokens 0 and 5 against clip 0's frame 0 at 0.28994 / 0.28828 in one process,
+# 0.28879 / 0.28956 under FSDP2's bf16 parameters).  Where the path under test took another token
+# than fp32 did, its step-1 gradients differ from fp32 by O(1) in the affected rows (seed 42942,
+# FSDP2: 13% over the model, 17% of d vision features) whatever the kernels: the torch
+# contrastive in fp32 in the same FSDP2 step lands on the same branch and is as far off, and the
+# Triton fine kernels' gradients on those inputs are 2e-7 off float64.  So the decisions are
+# recomputed (float64, from the op's inputs, not from any kernel) in the reference and the path
+# under test; a seed where they part only at near-ties is not comparable (xfail, naming the
+# decisions) if it misses a bound; a decision that parts at a clear margin is a real difference and
+# fails.
+TIE_TOL = 16 * U   # a "near-tie": the reference's gap <= 16 u x the largest |similarity| (~0.06 x 0.8)
+
+
+@contextlib.contextmanager
+def _recording_fine_sims(sink: list):
+    """Record, for every fine-similarity call, the float64 token similarities over the real
+    tokens (Bt, Bm, T, M), the real (text token, slot) pairs and the floored texts."""
+    orig = con_ops._fine_sims
+
+    def rec(backend, text, text_weight, text_mask, parts, text_floor=None):
+        with torch.no_grad():
+            modal = torch.cat([p[0] for p in parts], 1).double()
+            mm = torch.cat([torch.ones(p[0].shape[:2], dtype=torch.bool) if p[2] is None else p[2]
+                            for p in parts], 1)
+            tm = torch.ones(text.shape[:2], dtype=torch.bool) if text_mask is None else text_mask
+            t_real = int(tm.any(0).nonzero().max()) + 1  # the token axis may be padded further (ranks)
+            tm = tm[:, :t_real]
+            sim = torch.einsum("atd,bmd->abtm", text[:, :t_real].double(), modal)
+            sink.append(dict(sim=sim, real=tm[:, None, :, None] & mm[None, :, None, :],
+                             floor=None if text_floor is None else text_floor.clone(),
+                             groups=[p[0].shape[1] for p in parts]))
+        return orig(backend, text, text_weight, text_mask, parts, text_floor)
+    con_ops._fine_sims = rec
+    try:
+        yield
+    finally:
+        con_ops._fine_sims = orig
+
+
+def _pick(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x.amax(-1) > float("-inf"), x.argmax(-1), -1)  # first index on ties, as the kernels
+
+
+def _decisions(r: dict):
+    """[(what, the index each max chose (-1: nothing real), the values it chose among)]."""
+    s = r["sim"].masked_fill(~r["real"], float("-inf"))  # (Bt, Bm, T, M)
+    ends = torch.tensor(r["groups"]).cumsum(0).tolist()
+    spans = list(zip([0] + ends[:-1], ends)) + ([(0, ends[-1])] if len(ends) > 1 else [])
+    out = [(f"token->slot {a}:{b}", _pick(s[..., a:b]), s[..., a:b]) for a, b in spans]
+    m2t = s.transpose(2, 3)  # (Bt, Bm, M, T): each slot's best text token
+    if r["floor"] is not None:  # a floored text's max is max(0, .): the 0 as one more candidate, last
+        zero = torch.where(r["floor"], 0.0, float("-inf")).double()
+        m2t = torch.cat([m2t, zero[:, None, None, None].expand(*m2t.shape[:3], 1)], -1)
+    out.append(("slot->token", _pick(m2t), m2t))
+    return out
+
+
+def fine_branch_check(got: dict, ref: dict, label: str):
+    """None when `got` took every fine max's decision as `ref` did at step 1; a message naming
+    the near-tie decisions where it did not.  A decision that parts at more than TIE_TOL fails."""
+    assert len(got["fine_sims"]) == len(ref["fine_sims"]), "fine-similarity calls differ"
+    ties = []
+    for g, r in zip(got["fine_sims"], ref["fine_sims"]):
+        scale = float(r["sim"][r["real"]].abs().max())
+        for (what, pg, _), (_, pr, sr) in zip(_decisions(g), _decisions(r)):
+            for idx in (pg != pr).nonzero().tolist():
+                vals = sr[tuple(idx)]
+                gap = float(vals[pr[tuple(idx)]] - vals[pg[tuple(idx)]]) if int(pg[tuple(idx)]) >= 0 else float("inf")
+                where = f"{what} text {idx[0]} clip {idx[1]} #{idx[2]}: {int(pr[tuple(idx)])} -> {int(pg[tuple(idx)])}"
+                assert gap <= TIE_TOL * scale, (f"{label}: a fine max parts from fp32 at a clear margin ({where}, "
+                                                f"fp32 gap {gap:.3g} > {TIE_TOL * scale:.3g})")
+                ties.append(f"{where} (fp32 gap {gap:.2g})")
+    return None if not ties else f"{label}: fine MGA took another token at a near-tie, " + "; ".join(ties)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +363,19 @@ def check_close(got: dict, ref: dict, yard: dict, label: str) -> str:
             f"bound at {r:.2f} of its tolerance: {what}")
 
 
+def check_close_or_tie(got: dict, ref: dict, yard: dict, label: str) -> str:
+    """`check_close`, except that a miss on a seed where fine MGA picked another token than fp32
+    at a near-tie xfails (naming the pick and the miss): those step-1 gradients are not comparable.
+    A pick that parts at a clear margin fails even when the bounds hold."""
+    tie = fine_branch_check(got, ref, label)
+    try:
+        return check_close(got, ref, yard, label)
+    except AssertionError as e:
+        if tie:
+            pytest.xfail(f"{tie}; {e}")
+        raise
+
+
 @pytest.fixture(scope="module")
 def seed():
     """Fresh each run (printed in every result line); VALOR_FAST_STEP_SEED=N replays one."""
@@ -350,7 +449,7 @@ def test_one_process_bf16_triton_step_matches_fp32_eager(seed, interp, reference
         assert all(sig[0] == "bfloat16" for sig in kernels[k]), (k, kernels[k])
     print("kernel input dtypes:", {k: sorted(v) for k, v in sorted(kernels.items())})
     ref, yard = references["fine"]
-    print(check_close(got, ref, yard, f"1 process (seed {seed})"))
+    print(check_close_or_tie(got, ref, yard, f"1 process (seed {seed})"))
 
 
 def test_the_bounds_catch_small_errors(references, one_process):
@@ -363,7 +462,7 @@ def test_the_bounds_catch_small_errors(references, one_process):
     import copy
     got, _ = one_process
     ref, yard = references["fine"]
-    assert max(r for r, _ in bound_ratios(got, ref, yard)) <= 1.0
+    check_close_or_tie(got, ref, yard, "1 process")
     y = _errors(yard, ref)
     big = max(ref["grads"], key=lambda n: float(ref["grads"][n].norm()))
     big_ref = float(ref["grads"][big].double().norm())
@@ -390,24 +489,39 @@ def test_the_bounds_catch_small_errors(references, one_process):
         assert max(r for r, _ in bound_ratios(bad, ref, yard)) > 1.0, name
 
 
-# Found by this test after main's contrastive rework (8f40d2c, packed fine tiles / per-arch fine
-# backward): two-rank fine MGA on the Triton fine kernels gives step-1 gradients 13% off fp32
-# (vision tower, projections) where the torch contrastive backend in the same FSDP step gives
-# 2.6% and eager bf16 2.0%; one process is fine.  Replay: VALOR_FAST_STEP_SEED=42942.  Not
-# fixed here (the contrastive kernels' owner); xfail until it is, not strict (seed-dependent).
-_FINE_DIST_BUG = pytest.mark.xfail(reason="two-rank fine MGA on the Triton fine kernels: step-1 gradients ~13% off "
-                                          "fp32 (torch contrastive backend: 2.6%); see the comment above", strict=False)
-
-
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=_FINE_DIST_BUG) if v == ("fsdp", "fine") else v
-                                     for v in DIST_VARIANTS], ids=lambda v: f"{v[0]}-{v[1]}")
+@pytest.mark.parametrize("variant", DIST_VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
 def test_two_rank_bf16_triton_step_matches_fp32_eager(seed, references, dist_results, variant):
     ref, yard = references[variant[1]]
     ranks = dist_results[variant]
     for r, got in enumerate(ranks):
         assert got["fused_adamw"]
-        print(check_close(got, ref, yard, f"{variant[0]} rank {r} ({variant[1]} MGA, seed {seed})"))
+        print(check_close_or_tie(got, ref, yard, f"{variant[0]} rank {r} ({variant[1]} MGA, seed {seed})"))
     # every rank saw the same global losses and (reduced) gradients
     assert ranks[0]["losses"] == ranks[1]["losses"]
     for n, g in ranks[0]["grads"].items():
         torch.testing.assert_close(ranks[1]["grads"][n], g, rtol=0, atol=0, msg=n)
+
+
+def test_fine_branch_check_parts_ties_from_real_differences():
+    """The near-tie gate: equal picks pass, a pick that parts within TIE_TOL is named (xfail), one
+    that parts at a clear margin fails; the floor's 0 counts as a candidate of floored texts."""
+    g = torch.Generator().manual_seed(0)
+    sim = torch.rand(2, 2, 3, 2, generator=g, dtype=torch.float64) * 0.5
+    real = torch.ones(2, 2, 3, 2, dtype=torch.bool)
+    real[1, :, 2] = False  # a caption's padding
+    rec = lambda s, fl=None: {"fine_sims": [dict(sim=s, real=real, floor=fl, groups=[1, 1])]}  # noqa: E731
+    assert fine_branch_check(rec(sim), rec(sim.clone()), "same") is None
+    tie, far = sim.clone(), sim.clone()
+    tie[0, 1, :, 0] = sim[0, 1, :, 0].max() + 0.5 * TIE_TOL * 0.5  # text 0's best token for slot 0 moves
+    tie[0, 1, 1, 0] -= 1e-3
+    ref_tie = tie.clone()
+    ref_tie[0, 1, 1, 0] += 2e-3  # the reference prefers token 1 by 1e-3: a near-tie
+    assert "near-tie" in fine_branch_check(rec(tie), rec(ref_tie), "tie")
+    far[0, 1, 0, 0] = 5.0  # a clearly different best token
+    with pytest.raises(AssertionError, match="clear margin"):
+        fine_branch_check(rec(far), rec(sim), "far")
+    neg = -sim  # every max below 0: with the floor the 0 wins, without it a token does
+    fl = torch.tensor([True, False])
+    assert fine_branch_check(rec(neg, fl), rec(neg.clone(), fl), "floor") is None
+    with pytest.raises(AssertionError, match="clear margin"):
+        fine_branch_check(rec(neg, fl), rec(neg.clone(), torch.tensor([False, False])), "floor")
