@@ -93,7 +93,7 @@ if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
   step build 60 "$PY" csrc/build.py --help
   JUNIT="" step tests 120 env VALOR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q --collect-only -p no:cacheprovider "${KERNEL_TESTS[@]}"
-  # (the step benchmark itself runs end to end on the CPU in tests/test_train_step.py)
+  # (the step benchmark itself runs end to end on the CPU in tests/train/test_train_step.py)
   step bench 60 env -u TRITON_INTERPRET "$PY" -m valor_fast.cli bench --quick --find-max-batch --dry-run \
     --results "$RESULTS"
   step bench_kernels 60 env -u TRITON_INTERPRET "$PY" bench/gpu_suite.py dry-kernels

@@ -949,7 +949,7 @@ def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, boo
     (two MMAs with exact products, fp32 accumulation: P / d_sim kept to ~2^-16 relative).  One
     16-bit rounding of P / d_sim ("single", one MMA) is cheaper but too coarse: 15-57% of the bf16
     gradient elements then differ from round(float64 truth), against <= 1.3% with hi / lo (the
-    same scheme measured on the csrc kernels, tests/test_csrc_contrastive.py; here
+    same scheme measured on the csrc kernels, tests/csrc/test_csrc_contrastive.py; here
     tests/kernels/test_contrastive.py::test_gradient_products_single_rounding_is_too_coarse).
     fp32: tf32 when torch allows it for matmuls, else tf32x3.  arch None: the CPU interpreter
     (EMU: 16-bit operands upcast, hi / lo rounded by hand: the products a tensor core forms)."""

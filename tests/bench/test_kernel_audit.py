@@ -12,7 +12,7 @@ CE 4096-column chunks; contrastive: each kernel at each VALOR batch size): 52 ro
 fused, 24 contrastive), 47 s user + 4 s system CPU with a cold Triton cache on the 2-core CI
 machine (attention + fused alone: 25 s + 3 s).  The full sweep (every configuration of every set, every
 VALOR shape, bf16 / fp16 / fp32: 898 rows, 4 min 52 s user + 34 s system CPU, too long for CI) is
-`python bench/kernel_audit.py --check`, whose rows are committed in bench/results/kernel_audit.jsonl.  The csrc kernels' audit is tests/test_csrc_build.py (its nvcc
+`python bench/kernel_audit.py --check`, whose rows are committed in bench/results/kernel_audit.jsonl.  The csrc kernels' audit is tests/csrc/test_csrc_build.py (its nvcc
 build is shared with the other csrc tests).
 
 A subprocess: the audit compiles real kernels (TRITON_INTERPRET=0), the test session runs under

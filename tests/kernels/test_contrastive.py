@@ -701,7 +701,7 @@ def _mismatch_share(gprec, a, b, temp, scale):
 def test_gradient_products_single_rounding_is_too_coarse():
     """One bf16 rounding of P before its MMA moves many more gradient elements off the correctly
     rounded value than the hi + lo pair the kernels use (the csrc kernels measured 15-57% against
-    <= 1.3%, tests/test_csrc_contrastive.py)."""
+    <= 1.3%, tests/csrc/test_csrc_contrastive.py)."""
     B, D = 24, 40
     a, b = _feat(B, D).to(torch.bfloat16), _feat(B, D).to(torch.bfloat16)
     temp = torch.tensor([0.07], dtype=torch.float32)
