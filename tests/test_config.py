@@ -127,3 +127,37 @@ def test_config_show_lists_every_field_with_type_value_and_docstring(tmp_path, c
     assert "train.lr: float = 0.0003   (default 0.001)" in out and "train.steps: int = 7" in out
     assert "[model]" not in out and "  model.size:" not in out
     assert show(load_config(None, {}), "loss").startswith("[loss]")
+
+
+def test_an_upstream_init_gets_upstream_semantics_unless_the_user_says_otherwise(tmp_path, caplog):
+    """Issue 18: a run that starts from an upstream checkpoint (a model_step_N.pt, or safetensors
+    that `valor-fast convert` wrote) computes what upstream computes: loss.fine_padding upstream,
+    loss.mask_random_from 106, loss.missing_audio zeros - over the shipped recipes' choices, never
+    over the user's own (a command-line override or their recipe file)."""
+    import torch
+    from safetensors.torch import save_file
+    from valor_fast.config import UPSTREAM_SEMANTICS
+    pt = tmp_path / "model_step_10.pt"
+    torch.save({"x": torch.zeros(1)}, pt)
+    conv = tmp_path / "valor_b.safetensors"
+    save_file({"x": torch.zeros(1)}, str(conv), metadata={"converted_from": "model_step_10.pt"})
+    ours = tmp_path / "ours.safetensors"
+    save_file({"x": torch.zeros(1)}, str(ours))
+
+    def got(cfg):
+        return {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in UPSTREAM_SEMANTICS}
+
+    for init in (pt, conv):
+        assert got(load_config("finetune_retrieval", {"train.init": str(init)})) == UPSTREAM_SEMANTICS
+        assert got(load_config(None, {"train.init": str(init)})) == UPSTREAM_SEMANTICS
+        kept = load_config("finetune_retrieval", {"train.init": str(init), "loss.fine_padding": "exclude"})
+        assert kept.loss.fine_padding == "exclude" and kept.loss.mask_random_from == 106
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("loss:\n  missing_audio: mask\n")
+    c = load_config(str(mine), {"train.init": str(pt)})
+    assert c.loss.missing_audio == "mask" and c.loss.fine_padding == "upstream"
+    # our own weights and no init keep the recipe's choices
+    for over in ({"train.init": str(ours)}, {}):
+        assert got(load_config("finetune_retrieval", over)) == {"loss.fine_padding": "exclude",
+                                                                "loss.mask_random_from": 999,
+                                                                "loss.missing_audio": "mask"}

@@ -843,7 +843,51 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, wo
     cfg = Config(model=family_config(family, size))
     apply_overrides(cfg, flat, source)
     apply_overrides(cfg, overrides)
+    users = set(overrides) | (set(flat) if path and not _shipped(find_recipe(path)) else set())
+    upstream_semantics(cfg, users)
     return validate(cfg, world)
+
+
+# What upstream VALOR computes where our default differs (docs/upstream.md P1, P4, X1): the
+# semantics of a model that starts from an upstream checkpoint unless the user says otherwise.
+UPSTREAM_SEMANTICS = {"loss.fine_padding": "upstream", "loss.mask_random_from": 106, "loss.missing_audio": "zeros"}
+
+
+def _shipped(recipe: str) -> bool:
+    return os.path.dirname(os.path.abspath(recipe)) == RECIPES_DIR
+
+
+def is_upstream_init(init: str) -> bool:
+    """train.init names an upstream VALOR checkpoint: a `model_step_N.pt`-style file (our own
+    weights are safetensors) or a safetensors file `valor-fast convert` wrote (its metadata says
+    what it was converted from).  Only the metadata is read."""
+    if not init or not os.path.isfile(init):
+        return False
+    if not init.endswith(".safetensors"):
+        return True
+    try:
+        from safetensors import safe_open
+        with safe_open(init, "pt") as f:
+            return bool((f.metadata() or {}).get("converted_from"))
+    except Exception:   # an unreadable file is the loader's error to report, by name
+        return False
+
+
+def upstream_semantics(cfg: "Config", users: set) -> None:
+    """A run that starts from an upstream checkpoint computes what upstream computes: the fields
+    of UPSTREAM_SEMANTICS take upstream's values unless the user set them (a command-line
+    override, or their own recipe file; the shipped recipes' choices are ours, not the user's)."""
+    if cfg.model.family != "valor" or not is_upstream_init(cfg.train.init):
+        return
+    changed = []
+    for key, value in UPSTREAM_SEMANTICS.items():
+        sec, name = key.split(".")
+        if key not in users and getattr(getattr(cfg, sec), name) != value:
+            setattr(getattr(cfg, sec), name, value)
+            changed.append(f"{key}={value}")
+    if changed:
+        log.info("train.init %s is an upstream VALOR checkpoint: %s, as upstream computes (set a field "
+                 "to keep ours, e.g. --loss.fine_padding exclude)", cfg.train.init, ", ".join(changed))
 
 
 def to_dict(cfg: Config) -> dict:
