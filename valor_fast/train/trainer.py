@@ -423,11 +423,12 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """A resumable sharded checkpoint of the step reached (collective)."""
-        self.last_good_ckpt = self.ckpts.save(self.step, app_state(self.task, self.opt), {"step": self.step})
         if self.info.is_main:
-            # history.json beside every checkpoint, so a kill -9 keeps the records a resume
-            # continues (the resume keeps those up to its step; later ones it replays)
+            # history.json before every checkpoint, so a kill -9 after the checkpoint is
+            # committed keeps the records a resume continues (a resume keeps those up to its
+            # step and replays the later ones)
             self.metrics.write(self.run_dir)
+        self.last_good_ckpt = self.ckpts.save(self.step, app_state(self.task, self.opt), {"step": self.step})
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, split: str, captions_out: Optional[dict] = None) -> Dict[str, float]:
