@@ -188,20 +188,8 @@ def default_audit_cases() -> list:
     """The kernel audit's default cases (what CI audits: per family its CI_CASES, else the case
     names without a "/", the first configuration of each autotuned set at its VALOR shape), and
     the csrc build: the full sweep (~900 rows, ~5 min of one core) does not fit the suite."""
-    import importlib
-
     from bench import kernel_audit as ka
-    names = ["csrc"]
-    for fam in ka.FAMILIES:
-        try:
-            mod = importlib.import_module(f"bench.audit_{fam}")
-        except ModuleNotFoundError as e:
-            if e.name != f"bench.audit_{fam}":
-                raise
-            continue
-        chosen = getattr(mod, "CI_CASES", None)
-        names += list(chosen) if chosen is not None else [c.name for c in mod.cases() if "/" not in c.name]
-    return names
+    return ["csrc"] + ka.ci_case_names()
 
 
 def cmd_audit_cases(a) -> int:

@@ -485,18 +485,34 @@ def _bias_gelu_fwd():
 FAMILIES = ("attention", "fused", "contrastive")
 
 
-def all_cases() -> list:
+def family_modules() -> list:
+    """bench/audit_<family>.py for each family present."""
     import importlib
-    cases = [CsrcCase()]
+    mods = []
     for fam in FAMILIES:
         try:
-            mod = importlib.import_module(f"bench.audit_{fam}")
+            mods.append(importlib.import_module(f"bench.audit_{fam}"))
         except ModuleNotFoundError as e:
             if e.name != f"bench.audit_{fam}":
                 raise
-            continue
+    return mods
+
+
+def all_cases() -> list:
+    cases = [CsrcCase()]
+    for mod in family_modules():
         cases += mod.cases()
     return cases
+
+
+def ci_case_names() -> list:
+    """What CI audits: per family its CI_CASES, else the case names without a "/" (the first
+    configuration of each autotuned set at its VALOR shape)."""
+    names = []
+    for mod in family_modules():
+        chosen = getattr(mod, "CI_CASES", None)
+        names += list(chosen) if chosen is not None else [c.name for c in mod.cases() if "/" not in c.name]
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ A subprocess: the audit compiles real kernels (TRITON_INTERPRET=0), the test ses
 the interpreter.  Audit cases are built from the launchers' own plans (kernels/*.py `_*_plan`),
 so a launcher change is audited as launched.
 """
-import importlib
 import json
 import os
 import subprocess
@@ -44,17 +43,7 @@ MINE = ("attn_fwd", "attn_fwd_causal", "attn_fwd_bias", "attn_bwd_preprocess", "
 def ci_cases() -> list:
     """The CI selection: per family module present, its CI_CASES or its default (no "/") cases."""
     from bench import kernel_audit as ka
-    names = []
-    for fam in ka.FAMILIES:
-        try:
-            mod = importlib.import_module(f"bench.audit_{fam}")
-        except ModuleNotFoundError as e:
-            if e.name != f"bench.audit_{fam}":
-                raise
-            continue
-        chosen = getattr(mod, "CI_CASES", None)
-        names += list(chosen) if chosen is not None else [c.name for c in mod.cases() if "/" not in c.name]
-    return names
+    return ka.ci_case_names()
 
 
 @pytest.fixture(scope="module")
