@@ -15,12 +15,23 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
         or name.endswith((".cls", ".pos"))
 
 
+def vision_parameters(root: nn.Module) -> set:
+    """ids of the vision tower's parameters, found as the submodule named `vision` at any depth:
+    the optimiser is built over the task (`model.vision.*`), wrapped or not, never the bare model."""
+    out = set()
+    for name, m in root.named_modules():
+        if name.rsplit(".", 1)[-1] == "vision":
+            out.update(id(p) for p in m.parameters())
+    return out
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list:
     groups = {}
+    vision_ids = vision_parameters(model) if cfg.vision_lr > 0 else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        vision = name.startswith("vision.") and cfg.vision_lr > 0
+        vision = id(p) in vision_ids
         nd = no_decay(name, p)
         key = (vision, nd)
         if key not in groups:
