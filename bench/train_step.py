@@ -51,7 +51,7 @@ from valor_fast.ops import contrastive as con_ops  # noqa: E402
 from valor_fast.ops import fused as fused_ops  # noqa: E402
 from valor_fast.data.tokenizer import CLS_ID, FIRST_WORD_ID, SEP_ID  # noqa: E402
 from valor_fast.tasks.mgc import mask_plan  # noqa: E402
-from valor_fast.tasks.pretrain import move_batch, pretrain_step_losses  # noqa: E402
+from valor_fast.tasks.pretrain import mgc_groups_of, move_batch, pretrain_step_losses  # noqa: E402
 from valor_fast.train.optim import param_groups  # noqa: E402
 from valor_fast.train.parallelize import apply_compile  # noqa: E402
 from valor_fast.model.flops import training_flops_per_sample  # noqa: E402
@@ -148,7 +148,7 @@ class Step:
         with impl_context(self.impl):
             # the MGC mask plan on the host, as the trainer's task.prepare makes it
             cfg, hb = self.loss_cfg, host_batch
-            plan = mask_plan(hb["text_ids"], hb["text_mask"], cfg.groups, cfg.mask_prob, self.model.cfg.vocab_size,
+            plan = mask_plan(hb["text_ids"], hb["text_mask"], mgc_groups_of(cfg), cfg.mask_prob, self.model.cfg.vocab_size,
                              hb["has_audio"], draws=hb["mask_rand"])
             batch = move_batch(dict(host_batch, **plan), self.device)
             mark("h2d")
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     mcfg = model_config(args.size)
     if args.text_len > mcfg.max_positions:
         sys.exit(f"train_step.py --text-len {args.text_len} exceeds the model's {mcfg.max_positions} positions")
-    loss_cfg = LossConfig()
+    loss_cfg = LossConfig(mgc_groups="")   # the step as VALOR trains it: MGC on every group too
     torch.manual_seed(args.seed)
     base = build_model(mcfg)
     state = copy.deepcopy(base.state_dict())
@@ -281,9 +281,9 @@ def main(argv=None) -> int:
             return 1
 
     peaks = measure_peaks(device)
-    groups = loss_cfg.groups.split(",")   # pretraining: MGA and MGC on every group
+    groups = loss_cfg.groups.split(",")
     flops = training_flops_per_sample(mcfg, frames=args.frames, text_len=args.text_len, audio_slices=args.audio_slices,
-                                      mga_groups=groups, mgc_groups=groups, mask_prob=loss_cfg.mask_prob)
+                                      mga_groups=groups, mgc_groups=mgc_groups_of(loss_cfg).split(","), mask_prob=loss_cfg.mask_prob)
     info = env_info()
     rows = []
     for impl in impls:

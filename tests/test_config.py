@@ -21,6 +21,7 @@ BAD = [
     ("loss.label_smoothing", "1", "[0, 1)"), ("data.crop_scale_min", "0", "(0, 1]"), ("loss.mga_weight", "-1", ">= 0"),
     ("train.precision", "fp8", "bf16"), ("train.parallel", "zero3", "fsdp"), ("train.nan_policy", "ignore", "skip"),
     ("loss.mga_mode", "medium", "coarse"), ("loss.groups", "tv,vt", "tav"), ("loss.groups", "tv,tv", "distinct"),
+    ("loss.mgc_groups", "av", "the same as loss.groups"),
     ("data.backend", "gpu", "dali"), ("train.task", "segmentation", "retrieval"), ("eval.caption_group", "av", "tav"),
     ("eval.retrieval_captions", "some", "all"), ("train.activation_checkpointing", "half", "selective"),
     ("model.pool", "max", "mean"), ("model.vision", "resnet", "swin"), ("data.video_dtype", "fp16", "bf16"),
@@ -51,6 +52,7 @@ def test_type_errors_name_the_field_and_the_type(key, value, expected):
     ({"train.batch_size": "6", "train.grad_accum": "4"}, "must divide by world"),
     ({"data.frames_train": "40"}, "model.max_frames"),
     ({"model.text_heads": "3"}, "must divide model.text_width"),
+    ({"loss.groups": "tv,tav", "loss.mgc_groups": "ta"}, "no group in common with loss.groups"),
 ])
 def test_cross_field_facts(over, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -35,7 +35,7 @@ def test_tiny_forward_shapes_and_losses():
     assert torch.allclose(t.tokens.norm(dim=-1), torch.ones(3, 9), atol=1e-5)
     mem, nv = m.memory(vt, at)
     assert mem.shape == (3, 2 * (1 + n_patch) + 129, cfg.text_width) and nv == 2 * (1 + n_patch)
-    losses = pretrain_step_losses(m, b, LossConfig())
+    losses = pretrain_step_losses(m, b, LossConfig(mgc_groups=""))
     assert set(losses) == {"loss", "mga/tv", "mga/ta", "mga/tav", "mgc/tv", "mgc/ta", "mgc/tav"}
     losses["loss"].backward()
     assert m.temperature.grad is not None and m.vision.patch_embed.weight.grad.abs().sum() > 0
@@ -115,7 +115,7 @@ def test_missing_audio_zeros_keeps_every_clip_in_every_group():
     m = VALOR(cfg).eval()
     b = _batch(cfg)
     b["has_audio"] = torch.tensor([True, False, True])
-    run = lambda batch, mode: pretrain_step_losses(m, batch, LossConfig(missing_audio=mode),  # noqa: E731
+    run = lambda batch, mode: pretrain_step_losses(m, batch, LossConfig(missing_audio=mode, mgc_groups=""),  # noqa: E731
                                                    torch.Generator().manual_seed(0))
     with torch.no_grad():
         z, n, k = run(b, "zeros"), run({x: y for x, y in b.items() if x != "has_audio"}, "mask"), run(b, "mask")

@@ -113,10 +113,11 @@ def test_masking_draws_fit_the_real_tokens():
 def test_fixed_keys_and_a_batch_without_audio(model, audio):
     has = {"all": torch.ones(6, dtype=torch.bool), "some": torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool),
            "none": torch.zeros(6, dtype=torch.bool)}[audio]
-    task = PretrainTask(model, LossConfig())
+    every = LossConfig(mgc_groups="")     # MGC on all three groups
+    task = PretrainTask(model, every)
     b = task.prepare(_batch(has_audio=has, seed=3), torch.Generator().manual_seed(5))
     model.zero_grad(set_to_none=True)
-    out = pretrain_step_losses(model, b, LossConfig())
+    out = pretrain_step_losses(model, b, every)
     assert set(out) == KEYS == set(task.loss_keys())
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
@@ -140,3 +141,27 @@ def test_masked_mean():
     assert float(masked_mean(x, torch.tensor([True, False, True]))) == 4.5
     assert float(masked_mean(x, torch.zeros(3, dtype=torch.bool))) == 0.0
     assert float(masked_mean(list(x), [torch.tensor(True)] * 3)) == pytest.approx(14 / 3)
+
+
+def test_mgc_on_a_subset_of_the_groups(model):
+    """loss.mgc_groups captions only its groups (the embedded default: tav) while MGA keeps all
+    three; the total is 1.5 x mean(MGA) + 1.0 x the one MGC term, and the keys say so."""
+    cfg = LossConfig(mgc_groups="tav")
+    task = PretrainTask(model, cfg)
+    assert task.loss_keys() == ("loss", "mga/tv", "mga/ta", "mga/tav", "mgc/tav")
+    assert task.flop_groups() == (("tv", "ta", "tav"), ("tav",))
+    b = task.prepare(_batch(seed=4), torch.Generator().manual_seed(6))
+    assert b["mgc_counts"].shape == (1,)          # one group planned
+    out = pretrain_step_losses(model, b, cfg)
+    assert set(out) == set(task.loss_keys())
+    want = 1.5 * (out["mga/tv"] + out["mga/ta"] + out["mga/tav"]) / 3 + out["mgc/tav"]
+    torch.testing.assert_close(out["loss"], want)
+    # the same draws captioning all groups: its tav term is the one this step computed
+    every = LossConfig(mgc_groups="")
+    ref = pretrain_step_losses(model, PretrainTask(model, every).prepare(_batch(seed=4), torch.Generator().manual_seed(6)),
+                               every)
+    torch.testing.assert_close(out["mgc/tav"], ref["mgc/tav"])
+    torch.testing.assert_close(out["mga/tv"], ref["mga/tv"])
+    # the groups of loss.groups that mgc_groups also lists, in loss.groups' order
+    assert PretrainTask(model, LossConfig(groups="tav,tv", mgc_groups="tv,tav")).mgc_groups == ["tav", "tv"]
+    assert PretrainTask(model, LossConfig(groups="tv", mgc_groups="tv,tav")).loss_keys() == ("loss", "mga/tv", "mgc/tv")

@@ -61,7 +61,7 @@ from valor_fast.ops import contrastive as con_ops  # noqa: E402
 from valor_fast.ops import fused as fused_ops  # noqa: E402
 from valor_fast.runtime import autocast_ctx  # noqa: E402
 from valor_fast.tasks.mgc import mask_plan  # noqa: E402
-from valor_fast.tasks.pretrain import PretrainTask  # noqa: E402
+from valor_fast.tasks.pretrain import PretrainTask, mgc_groups_of  # noqa: E402
 from valor_fast.train.optim import build_optimizer, param_groups  # noqa: E402
 from valor_fast.utils.deps import HAS_TRITON  # noqa: E402
 
@@ -109,7 +109,7 @@ def _rank_batch(mcfg, loss_cfg, step: int, seed: int, rank: int, world: int) -> 
     n = GLOBAL_B // world
     sl = slice(rank * n, (rank + 1) * n)
     b = {k: v[sl] for k, v in full.items()}
-    plan = mask_plan(b["text_ids"], b["text_mask"], loss_cfg.groups, loss_cfg.mask_prob, mcfg.vocab_size,
+    plan = mask_plan(b["text_ids"], b["text_mask"], mgc_groups_of(loss_cfg), loss_cfg.mask_prob, mcfg.vocab_size,
                      b["has_audio"], draws=draws[sl])
     return dict(b, **plan)
 
@@ -156,7 +156,7 @@ def run_steps(path: str, precision: str, seed: int, rank: int = 0, world: int = 
     from valor_fast.train.dist import DistInfo
     from valor_fast.train.parallelize import parallelize
     mcfg = model_config("tiny", **SMALL)
-    loss_cfg = dataclasses.replace(LossConfig(), mga_mode=mga_mode, grouped_decoder=(path == "triton"))
+    loss_cfg = dataclasses.replace(LossConfig(), mgc_groups="", mga_mode=mga_mode, grouped_decoder=(path == "triton"))
     torch.manual_seed(seed)
     model = build_model(mcfg)
     task = PretrainTask(model, loss_cfg)

@@ -12,6 +12,15 @@ from .mga import mga_group_losses, parse_groups
 from .mgc import audio_presence, mask_plan, masking_draws, mgc_group_losses, plan_of
 
 
+def mgc_groups_of(cfg: LossConfig) -> str:
+    """The groups MGC captions: those of loss.groups also in loss.mgc_groups ('' = all), in
+    loss.groups' order."""
+    want = {g.strip() for g in cfg.mgc_groups.split(",") if g.strip()}
+    if not want:
+        return cfg.groups
+    return ",".join(g.strip() for g in cfg.groups.split(",") if g.strip() in want)
+
+
 def move_batch(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -42,11 +51,12 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
     mark("mga")
     if cfg.mgc_weight:
         memory, n_video = model.memory(vt, at)
-        plan = plan_of(batch) or mask_plan(ids, mask, cfg.groups, cfg.mask_prob, model.cfg.vocab_size, has_audio,
+        capt = mgc_groups_of(cfg)
+        plan = plan_of(batch) or mask_plan(ids, mask, capt, cfg.mask_prob, model.cfg.vocab_size, has_audio,
                                            generator, batch.get("mask_rand"), random_from=cfg.mask_random_from)
-        means, present = mgc_group_losses(model, plan, mask, memory, n_video, cfg.groups, has_audio,
+        means, present = mgc_group_losses(model, plan, mask, memory, n_video, capt, has_audio,
                                           cfg.label_smoothing, grouped=cfg.grouped_decoder)
-        groups = parse_groups(cfg.groups)
+        groups = parse_groups(capt)
         losses.update({f"mgc/{g}": means[gi] for gi, g in enumerate(groups)})
         total = total + cfg.mgc_weight * masked_mean(means, present)
     mark("decoder_mgc")
@@ -56,7 +66,8 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
 
 @register_task("pretrain")
 class PretrainTask(Task):
-    """The pretraining objective (MGA + MGC on loss.groups) as the FSDP / DDP root."""
+    """The pretraining objective (MGA on loss.groups, MGC on loss.mgc_groups) as the FSDP / DDP
+    root."""
 
     evaluation = "caption"
 
@@ -64,6 +75,7 @@ class PretrainTask(Task):
         super().__init__(model)
         self.cfg = cfg
         self.groups = parse_groups(cfg.groups)
+        self.mgc_groups = parse_groups(mgc_groups_of(cfg))
 
     @classmethod
     def from_config(cls, model: VALOR, cfg) -> "PretrainTask":
@@ -74,12 +86,12 @@ class PretrainTask(Task):
         if self.cfg.mga_weight:
             keys += [f"mga/{g}" for g in self.groups]
         if self.cfg.mgc_weight:
-            keys += [f"mgc/{g}" for g in self.groups]
+            keys += [f"mgc/{g}" for g in self.mgc_groups]
         return tuple(keys)
 
     def flop_groups(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-        g = tuple(self.groups)
-        return (g if self.cfg.mga_weight else ()), (g if self.cfg.mgc_weight else ())
+        g, c = tuple(self.groups), tuple(self.mgc_groups)
+        return (g if self.cfg.mga_weight else ()), (c if self.cfg.mgc_weight else ())
 
     def prepare(self, batch: dict, generator: torch.Generator) -> dict:
         """The MGC mask plan, on the host: every sample's masking draws come from its own
@@ -89,7 +101,7 @@ class PretrainTask(Task):
             return batch
         draws = masking_draws(batch["text_mask"], sample_generators(generator, batch["index"]))
         batch = dict(batch)
-        batch.update(mask_plan(batch["text_ids"], batch["text_mask"], self.groups, self.cfg.mask_prob,
+        batch.update(mask_plan(batch["text_ids"], batch["text_mask"], self.mgc_groups, self.cfg.mask_prob,
                                self.model.cfg.vocab_size, audio_presence(batch, self.cfg), draws=draws,
                                random_from=self.cfg.mask_random_from))
         return batch
