@@ -4,8 +4,9 @@ of the default `tests` run), at the tiny recipe's shapes.
     python -m pytest bench/bench_cpu_step.py --benchmark-enable -q
     python bench/bench_cpu_step.py [--out bench/results/cpu_step.jsonl]   # rows with median ms
 
-- The LM head + cross-entropy of MGC: N = 950 masked tokens a step (three groups of 32 captions,
-  what a tiny step gathers), C = 128, V = 30522, fp32, forward + backward: our chunked torch path
+- The LM head + cross-entropy of MGC: N = 634 masked tokens a step (the tiny recipe's two caption
+  groups, T-V and T-AV, of 32 captions: ~317 each at mask_prob 0.6), C = 128, V = 30522, fp32,
+  forward + backward: our chunked torch path
   (the CPU default) against eager PyTorch (the full (N, V) logits and F.cross_entropy).
 - AdamW over the tiny model's 5.6M parameters: torch's fused CPU kernel (our CPU default) against
   foreach.
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import valor_fast.kernels.lm_head_ce as lm  # noqa: E402
 from bench.common import append_result, env_info, time_ms  # noqa: E402
 
-N, C, V = 950, 128, 30522
+N, C, V = 634, 128, 30522
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu_step.jsonl")
 
 
