@@ -198,8 +198,8 @@ def lm_head_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
         raise TypeError(f"lm_head_cross_entropy (Triton): hidden dtype {hidden.dtype} not in fp32/fp16/bf16")
     dev, acc = hidden.device, _acc_dtype(hidden.dtype)
     cc = launch_arch(dev)
-    m = torch.full((n,), float("-inf"), dtype=acc, device=dev)  # running max
-    s = torch.zeros((n,), dtype=acc, device=dev)  # running sum exp(z - m)
+    m = torch.full((n,), float("-inf"), dtype=acc, device=dev)  # running max (Triton) / lse (torch)
+    s = torch.zeros((n,), dtype=acc, device=dev)  # running sum exp(z - m) (Triton only)
     zy = torch.zeros((n,), dtype=acc, device=dev)  # target logit
     zs = torch.zeros((n,), dtype=acc, device=dev)  # sum_j z_j (label smoothing only)
     smooth = label_smoothing > 0.0
@@ -210,10 +210,12 @@ def lm_head_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
             if use_triton:
                 _fwd_chunk_plan(z, labels, (m, s, zy, zs), v0, smooth, cc).run()
             else:
-                zf = z.to(acc)
-                m_new = torch.maximum(m, zf.amax(dim=1))
-                s = s * torch.exp(m - m_new) + torch.exp(zf - m_new[:, None]).sum(dim=1)
-                m = m_new
+                # torch's logsumexp walks each row of the chunk while it is in cache; a max /
+                # subtract / exp / sum chain makes four passes over all N x Vc logits (15 MB at
+                # N = 950, Vc = 4096 fp32: the tiny MGC step) in memory.  Chunks merge by
+                # logaddexp: the same online log-sum-exp
+                zf = z if z.dtype == acc else z.to(acc)
+                m = torch.logaddexp(m, torch.logsumexp(zf, dim=1))
                 if smooth:
                     zs += zf.sum(dim=1)
                 local = labels - v0
@@ -221,7 +223,7 @@ def lm_head_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
                 got = zf.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
                 zy = torch.where(here, got, zy)
             del z
-    lse = m + torch.log(s)
+    lse = m + torch.log(s) if use_triton else m
     loss = lse - (1.0 - label_smoothing) * zy
     if smooth:
         loss = loss - (label_smoothing / v) * zs
@@ -258,14 +260,20 @@ def lm_head_ce_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
         if use_triton:
             _bwd_chunk_plan(z, labels, lse, g, v0, on_target, uniform, cc).run()
         else:
-            d = torch.exp(z.to(acc) - lse[:, None]) - uniform
+            # in place on the chunk's own logits (a fresh matmul output): no new N x Vc buffers
+            # for the subtract, exp and scale (bench/bench_cpu_step.py times this path)
+            d = z if z.dtype == acc else z.to(acc)
+            d.sub_(lse[:, None]).exp_()
+            if uniform:
+                d.sub_(uniform)
             local = labels - v0
             here = (local >= 0) & (local < v1 - v0)
             # subtract the one-hot without a host sync (no nonzero): rows whose label is in
             # another chunk add 0 at a clamped column
             d.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None],
                            (here.to(acc) * -on_target)[:, None])
-            z = (d * g[:, None]).to(z.dtype)
+            d.mul_(g[:, None])
+            z = d if d.dtype == z.dtype else d.to(z.dtype)
         w = weight[v0:v1]  # (Vc, C)
         if z.dtype == acc:
             d_h.addmm_(z, w)

@@ -119,12 +119,12 @@ def test_config_show_lists_every_field_with_type_value_and_docstring(tmp_path, c
     for sec in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, sec.name)):
             assert f"  {sec.name}.{f.name}: " in out, f.name
-    assert "train.lr: float = 0.001" in out and "Peak learning rate." in out and "(no docstring)" not in out
+    assert "train.lr: float = 0.002" in out and "Peak learning rate." in out and "(no docstring)" not in out
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  lr: 3.0e-4\n")
     assert main(["config", "show", "--config", str(recipe), "--section", "train", "--train.steps", "7"]) == 0
     out = capsys.readouterr().out
-    assert "train.lr: float = 0.0003   (default 0.001)" in out and "train.steps: int = 7" in out
+    assert "train.lr: float = 0.0003   (default 0.002)" in out and "train.steps: int = 7" in out
     assert "[model]" not in out and "  model.size:" not in out
     assert show(load_config(None, {}), "loss").startswith("[loss]")
 

@@ -141,11 +141,11 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 800
+    steps: int = 820
     """Optimiser steps."""
     batch_size: int = 32
     """Global batch size."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     vision_lr: float = 0.0
     """Learning rate of pretrained vision weights (0 = same as lr)."""

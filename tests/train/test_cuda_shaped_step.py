@@ -292,6 +292,9 @@ def _dist_worker(rank: int, port: int, seed: int, out_dir: str, variants) -> Non
         for parallel, mode in variants:
             res = run_steps("triton", "bf16", seed, rank, WORLD, parallel, mode)
             torch.save(res, os.path.join(out_dir, f"{parallel}_{mode}_rank{rank}.pt"))
+            if parallel == "fsdp":   # the yardstick under the same bf16-parameter policy
+                res = run_steps("eager", "bf16", seed, rank, WORLD, parallel, mode)
+                torch.save(res, os.path.join(out_dir, f"{parallel}_{mode}_eager_rank{rank}.pt"))
     finally:
         shutdown()
 
@@ -394,14 +397,14 @@ def references(seed):
             for mode in ("fine", "coarse")}
 
 
-# fsdp-fine: non-strict xfail.  Besides the near-tie picks its gate allows, some seeds miss the
-# gradient bound by a few percent (seed 80608: model.temperature at 1.03x tolerance) - open, named
-# in the README's notes; replay with VALOR_FAST_STEP_SEED=80608.
+# FSDP2 computes in bf16 *parameters* (MixedPrecisionPolicy(param_dtype=bf16)), which autocast
+# never does: the weights, the temperature, the fusion and the projections are rounded before
+# any kernel runs.  Its yardstick is therefore eager PyTorch under the same FSDP2 policy (two gloo
+# ranks, same global batch), not the one-process autocast step: against that one, seed 80608
+# missed model.temperature's bound at 1.03x (the temperature's gradient is a sum of cancelling
+# terms over every logit, each scaled by the bf16-rounded 1 / temperature), an error eager FSDP2
+# bf16 makes too.
 DIST_VARIANTS = (("ddp", "coarse"), ("fsdp", "fine"))
-DIST_PARAMS = (DIST_VARIANTS[0],
-               pytest.param(DIST_VARIANTS[1], marks=pytest.mark.xfail(strict=False, reason=(
-                   "FSDP2 bf16 fine-MGA step: some seeds exceed the gradient bound slightly "
-                   "(seed 80608: temperature 1.03x); open"))))
 
 
 @pytest.fixture(scope="module")
@@ -410,8 +413,11 @@ def dist_results(seed, interp):
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_dist_worker, args=(_free_port(), seed, d, DIST_VARIANTS), nprocs=WORLD, join=True)
-        return {v: [torch.load(os.path.join(d, f"{v[0]}_{v[1]}_rank{r}.pt"), weights_only=True) for r in range(WORLD)]
-                for v in DIST_VARIANTS}
+        out = {v: [torch.load(os.path.join(d, f"{v[0]}_{v[1]}_rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+               for v in DIST_VARIANTS}
+        out.update({v + ("eager",): [torch.load(os.path.join(d, f"{v[0]}_{v[1]}_eager_rank{r}.pt"), weights_only=True)
+                                     for r in range(WORLD)] for v in DIST_VARIANTS if v[0] == "fsdp"})
+        return out
 
 
 class _OpRecorder:
@@ -496,13 +502,16 @@ def test_the_bounds_catch_small_errors(references, one_process):
         assert max(r for r, _ in bound_ratios(bad, ref, yard)) > 1.0, name
 
 
-@pytest.mark.parametrize("variant", DIST_PARAMS, ids=lambda v: f"{v[0]}-{v[1]}")
+@pytest.mark.parametrize("variant", DIST_VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
 def test_two_rank_bf16_triton_step_matches_fp32_eager(seed, references, dist_results, variant):
     ref, yard = references[variant[1]]
     ranks = dist_results[variant]
     for r, got in enumerate(ranks):
         assert got["fused_adamw"]
-        print(check_close_or_tie(got, ref, yard, f"{variant[0]} rank {r} ({variant[1]} MGA, seed {seed})"))
+        # DDP keeps fp32 parameters under autocast, as the one-process yardstick does; FSDP2's
+        # bf16 parameters are measured against eager FSDP2 bf16 (see DIST_VARIANTS)
+        y = dist_results[variant + ("eager",)][r] if variant[0] == "fsdp" else yard
+        print(check_close_or_tie(got, ref, y, f"{variant[0]} rank {r} ({variant[1]} MGA, seed {seed})"))
     # every rank saw the same global losses and (reduced) gradients
     assert ranks[0]["losses"] == ranks[1]["losses"]
     for n, g in ranks[0]["grads"].items():
