@@ -328,9 +328,12 @@ def _gmma(g, b, TRANS_G: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
                 acc += mma(_round16(g - hi.to(tl.float32), b.dtype, EMU), b, p)
         return acc
     else:
+        # both returns under if / else: after a return inside a constexpr `if`, the Triton
+        # frontend still generates the statements that follow (a (R, BD) @ (R, C) dot here)
         if TRANS_G:
             return mma(tl.trans(b), g, GPREC)
-        return mma(g, b, GPREC)
+        else:
+            return mma(g, b, GPREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -961,11 +964,16 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
     texts), else 128 (3 x 40 = 120 live at VALOR's T = 40).  Forward: 16 clips a tile (4 frames +
     1 audio: 64 + 16 columns, none padded; 6% of the MMAs multiply padding), 8 warps (a 128-row
     tile; 4 warps reach 255 registers).  Backward (sim tile and argmaxes recomputed per D block
-    of BD = 32 columns): 3 texts packed in 128 rows x 8 clips (y padded to 2 slots): 22% of the
-    similarity MMAs multiply padding, for d_text and d_modal (was 48% / 61% on sm_80 with one
-    64-row text).  Measured on sm_80, bf16, VALOR's shape: d_text 255 registers, no spill;
-    d_modal (BK = 32) 255, no spill (BK = 64: 24 bytes).  Not yet audited at this commit: sm_90a,
-    fp16, and the alternatives (one 64-row text) after the kernel changes."""
+    of BD = 32 columns): "packed" = 3 texts in 128 rows x 8 clips (x 32 columns, y 16: the y slot
+    padded to 2 for tl.dot's N >= 16), 22% of the similarity MMAs multiply padding; "r64" = one
+    text in 64 rows x 8 clips, 48% (61% with 4 clips).  Audited (bench/kernel_audit.py, D = 512,
+    text_floor, B 512 / 4096; registers, spill bytes):
+      d_text   sm_80  packed BK 64: bf16 255 / 0, fp16 255 / 0;  r64: 255 / 0
+               sm_90a packed BK 32: 255 / 0, 254 / 0 (BK 64: 36 bytes bf16);  r64: 221-225 / 0
+      d_modal  sm_80  packed BK 32: 255 / 0 (BK 64: 24 bytes);  r64 x 4 clips: 217-220 / 0
+               sm_90a r64 only: 251-255 / 0; packed spills 48-172 bytes at every BK / BD /
+               stages / warps tried (the per-text modal argmaxes over wgmma-layout sims), so
+               sm_90a d_modal runs at 48% padding (open)."""
     if kind not in ("fwd", "text", "modal"):
         raise ValueError(f"fine_configs: kind must be fwd, text or modal, got {kind!r}")
     if arch is None:
@@ -979,12 +987,12 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
     bd = min(32, max(16, _p2(D)))
     r64 = max(64, _p2(T))
     packed = fine_tile(T, Mx, My, R, 8, 16)
-    if kind == "text":  # the alternative: one text of 64 rows against 8 clips (48% padding)
-        return [_cfg(8, 2, BK=bk, BD=bd, **packed), _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 8, 16))]
-    # d_modal: BK = 32 (BK = 64 spills 24 bytes on sm_80); the alternative: one text of 64 rows
-    # against 4 clips on sm_80 (61%), 8 on sm_90a (48%)
-    alt = fine_tile(T, Mx, My, r64, 8 if arch.cc >= 90 else 4, 16)
-    return [_cfg(8, 2, BK=min(bk, 32), BD=bd, **packed), _cfg(8, 2, BK=bk, BD=bd, **alt)]
+    if kind == "text":
+        return [_cfg(8, 2, BK=bk if arch.cc < 90 else min(bk, 32), BD=bd, **packed),
+                _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 8, 16))]
+    if arch.cc >= 90:
+        return [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 8, 16))]
+    return [_cfg(8, 2, BK=min(bk, 32), BD=bd, **packed), _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 4, 16))]
 
 
 def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, bool]:
