@@ -39,9 +39,10 @@ coarse  text (B, D) x modal (B, D), z = text @ modal^T / tau.  The (B, B) logits
 fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D).  One program
         scores AT = R // T texts packed into R token rows (3 x 40 = 120 of 128 at VALOR's T = 40)
         against BB clips, as two tiles of token sims: x slots (BB x PX columns, PX = next_pow2(Mx))
-        and y slots (BB x PY), so 4 frames + 1 audio are 64 + 16 columns, none padded; 6% of the
-        similarity MMAs multiply padding at VALOR's shape (61% with one 64-row text against 8
-        slots a clip).  From that one read of the features come the three groups:
+        and y slots (BB x PY), so in the forward (BB = 16) 4 frames + 1 audio are 64 + 16 columns,
+        none padded: 6% of the similarity MMAs multiply padding at VALOR's shape, all of it the
+        8 idle rows (61% with one 64-row text against 8 slots a clip).  From that one read of the
+        features come the three groups:
             x  : text-side max over x slots, modal-side softmax(w_x) over x slots
             y  : same over y slots
             xy : text-side max = max(max_x, max_y); modal side over the concatenated softmax
@@ -50,12 +51,25 @@ fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D)
                  (tl.argmax, first index on ties, like torch.max) instead of storing indices.
                  Stored int8 indices would be Bt*Bm*(T + Mx + My) bytes: 755 MB at B=4096,
                  T=40, 4 frames + 1 audio (3 GB at B=8192), read back D/BD times; recompute
-                 costs no memory and one extra token-sim matmul per D block (4 at D=512 with
-                 BD=128 on CUDA; BD is the knob to tune against register pressure).  Two kernels:
-                 d_text (+ text weight grads) per (text, D block) looping over clip blocks,
-                 d_modal (+ modal weight grads) per (clip block, D block) looping over texts;
-                 both build the same sparse d_sim tile (two nonzeros per text token and group,
-                 one per modal token) and multiply it by the features.
+                 costs no memory and one extra token-sim matmul per D block (16 at D = 512
+                 with BD = 32 on CUDA; BD is the knob against register pressure).  Two
+                 kernels, both on the packed tile (3 texts x 40 = 120 of 128 rows) against 8
+                 clips (x: 8 x 4 = 32 columns; y: 8 x 2 = 16, the audio slot padded to 2 for
+                 tl.dot's N >= 16): 1 - 120 * 5 / (128 * 6) = 22% of the similarity MMAs
+                 multiply padding (was 48% d_text / 61% d_modal with one 64-row text):
+                   d_text  grid (cdiv(Bt, 3), D / BD): one text block x one D block, looping
+                           over clip blocks: d_text += d_sim (128, 32 | 16) @ x | y (32 | 16, BD);
+                           the text weight grads in D block 0.
+                   d_modal grid (cdiv(Bm, 8), D / BD + 1): one clip block x one D block,
+                           looping over text blocks: d_x^T += text^T (BD, 128) @ d_sim (128, 32)
+                           (the transposed product keeps d_sim in the layout it is built in);
+                           the extra program per clip block computes the slot weight grads
+                           alone (in D block 0 their four per-column accumulators spilled).
+                 The modal side's dS of each packed text is loaded per clip (BB,) and spread
+                 over the clip's slots (a per-column gather kept a 64-bit address per column
+                 live: 16 registers a thread at 32 columns on sm_80).  Both build the same sparse d_sim tile (two nonzeros per text
+                 token and group, one per modal token).  sm_90a d_modal keeps the 64-row tile
+                 (48%): the packed one spills there (see `fine_configs`).
         The InfoNCE on the (Bt, Bm) S matrices is torch (B <= ~8k: a B x B matrix per group is
         fine; it is the T x M factor that had to go), so valid masks need nothing here.
 
@@ -472,13 +486,15 @@ def _coarse_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 # fine: Triton kernels
 #
-# Tile layout (no padding at VALOR's shape): rows are AT = min(R // T, ATMAX) texts x T tokens
-# packed back to back (row r = token r % T of text a0 + r // T; 3 x 40 = 120 of R = 128 rows);
-# columns come as two tiles, one per group: BB clips x PX slots of x (4 frames) and BB clips x PY
-# slots of y (1 audio), PX / PY the groups' sizes rounded up to powers of two (so a clip's slots
-# reshape to (R, BB, PX) for the text-side max).  The modal-side max over a text's tokens is a
-# masked reduction per packed text (AT of them).  At T = 40, 4 + 1 slots: 6% of the similarity
-# MMAs multiply padding (was 61% with one text of 64 rows x 8 slots a clip).
+# Tile layout: rows are AT = min(R // T, ATMAX) texts x T tokens packed back to back (row r =
+# token r % T of text a0 + r // T; 3 x 40 = 120 of R = 128 rows); columns come as two tiles, one
+# per group: BB clips x PX slots of x (4 frames) and BB clips x PY slots of y (1 audio), PX / PY
+# the groups' sizes rounded up to powers of two and to BB * P >= 16 (tl.dot's smallest N), so a
+# clip's slots reshape to (R, BB, PX) for the text-side max.  The modal-side max over a text's
+# tokens is a masked reduction per packed text (AT of them).  At T = 40, 4 + 1 slots, the share
+# of the similarity MMAs that multiply padding (`fine_waste`): forward BB = 16 (64 + 16 columns)
+# 6%; backward BB = 8 (32 + 16 columns, y padded 1 -> 2) 22%; was 61% with one text of 64 rows x
+# 8 slots a clip.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fine_rows(a0, Bt, T, AT, R: tl.constexpr):
@@ -734,8 +750,9 @@ def _fine_bwd_text_kernel(
     PX: tl.constexpr, PY: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ATMAX: tl.constexpr,
     PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """d_text[block texts, D block] = sum over clip blocks of d_sim @ features, and the text weight
-    gradients (D block 0).  fp16: d_sim rows are pre-scaled by their text's power of two (SC)."""
+    """Grid (text blocks of AT, D blocks of BD).  d_text[block texts, D block] = sum over clip
+    blocks of d_sim (R, BB*PX | BB*PY) @ x | y (BB*P, BD), and the text weight gradients (D block
+    0).  fp16: d_sim rows are pre-scaled by their text's power of two (SC)."""
     AT = tl.minimum(R // T, ATMAX)
     a0 = tl.program_id(0) * AT
     pid_d = tl.program_id(1)
@@ -783,9 +800,9 @@ def _fine_bwd_modal_kernel(
     PX: tl.constexpr, PY: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ATMAX: tl.constexpr,
     PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """Grid (clip blocks, D blocks + 1).  D block programs: d_x / d_y[block clips, D block] = sum
-    over text blocks of d_sim^T @ text; fp16: d_sim columns are pre-scaled by their clip's power of
-    two.  The last program of each clip block: the slot weight gradients alone.  Folded into the
+    """Grid (clip blocks of BB, D blocks of BD + 1).  D block programs: d_x / d_y[block clips, D
+    block]^T = sum over text blocks of text^T (BD, R) @ d_sim (R, BB*P); fp16: d_sim columns are
+    pre-scaled by their clip's power of two.  The last program of each clip block: the slot weight gradients alone.  Folded into the
     D block 0 programs, their four per-column accumulators spilled every 128-row tile on sm_80
     (124-2544 bytes); apart they cost one more sim pass per clip block (1 / (D / BD + 1))."""
     AT = tl.minimum(R // T, ATMAX)
