@@ -337,9 +337,13 @@ def _gmma(g, b, TRANS_G: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
             if GPREC == "hilo":
                 acc += mma(bt, _round16(g - hi.to(tl.float32), b.dtype, EMU), p)
         else:
+            # lo formed before the hi MMA here (the order main had): formed after it,
+            # `_coarse_grad_kernel` spills 40 bytes on sm_80 (bf16, BD = 64)
+            if GPREC == "hilo":
+                lo = _round16(g - hi.to(tl.float32), b.dtype, EMU)
             acc = mma(hi, b, p)
             if GPREC == "hilo":
-                acc += mma(_round16(g - hi.to(tl.float32), b.dtype, EMU), b, p)
+                acc += mma(lo, b, p)
         return acc
     else:
         # both returns under if / else: after a return inside a constexpr `if`, the Triton
