@@ -39,9 +39,10 @@ coarse  text (B, D) x modal (B, D), z = text @ modal^T / tau.  The (B, B) logits
 fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D).  One program
         scores AT = R // T texts packed into R token rows (3 x 40 = 120 of 128 at VALOR's T = 40)
         against BB clips, as two tiles of token sims: x slots (BB x PX columns, PX = next_pow2(Mx))
-        and y slots (BB x PY), so 4 frames + 1 audio are 64 + 16 columns, none padded; 6% of the
-        similarity MMAs multiply padding at VALOR's shape (61% with one 64-row text against 8
-        slots a clip).  From that one read of the features come the three groups:
+        and y slots (BB x PY), so in the forward (BB = 16) 4 frames + 1 audio are 64 + 16 columns,
+        none padded: 6% of the similarity MMAs multiply padding at VALOR's shape, all of it the
+        8 idle rows (61% with one 64-row text against 8 slots a clip).  From that one read of the
+        features come the three groups:
             x  : text-side max over x slots, modal-side softmax(w_x) over x slots
             y  : same over y slots
             xy : text-side max = max(max_x, max_y); modal side over the concatenated softmax
@@ -50,12 +51,25 @@ fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D)
                  (tl.argmax, first index on ties, like torch.max) instead of storing indices.
                  Stored int8 indices would be Bt*Bm*(T + Mx + My) bytes: 755 MB at B=4096,
                  T=40, 4 frames + 1 audio (3 GB at B=8192), read back D/BD times; recompute
-                 costs no memory and one extra token-sim matmul per D block (4 at D=512 with
-                 BD=128 on CUDA; BD is the knob to tune against register pressure).  Two kernels:
-                 d_text (+ text weight grads) per (text, D block) looping over clip blocks,
-                 d_modal (+ modal weight grads) per (clip block, D block) looping over texts;
-                 both build the same sparse d_sim tile (two nonzeros per text token and group,
-                 one per modal token) and multiply it by the features.
+                 costs no memory and one extra token-sim matmul per D block (16 at D = 512
+                 with BD = 32 on CUDA; BD is the knob against register pressure).  Two
+                 kernels, both on the packed tile (3 texts x 40 = 120 of 128 rows) against 8
+                 clips (x: 8 x 4 = 32 columns; y: 8 x 2 = 16, the audio slot padded to 2 for
+                 tl.dot's N >= 16): 1 - 120 * 5 / (128 * 6) = 22% of the similarity MMAs
+                 multiply padding (was 48% d_text / 61% d_modal with one 64-row text):
+                   d_text  grid (cdiv(Bt, 3), D / BD): one text block x one D block, looping
+                           over clip blocks: d_text += d_sim (128, 32 | 16) @ x | y (32 | 16, BD);
+                           the text weight grads in D block 0.
+                   d_modal grid (cdiv(Bm, 8), D / BD + 1): one clip block x one D block,
+                           looping over text blocks: d_x^T += text^T (BD, 128) @ d_sim (128, 32)
+                           (the transposed product keeps d_sim in the layout it is built in);
+                           the extra program per clip block computes the slot weight grads
+                           alone (in D block 0 their four per-column accumulators spilled).
+                 The modal side's dS of each packed text is loaded per clip (BB,) and spread
+                 over the clip's slots (a per-column gather kept a 64-bit address per column
+                 live: 16 registers a thread at 32 columns on sm_80).  Both build the same sparse d_sim tile (two nonzeros per text
+                 token and group, one per modal token).  sm_90a d_modal keeps the 64-row tile
+                 (48%): the packed one spills there (see `fine_configs`).
         The InfoNCE on the (Bt, Bm) S matrices is torch (B <= ~8k: a B x B matrix per group is
         fine; it is the T x M factor that had to go), so valid masks need nothing here.
 
@@ -305,29 +319,39 @@ def _round16(x, DT: tl.constexpr, EMU: tl.constexpr):
 
 @triton.jit
 def _gmma(g, b, TRANS_G: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
-    """g (an fp32 gradient tile: P or d_sim; transposed first with TRANS_G) @ b (features) with
-    fp32 accumulation.  GPREC:
+    """g (an fp32 gradient tile: P or d_sim) @ b (features) with fp32 accumulation; with TRANS_G
+    the product is b^T @ g instead (b (K, N) features, g (K, C): a (N, C) tile, the transposed
+    d_modal product: see `_fine_bwd_modal_kernel`).  GPREC:
       "hilo"    16-bit b: g = hi + lo, both in b's type (round to nearest), two tensor-core MMAs
                 with exact products: ~2^-16 relative (bf16; 2^-22 fp16), fp32-grade.
       "single"  one 16-bit rounding of g, one MMA (~2^-9 relative for bf16): too coarse against
                 the float64 check (see `_precisions`), kept so the tests can show it.
       other     "tf32" / "tf32x3" / "ieee": g and b in fp32 (fp32 inputs)."""
     if GPREC == "hilo" or GPREC == "single":
+        # lo is formed after the hi MMA, so hi's operand copy is dead before lo's exists
+        p: tl.constexpr = "upcast" if EMU else "native"
         hi = _round16(g, b.dtype, EMU)
-        if GPREC == "hilo":
-            lo = _round16(g - hi.to(tl.float32), b.dtype, EMU)
         if TRANS_G:
-            hi = tl.trans(hi)
+            bt = tl.trans(b)
+            acc = mma(bt, hi, p)
             if GPREC == "hilo":
-                lo = tl.trans(lo)
-        acc = mma(hi, b, "upcast" if EMU else "native")
-        if GPREC == "hilo":
-            acc += mma(lo, b, "upcast" if EMU else "native")
+                acc += mma(bt, _round16(g - hi.to(tl.float32), b.dtype, EMU), p)
+        else:
+            # lo formed before the hi MMA here (the order main had): formed after it,
+            # `_coarse_grad_kernel` spills 40 bytes on sm_80 (bf16, BD = 64)
+            if GPREC == "hilo":
+                lo = _round16(g - hi.to(tl.float32), b.dtype, EMU)
+            acc = mma(hi, b, p)
+            if GPREC == "hilo":
+                acc += mma(lo, b, p)
         return acc
     else:
+        # both returns under if / else: after a return inside a constexpr `if`, the Triton
+        # frontend still generates the statements that follow (a (R, BD) @ (R, C) dot here)
         if TRANS_G:
-            g = tl.trans(g)
-        return mma(g, b, GPREC)
+            return mma(tl.trans(b), g, GPREC)
+        else:
+            return mma(g, b, GPREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,13 +490,15 @@ def _coarse_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 # fine: Triton kernels
 #
-# Tile layout (no padding at VALOR's shape): rows are AT = min(R // T, ATMAX) texts x T tokens
-# packed back to back (row r = token r % T of text a0 + r // T; 3 x 40 = 120 of R = 128 rows);
-# columns come as two tiles, one per group: BB clips x PX slots of x (4 frames) and BB clips x PY
-# slots of y (1 audio), PX / PY the groups' sizes rounded up to powers of two (so a clip's slots
-# reshape to (R, BB, PX) for the text-side max).  The modal-side max over a text's tokens is a
-# masked reduction per packed text (AT of them).  At T = 40, 4 + 1 slots: 6% of the similarity
-# MMAs multiply padding (was 61% with one text of 64 rows x 8 slots a clip).
+# Tile layout: rows are AT = min(R // T, ATMAX) texts x T tokens packed back to back (row r =
+# token r % T of text a0 + r // T; 3 x 40 = 120 of R = 128 rows); columns come as two tiles, one
+# per group: BB clips x PX slots of x (4 frames) and BB clips x PY slots of y (1 audio), PX / PY
+# the groups' sizes rounded up to powers of two and to BB * P >= 16 (tl.dot's smallest N), so a
+# clip's slots reshape to (R, BB, PX) for the text-side max.  The modal-side max over a text's
+# tokens is a masked reduction per packed text (AT of them).  At T = 40, 4 + 1 slots, the share
+# of the similarity MMAs that multiply padding (`fine_waste`): forward BB = 16 (64 + 16 columns)
+# 6%; backward BB = 8 (32 + 16 columns, y padded 1 -> 2) 22%; was 61% with one text of 64 rows x
+# 8 slots a clip.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fine_rows(a0, Bt, T, AT, R: tl.constexpr):
@@ -564,9 +590,10 @@ def _fine_modal_max(sim, seg, fl, HAS_FLOOR: tl.constexpr):
 
 @triton.jit
 def _fine_floor(TF, a, like, Bt, HAS_FLOOR: tl.constexpr):
-    """Text a's floor flag as a vector shaped like `like` (False without text_floor).  Scalars are
-    broadcast by arithmetic first: the interpreter rejects a mask made of vector & scalar bool."""
-    av = a + 0 * like
+    """Text a's floor flag as a vector shaped like `like` (False without text_floor): one scalar
+    load, broadcast by arithmetic (the interpreter rejects a mask made of vector & scalar bool;
+    a per-column gather would keep a 64-bit address per column live)."""
+    av = a + 0 * like.to(tl.int64)
     if HAS_FLOOR:
         return tl.load(TF + av, mask=av < Bt, other=0) != 0
     else:
@@ -628,15 +655,20 @@ def _fine_onehot(c, am, mx, R: tl.constexpr, BB: tl.constexpr, PG: tl.constexpr)
 
 
 @triton.jit
+def _fine_spread(v, BB: tl.constexpr, PG: tl.constexpr):
+    """(BB,) per-clip values -> (BB * PG,) per column (each clip's value on its PG slots)."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (BB, PG)), (BB * PG,))
+
+
+@triton.jit
 def _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, tval, wt, bb, bval,
                bx, xval, wx, wxc, by, yval, wy, wyc,
-               HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, WANT_GM: tl.constexpr, R: tl.constexpr,
+               HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, R: tl.constexpr,
                BB: tl.constexpr, PX: tl.constexpr, PY: tl.constexpr):
     """d loss / d sim of one tile, (R, BB*PX) and (R, BB*PY) fp32: each group's dS routed to the
     argmaxes (text side: the best slot per token and clip, weight 1/2 softmax(w_text); modal
     side: the best real token per slot and text, weight 1/2 w_slot, none where floored).  Also
-    gt (R, BB): d / d softmax(w_text) before the 1/2, and with WANT_GM, per column, the block's
-    sum of 1/2 dS x modal-side max (d / d the slot weights: x own, x concat, y own, y concat)."""
+    gt (R, BB): d / d softmax(w_text) before the 1/2."""
     dmask = rlive[:, None] & bval[None, :]
     dso = a_r[:, None] * Bm + bb[None, :]
     d0 = tl.load(DS + dso, mask=dmask, other=0.0)  # (R, BB): dS_x of each token row's text vs each clip
@@ -656,6 +688,42 @@ def _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, 
         dx = _fine_onehot(hw * d0, ax, t2m_x, R, BB, PX)
         dy = tl.zeros((R, BB * PY), dtype=tl.float32)
         gt = d0 * fx
+    for al in range(0, AT):
+        a = tl.full((), 0, tl.int64) + a0 + al  # int64 (a python int when both are, under the interpreter)
+        seg = (al_r == al) & tval
+        # dS of text a vs the block's clips, loaded per clip (BB,) and spread over the clip's slots
+        am_ = bval & ((a + 0 * bb) < Bt)
+        dsa = DS + a * Bm + bb
+        x0 = _fine_spread(tl.load(dsa, mask=am_, other=0.0), BB, PX)  # (CX,) dS_x(a, column's clip)
+        _, amx, okx = _fine_modal_max(simx, seg, _fine_floor(TF, a, bx, Bt, HAS_FLOOR), HAS_FLOOR)
+        if HAS_Y:
+            d2a = tl.load(dsa + 2 * s_ds_g, mask=am_, other=0.0)
+            cmx = 0.5 * (wx * x0 + wxc * _fine_spread(d2a, BB, PX))
+        else:
+            cmx = 0.5 * wx * x0
+        dx += tl.where((r[:, None] == amx[None, :]) & okx[None, :], cmx[None, :], 0.0)
+        if HAS_Y:
+            y1 = _fine_spread(tl.load(dsa + s_ds_g, mask=am_, other=0.0), BB, PY)
+            y2 = _fine_spread(d2a, BB, PY)
+            _, amy, oky = _fine_modal_max(simy, seg, _fine_floor(TF, a, by, Bt, HAS_FLOOR), HAS_FLOOR)
+            dy += tl.where((r[:, None] == amy[None, :]) & oky[None, :], (0.5 * (wy * y1 + wyc * y2))[None, :], 0.0)
+    return dx, dy, gt
+
+
+@triton.jit
+def _fine_text_ds(DSg, a, bb, bval, Bt, Bm, BB: tl.constexpr, PG: tl.constexpr):
+    """One group's dS (DSg: its (Bt, Bm) plane) of text a against the block's clips per column,
+    (BB * PG,): loaded per clip (BB,) and spread over the clip's slots (a per-column gather
+    keeps a 64-bit address per column live: 16 registers a thread at 32 columns on sm_80)."""
+    return _fine_spread(tl.load(DSg + a * Bm + bb, mask=bval & ((a + 0 * bb) < Bt), other=0.0), BB, PG)
+
+
+@triton.jit
+def _fine_slot_wgrad(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, al_r, tval, bb, bval,
+                     HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, BB: tl.constexpr, PX: tl.constexpr,
+                     PY: tl.constexpr):
+    """Per column, the tile's sum over its texts of 1/2 dS x the modal-side max (d / d the slot
+    weights): x own (BB*PX,), x concat, y own (BB*PY,), y concat."""
     gmx = tl.zeros((BB * PX,), dtype=tl.float32)
     gmxc = tl.zeros((BB * PX,), dtype=tl.float32)
     gmy = tl.zeros((BB * PY,), dtype=tl.float32)
@@ -663,30 +731,18 @@ def _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, 
     for al in range(0, AT):
         a = tl.full((), 0, tl.int64) + a0 + al  # int64 (a python int when both are, under the interpreter)
         seg = (al_r == al) & tval
-        xm = (bx < Bm) & ((a + 0 * bx) < Bt)
-        x0 = tl.load(DS + a * Bm + bx, mask=xm, other=0.0)  # (CX,) dS_x(a, column's clip)
-        mxx, amx, okx = _fine_modal_max(simx, seg, _fine_floor(TF, a, bx, Bt, HAS_FLOOR), HAS_FLOOR)
+        x0 = _fine_text_ds(DS, a, bb, bval, Bt, Bm, BB, PX)
+        mxx, _, _ = _fine_modal_max(simx, seg, _fine_floor(TF, a, x0, Bt, HAS_FLOOR), HAS_FLOOR)
+        fmx = tl.where(mxx > float("-inf"), mxx, 0.0)
+        gmx += 0.5 * x0 * fmx
         if HAS_Y:
-            x2 = tl.load(DS + 2 * s_ds_g + a * Bm + bx, mask=xm, other=0.0)
-            cmx = 0.5 * (wx * x0 + wxc * x2)
-        else:
-            cmx = 0.5 * wx * x0
-        dx += tl.where((r[:, None] == amx[None, :]) & okx[None, :], cmx[None, :], 0.0)
-        if WANT_GM:
-            gmx += 0.5 * x0 * tl.where(mxx > float("-inf"), mxx, 0.0)
-            if HAS_Y:
-                gmxc += 0.5 * x2 * tl.where(mxx > float("-inf"), mxx, 0.0)
-        if HAS_Y:
-            ym = (by < Bm) & ((a + 0 * by) < Bt)
-            y1 = tl.load(DS + s_ds_g + a * Bm + by, mask=ym, other=0.0)
-            y2 = tl.load(DS + 2 * s_ds_g + a * Bm + by, mask=ym, other=0.0)
-            mxy, amy, oky = _fine_modal_max(simy, seg, _fine_floor(TF, a, by, Bt, HAS_FLOOR), HAS_FLOOR)
-            dy += tl.where((r[:, None] == amy[None, :]) & oky[None, :], (0.5 * (wy * y1 + wyc * y2))[None, :], 0.0)
-            if WANT_GM:
-                fmy = tl.where(mxy > float("-inf"), mxy, 0.0)
-                gmy += 0.5 * y1 * fmy
-                gmyc += 0.5 * y2 * fmy
-    return dx, dy, gt, gmx, gmxc, gmy, gmyc
+            gmxc += 0.5 * _fine_text_ds(DS + 2 * s_ds_g, a, bb, bval, Bt, Bm, BB, PX) * fmx
+            y1 = _fine_text_ds(DS + s_ds_g, a, bb, bval, Bt, Bm, BB, PY)
+            mxy, _, _ = _fine_modal_max(simy, seg, _fine_floor(TF, a, y1, Bt, HAS_FLOOR), HAS_FLOOR)
+            fmy = tl.where(mxy > float("-inf"), mxy, 0.0)
+            gmy += 0.5 * y1 * fmy
+            gmyc += 0.5 * _fine_text_ds(DS + 2 * s_ds_g, a, bb, bval, Bt, Bm, BB, PY) * fmy
+    return gmx, gmxc, gmy, gmyc
 
 
 @triton.jit
@@ -698,8 +754,9 @@ def _fine_bwd_text_kernel(
     PX: tl.constexpr, PY: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ATMAX: tl.constexpr,
     PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """d_text[block texts, D block] = sum over clip blocks of d_sim @ features, and the text weight
-    gradients (D block 0).  fp16: d_sim rows are pre-scaled by their text's power of two (SC)."""
+    """Grid (text blocks of AT, D blocks of BD).  d_text[block texts, D block] = sum over clip
+    blocks of d_sim (R, BB*PX | BB*PY) @ x | y (BB*P, BD), and the text weight gradients (D block
+    0).  fp16: d_sim rows are pre-scaled by their text's power of two (SC)."""
     AT = tl.minimum(R // T, ATMAX)
     a0 = tl.program_id(0) * AT
     pid_d = tl.program_id(1)
@@ -721,9 +778,8 @@ def _fine_bwd_text_kernel(
         xval, wx, wxc = _fine_slot_meta(MW, MM, s_mw_g, bx, sx, xlive, Mx + My, 0, 0, HAS_Y)
         yval, wy, wyc = _fine_slot_meta(MW, MM, s_mw_g, by, sy, ylive, Mx + My, Mx, 1, HAS_Y)
         bb = b0 + tl.arange(0, BB)
-        dx, dy, gt, _, _, _, _ = _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, tval,
-                                            wt, bb, bb < Bm, bx, xval, wx, wxc, by, yval, wy, wyc,
-                                            HAS_Y, HAS_FLOOR, False, R, BB, PX, PY)
+        dx, dy, gt = _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, tval, wt, bb,
+                                bb < Bm, bx, xval, wx, wxc, by, yval, wy, wyc, HAS_Y, HAS_FLOOR, R, BB, PX, PY)
         gwt += 0.5 * tl.sum(gt, axis=1)
         xv = tl.load(Xp + (bx * sx_b + sx * sx_m)[:, None] + dcols[None, :],
                      mask=xlive[:, None] & dmask[None, :], other=0.0)  # (CX, BD)
@@ -748,56 +804,68 @@ def _fine_bwd_modal_kernel(
     PX: tl.constexpr, PY: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ATMAX: tl.constexpr,
     PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    """d_x / d_y[block clips, D block] = sum over text blocks of d_sim^T @ text, and the slot
-    weight gradients (D block 0).  fp16: d_sim columns are pre-scaled by their clip's power of two."""
+    """Grid (clip blocks of BB, D blocks of BD + 1).  D block programs: d_x / d_y[block clips, D
+    block]^T = sum over text blocks of text^T (BD, R) @ d_sim (R, BB*P); fp16: d_sim columns are
+    pre-scaled by their clip's power of two.  The last program of each clip block: the slot weight gradients alone.  Folded into the
+    D block 0 programs, their four per-column accumulators spilled every 128-row tile on sm_80
+    (124-2544 bytes); apart they cost one more sim pass per clip block (1 / (D / BD + 1))."""
     AT = tl.minimum(R // T, ATMAX)
     b0 = tl.program_id(0) * BB
     pid_d = tl.program_id(1)
     bx, sx, xlive = _fine_cols(b0, Bm, Mx, BB, PX)
     by, sy, ylive = _fine_cols(b0, Bm, My, BB, PY)
-    xval, wx, wxc = _fine_slot_meta(MW, MM, s_mw_g, bx, sx, xlive, Mx + My, 0, 0, HAS_Y)
-    yval, wy, wyc = _fine_slot_meta(MW, MM, s_mw_g, by, sy, ylive, Mx + My, Mx, 1, HAS_Y)
     bb = b0 + tl.arange(0, BB)
-    dcols = pid_d * BD + tl.arange(0, BD)
-    dmask = dcols < D
-    if HAS_SCALE:
-        scx = tl.load(SC + bx, mask=bx < Bm, other=1.0)
-        scy = tl.load(SC + by, mask=by < Bm, other=1.0)
-    else:
-        scx = tl.full((BB * PX,), 1.0, dtype=tl.float32)
-        scy = tl.full((BB * PY,), 1.0, dtype=tl.float32)
-    accx = tl.zeros((BB * PX, BD), dtype=tl.float32)
-    accy = tl.zeros((BB * PY, BD), dtype=tl.float32)
-    gmx = tl.zeros((BB * PX,), dtype=tl.float32)
-    gmxc = tl.zeros((BB * PX,), dtype=tl.float32)
-    gmy = tl.zeros((BB * PY,), dtype=tl.float32)
-    gmyc = tl.zeros((BB * PY,), dtype=tl.float32)
-    for a0 in range(0, Bt, AT):
-        r, al_r, i, a_r, rlive = _fine_rows(a0, Bt, T, AT, R)
-        tval, wt = _fine_text_meta(WT, TM, a_r, i, rlive, T)
-        simx, simy = _fine_sims(Text, st_b, st_t, a_r, i, rlive, Xp, sx_b, sx_m, bx, sx, xlive, Yp, sy_b, sy_m,
-                                by, sy, ylive, D, HAS_Y, R, BB * PX, BB * PY, BK, PREC)
-        dx, dy, _, g0, g1, g2, g3 = _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive,
-                                               tval, wt, bb, bb < Bm, bx, xval, wx, wxc, by, yval, wy, wyc,
-                                               HAS_Y, HAS_FLOOR, True, R, BB, PX, PY)
-        gmx += g0
-        gmxc += g1
-        gmy += g2
-        gmyc += g3
-        ta = tl.load(Text + (a_r * st_b + i * st_t)[:, None] + dcols[None, :],
-                     mask=rlive[:, None] & dmask[None, :], other=0.0)  # (R, BD)
-        accx += _gmma(dx * scx[None, :], ta, True, GPREC, EMU)  # (CX, R) @ (R, BD)
-        if HAS_Y:
-            accy += _gmma(dy * scy[None, :], ta, True, GPREC, EMU)
     S_ = Mx + My
-    tl.store(DX + (bx * sdx_b + sx * sdx_m)[:, None] + dcols[None, :], (accx / scx[:, None]).to(DX.dtype.element_ty),
-             mask=xlive[:, None] & dmask[None, :])
-    if pid_d == 0:
+    if pid_d * BD < D:
+        xval, wx, wxc = _fine_slot_meta(MW, MM, s_mw_g, bx, sx, xlive, S_, 0, 0, HAS_Y)
+        yval, wy, wyc = _fine_slot_meta(MW, MM, s_mw_g, by, sy, ylive, S_, Mx, 1, HAS_Y)
+        dcols = pid_d * BD + tl.arange(0, BD)
+        dmask = dcols < D
+        if HAS_SCALE:
+            scc = tl.load(SC + bb, mask=bb < Bm, other=1.0)
+            scx = _fine_spread(scc, BB, PX)
+            scy = _fine_spread(scc, BB, PY)
+        else:
+            scx = tl.full((BB * PX,), 1.0, dtype=tl.float32)
+            scy = tl.full((BB * PY,), 1.0, dtype=tl.float32)
+        accx = tl.zeros((BD, BB * PX), dtype=tl.float32)  # transposed: d_x^T (BD, CX), see below
+        accy = tl.zeros((BD, BB * PY), dtype=tl.float32)
+        for a0 in range(0, Bt, AT):
+            r, al_r, i, a_r, rlive = _fine_rows(a0, Bt, T, AT, R)
+            tval, wt = _fine_text_meta(WT, TM, a_r, i, rlive, T)
+            simx, simy = _fine_sims(Text, st_b, st_t, a_r, i, rlive, Xp, sx_b, sx_m, bx, sx, xlive, Yp, sy_b, sy_m,
+                                    by, sy, ylive, D, HAS_Y, R, BB * PX, BB * PY, BK, PREC)
+            dx, dy, _ = _fine_dsim(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, r, al_r, a_r, rlive, tval, wt, bb,
+                                   bb < Bm, bx, xval, wx, wxc, by, yval, wy, wyc, HAS_Y, HAS_FLOOR, R, BB, PX, PY)
+            ta = tl.load(Text + (a_r * st_b + i * st_t)[:, None] + dcols[None, :],
+                         mask=rlive[:, None] & dmask[None, :], other=0.0)  # (R, BD)
+            # (BD, R) @ (R, CX): text^T times d_sim in its own orientation
+            accx += _gmma(dx * scx[None, :], ta, True, GPREC, EMU)
+            if HAS_Y:
+                accy += _gmma(dy * scy[None, :], ta, True, GPREC, EMU)
+        tl.store(DX + (bx * sdx_b + sx * sdx_m)[None, :] + dcols[:, None],
+                 (accx / scx[None, :]).to(DX.dtype.element_ty), mask=xlive[None, :] & dmask[:, None])
+        if HAS_Y:
+            tl.store(DY + (by * sdy_b + sy * sdy_m)[None, :] + dcols[:, None],
+                     (accy / scy[None, :]).to(DY.dtype.element_ty), mask=ylive[None, :] & dmask[:, None])
+    else:
+        gmx = tl.zeros((BB * PX,), dtype=tl.float32)
+        gmxc = tl.zeros((BB * PX,), dtype=tl.float32)
+        gmy = tl.zeros((BB * PY,), dtype=tl.float32)
+        gmyc = tl.zeros((BB * PY,), dtype=tl.float32)
+        for a0 in range(0, Bt, AT):
+            r, al_r, i, a_r, rlive = _fine_rows(a0, Bt, T, AT, R)
+            tval = _fine_text_meta(WT, TM, a_r, i, rlive, T)[0]
+            simx, simy = _fine_sims(Text, st_b, st_t, a_r, i, rlive, Xp, sx_b, sx_m, bx, sx, xlive, Yp, sy_b, sy_m,
+                                    by, sy, ylive, D, HAS_Y, R, BB * PX, BB * PY, BK, PREC)
+            g0, g1, g2, g3 = _fine_slot_wgrad(simx, simy, DS, TF, s_ds_g, Bt, Bm, a0, AT, al_r, tval, bb, bb < Bm,
+                                              HAS_Y, HAS_FLOOR, BB, PX, PY)
+            gmx += g0
+            gmxc += g1
+            gmy += g2
+            gmyc += g3
         tl.store(GMW + bx * S_ + sx, gmx, mask=xlive)
-    if HAS_Y:
-        tl.store(DY + (by * sdy_b + sy * sdy_m)[:, None] + dcols[None, :],
-                 (accy / scy[:, None]).to(DY.dtype.element_ty), mask=ylive[:, None] & dmask[None, :])
-        if pid_d == 0:
+        if HAS_Y:
             tl.store(GMW + s_mw_g + by * S_ + Mx + sy, gmy, mask=ylive)
             tl.store(GMW + 2 * s_mw_g + bx * S_ + sx, gmxc, mask=xlive)
             tl.store(GMW + 2 * s_mw_g + by * S_ + Mx + sy, gmyc, mask=ylive)
@@ -917,11 +985,16 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
     texts), else 128 (3 x 40 = 120 live at VALOR's T = 40).  Forward: 16 clips a tile (4 frames +
     1 audio: 64 + 16 columns, none padded; 6% of the MMAs multiply padding), 8 warps (a 128-row
     tile; 4 warps reach 255 registers).  Backward (sim tile and argmaxes recomputed per D block
-    of BD columns, next to the d_sim tiles and the accumulator): 8 clips (y padded to 2 slots:
-    22% padding) and BD = 32 where that does not spill: d_text on sm_90a packs 3 texts in 128
-    rows (22%), d_modal takes one text of 64 rows (48%); on sm_80 the 128-row backward spills
-    (156-1376 bytes), so both take one text of 64 rows, and d_modal 4 clips (61%).
-    Every first configuration is audited spill-free in bf16 at VALOR's shape."""
+    of BD = 32 columns): "packed" = 3 texts in 128 rows x 8 clips (x 32 columns, y 16: the y slot
+    padded to 2 for tl.dot's N >= 16), 22% of the similarity MMAs multiply padding; "r64" = one
+    text in 64 rows x 8 clips, 48% (61% with 4 clips).  Audited (bench/kernel_audit.py, D = 512,
+    text_floor, B 512 / 4096; registers, spill bytes):
+      d_text   sm_80  packed BK 64: bf16 255 / 0, fp16 255 / 0;  r64: 255 / 0
+               sm_90a packed BK 32: 255 / 0, 254 / 0 (BK 64: 36 bytes bf16);  r64: 221-225 / 0
+      d_modal  sm_80  packed BK 32: 255 / 0 (BK 64: 24 bytes);  r64 x 4 clips: 217-220 / 0
+               sm_90a r64 only: 251-255 / 0; packed spills 48-172 bytes at every BK / BD /
+               stages / warps tried (the per-text modal argmaxes over wgmma-layout sims), so
+               sm_90a d_modal runs at 48% padding (open)."""
     if kind not in ("fwd", "text", "modal"):
         raise ValueError(f"fine_configs: kind must be fwd, text or modal, got {kind!r}")
     if arch is None:
@@ -934,13 +1007,13 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
                 _cfg(4, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16)), _cfg(8, 3, BK=bk, **fine_tile(T, Mx, My, R, 8, 16))]
     bd = min(32, max(16, _p2(D)))
     r64 = max(64, _p2(T))
-    if arch.cc >= 90:  # the alternative: one text of 64 rows against 16 clips (no spills either)
-        alt = [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 16, 16))]
-        first = fine_tile(T, Mx, My, R, 8, 16) if kind == "text" else fine_tile(T, Mx, My, r64, 8, 16)
-    else:  # sm_80: every other audited tile spills; d_modal keeps 4 clips (y padded to 4 slots)
-        alt = []
-        first = fine_tile(T, Mx, My, r64, 8 if kind == "text" else 4, 16)
-    return [_cfg(8, 2, BK=bk, BD=bd, **first)] + alt
+    packed = fine_tile(T, Mx, My, R, 8, 16)
+    if kind == "text":
+        return [_cfg(8, 2, BK=bk if arch.cc < 90 else min(bk, 32), BD=bd, **packed),
+                _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 8, 16))]
+    if arch.cc >= 90:
+        return [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 8, 16))]
+    return [_cfg(8, 2, BK=min(bk, 32), BD=bd, **packed), _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 4, 16))]
 
 
 def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, bool]:
@@ -1239,7 +1312,7 @@ def fine_bwd_plans(dS, text, wt, tmask, x, y, mw, mmask, tfloor, arch: Optional[
                       (text, wt, tmask, *common, sc_m, d_x, dy, g_mw, Bt, Bm, T, Mx, My, D, *strides, dS.stride(0),
                        d_x.stride(0), d_x.stride(1), dy.stride(0), dy.stride(1)),
                       flags, fine_configs("modal", T, Mx, My, D, text.dtype, arch), FINE_KEY,
-                      lambda m: (triton.cdiv(Bm, m["BB"]), triton.cdiv(D, m["BD"])))
+                      lambda m: (triton.cdiv(Bm, m["BB"]), triton.cdiv(D, m["BD"]) + 1))  # + 1: slot weight grads
     return [text_plan, modal_plan], (d_text, g_wt, d_x, d_y, g_mw)
 
 

@@ -716,3 +716,20 @@ def test_gradient_products_single_rounding_is_too_coarse():
     single = _mismatch_share("single", a, b, temp, scale)
     assert hilo <= 0.05, f"hi + lo: {hilo:.1%} of the elements off round(float64)"
     assert single > hilo + 0.05, f"single rounding {single:.1%} vs hi + lo {hilo:.1%}"
+
+
+@pytest.mark.parametrize("arch", [K.A100, K.H100], ids=["sm_80", "sm_90a"])
+def test_fine_launch_padding_share_at_valor_shape(arch):
+    """Issue 17: at VALOR's fine shape (T = 40, 4 frames + 1 audio, D = 512) the default launch of
+    the forward and d_text (both archs) and d_modal (sm_80) wastes < 25% of its similarity MMAs on
+    padding; sm_90a d_modal is the 64-row tile (48%: the packed one spills there, kernels/
+    contrastive.py `fine_configs`).  Checked on the configurations themselves: no compile here
+    (bench/audit_contrastive.py records the same share beside registers and spills)."""
+    for dt in (torch.bfloat16, torch.float16):
+        share = {k: K.fine_waste(40, 4, 1, **K.fine_configs(k, 40, 4, 1, 512, dt, arch)[0])
+                 for k in ("fwd", "text", "modal")}
+        assert share["fwd"] == pytest.approx(1 - 120 / 128)  # 8 idle rows, no padded slot
+        assert share["text"] == pytest.approx(1 - 120 * 5 / (128 * 6))  # 21.9%
+        want_modal = 1 - 120 * 5 / (128 * 6) if arch.cc < 90 else 1 - 40 * 5 / (64 * 6)
+        assert share["modal"] == pytest.approx(want_modal)
+        assert max(share["fwd"], share["text"]) < 0.25 and (arch.cc >= 90 or share["modal"] < 0.25)
