@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     mcfg = model_config(args.size)
     if args.text_len > mcfg.max_positions:
         sys.exit(f"train_step.py --text-len {args.text_len} exceeds the model's {mcfg.max_positions} positions")
-    loss_cfg = LossConfig(mgc_groups="")   # the step as VALOR trains it: MGC on every group too
+    loss_cfg = LossConfig(mgc_groups="", mga_group_weights="")   # the step as VALOR trains it: MGC on every group, MGA a plain mean
     torch.manual_seed(args.seed)
     base = build_model(mcfg)
     state = copy.deepcopy(base.state_dict())

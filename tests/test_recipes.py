@@ -50,6 +50,7 @@ def test_upstream_recipes_keep_upstream_semantics():
         assert (c.loss.fine_padding, c.loss.mask_random_from, c.loss.missing_audio) == ("upstream", 106, "zeros")
     for name in ("valor_b", "valor_l", "base", "large"):   # MGC on every group (only tiny skips T-A)
         assert load_config(name).loss.mgc_groups == "", name
+        assert load_config(name).loss.mga_group_weights == "", name   # MGA: the plain mean
 
 
 def test_default_run_smoke_and_identical_to_named_tiny(tmp_path):

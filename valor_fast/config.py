@@ -95,11 +95,21 @@ class LossConfig:
     mga_mode: str = "fine"
     """MGA similarity: fine (VALOR's weighted token-wise max) or coarse (global features)."""
     mga_weight: float = 1.5
-    """MGA total = mga_weight * mean over groups."""
+    """MGA total = mga_weight * (weighted, mga_group_weights) mean over groups."""
     mgc_weight: float = 1.0
     """MGC total = mgc_weight * mean over groups."""
     groups: str = "tv,ta,tav"
     """Groups trained every step (comma list of tv, ta, tav)."""
+    mga_group_weights: str = "tv:2,ta:0.5,tav:0.5"
+    """Relative weights of the MGA groups, `group:weight,...` (> 0; a group not listed weighs 1,
+    one not in `groups` is ignored; '' = all equal, upstream's plain mean and that of every
+    recipe but tiny).  MGA = mga_weight * sum(w_g L_g) / sum(w_g) over the groups present.  Why
+    the embedded default weighs T-V up: T-A is solved from the audio words alone and T-AV from
+    audio and colour within ~100 steps, and both pull the text encoder they share with T-V to
+    those words; at equal weights the tiny video tower learnt shape only after ~490 steps and
+    never the direction of motion, at 2 / 0.5 / 0.5 shape after ~120 and motion too (MGA alone,
+    600 steps, seed 2: T->AV R@1 0.75 against 1.00; bench/results/recipe_search.jsonl,
+    proxy_w rows)."""
     mgc_groups: str = "tv,tav"
     """MGC captions the groups of `groups` that are also listed here ('' = every group of `groups`,
     upstream's choice and that of every recipe but tiny; none in common is an error).  The
@@ -149,7 +159,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 950
+    steps: int = 900
     """Optimiser steps."""
     batch_size: int = 32
     """Global batch size."""
@@ -420,6 +430,31 @@ class CommaSet(Rule):
         return f"a comma list of distinct {', '.join(self.choices)} {tail}"
 
 
+class GroupWeights(Rule):
+    """'' or a comma list of distinct `group:weight`, each group one of `choices` and each weight
+    a finite number > 0 (loss.mga_group_weights: tv:2,ta:0.5,tav:0.5)."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def ok(self, v: Any) -> bool:
+        items = [x.strip() for x in str(v).split(",") if x.strip()]
+        seen = set()
+        for kv in items:
+            g, sep, w = kv.partition(":")
+            try:
+                w = float(w)
+            except ValueError:
+                return False
+            if not sep or g.strip() not in self.choices or g.strip() in seen or not (0 < w < math.inf):
+                return False
+            seen.add(g.strip())
+        return True
+
+    def allowed(self) -> str:
+        return f"'' or a comma list of distinct group:weight ({', '.join(self.choices)}; weight > 0), e.g. tv:2,ta:0.5"
+
+
 class Pair(Rule):
     """A pair of numbers each satisfying `each` (train.betas)."""
 
@@ -474,7 +509,7 @@ RULES: Dict[str, Rule] = {
     "model.audio_mel_bins": Num(lo=16), "model.audio_frames": Num(lo=16), "model.contra_dim": POS_INT,
     "model.max_frames": POS_INT, "model.vocab_size": POS_INT, "model.max_positions": Num(lo=3),
     "model.init_text": ANY, "model.init_vision": ANY, "model.pool": OneOf("cls", "mean"),
-    "model.temperature": POSITIVE,
+    "model.temperature": POSITIVE, "model.vision_pos_std": NONNEG,
     "model.temperature_param": OneOf("auto", "logit_scale", "contra_temp"), "model.task_prompts": ANY,
     # data
     "data.root": Text(nonempty=True), "data.synth": ANY, "data.synth_seed": NONNEG_INT,
@@ -487,7 +522,8 @@ RULES: Dict[str, Rule] = {
     "data.hflip": ANY, "data.allow_missing_audio": ANY, "data.max_bad_rate": UNIT,
     # loss
     "loss.mga_mode": OneOf("fine", "coarse"), "loss.mga_weight": NONNEG, "loss.mgc_weight": NONNEG,
-    "loss.groups": CommaSet("tv", "ta", "tav"), "loss.mgc_groups": CommaSet("tv", "ta", "tav", allow_empty=True), "loss.mask_prob": UNIT,
+    "loss.groups": CommaSet("tv", "ta", "tav"), "loss.mgc_groups": CommaSet("tv", "ta", "tav", allow_empty=True),
+    "loss.mga_group_weights": GroupWeights("tv", "ta", "tav"), "loss.mask_prob": UNIT,
     "loss.label_smoothing": Num(lo=0, hi=1, hi_open=True), "loss.scst_samples": Num(lo=2),
     "loss.grouped_decoder": ANY, "loss.fine_padding": OneOf("upstream", "exclude"),
     "loss.fine_text_len": POS_INT, "loss.mask_random_from": NONNEG_INT,

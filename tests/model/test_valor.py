@@ -148,3 +148,18 @@ def test_moved_config_fields_still_load(tmp_path):
         load_config(None, {"data.audio_mel_bins": "128", "model.audio_mel_bins": "64"})
     with pytest.raises(ValueError, match=r"data.max_text_len=600: must be <= model.max_positions \(512\)"):
         load_config(None, {"data.max_text_len": "600"})
+
+
+@pytest.mark.parametrize("size,std", [("tiny", 0.5), ("base", 0.01)])
+def test_vit_position_table_starts_at_the_configured_scale(size, std):
+    # the tiny model's position table starts as large as a patch's content (ModelConfig.vision_pos_std);
+    # a user's value wins over the size's
+    torch.manual_seed(0)
+    cfg = model_config(size, vision_layers=1, text_layers=1, audio_layers=1)
+    pos = VALOR(cfg).vision.pos
+    assert abs(pos.std().item() - std) < 0.1 * std
+    pos = VALOR(model_config(size, vision_layers=1, text_layers=1, audio_layers=1, vision_pos_std=0.2)).vision.pos
+    assert abs(pos.std().item() - 0.2) < 0.02
+    assert load_config(None, {"model.vision_pos_std": "0.3"}).model.vision_pos_std == 0.3
+    with pytest.raises(ValueError, match="model.vision_pos_std"):
+        load_config(None, {"model.vision_pos_std": "-1"})

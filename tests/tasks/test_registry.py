@@ -10,7 +10,7 @@ from valor_fast.tasks import TASKS, Task, build_task, get_task, register_task
 from valor_fast.tasks.base import masked_mean, sample_generators
 from valor_fast.data.tokenizer import CLS_ID, SEP_ID
 from valor_fast.tasks.mgc import mask_plan, masking_draws
-from valor_fast.tasks.pretrain import PretrainTask, pretrain_step_losses
+from valor_fast.tasks.pretrain import PretrainTask, mga_weights_of, pretrain_step_losses
 from valor_fast.tasks.qa import QATask
 
 SMALL = dict(image_size=32, vision_width=64, vision_heads=2, text_width=64, text_heads=2, text_ffn=128,
@@ -146,7 +146,7 @@ def test_masked_mean():
 def test_mgc_on_a_subset_of_the_groups(model):
     """loss.mgc_groups captions only its groups (the embedded default: tav) while MGA keeps all
     three; the total is 1.5 x mean(MGA) + 1.0 x the one MGC term, and the keys say so."""
-    cfg = LossConfig(mgc_groups="tav")
+    cfg = LossConfig(mgc_groups="tav", mga_group_weights="")
     task = PretrainTask(model, cfg)
     assert task.loss_keys() == ("loss", "mga/tv", "mga/ta", "mga/tav", "mgc/tav")
     assert task.flop_groups() == (("tv", "ta", "tav"), ("tav",))
@@ -157,7 +157,7 @@ def test_mgc_on_a_subset_of_the_groups(model):
     want = 1.5 * (out["mga/tv"] + out["mga/ta"] + out["mga/tav"]) / 3 + out["mgc/tav"]
     torch.testing.assert_close(out["loss"], want)
     # the same draws captioning all groups: its tav term is the one this step computed
-    every = LossConfig(mgc_groups="")
+    every = LossConfig(mgc_groups="", mga_group_weights="")
     ref = pretrain_step_losses(model, PretrainTask(model, every).prepare(_batch(seed=4), torch.Generator().manual_seed(6)),
                                every)
     torch.testing.assert_close(out["mgc/tav"], ref["mgc/tav"])
@@ -165,3 +165,25 @@ def test_mgc_on_a_subset_of_the_groups(model):
     # the groups of loss.groups that mgc_groups also lists, in loss.groups' order
     assert PretrainTask(model, LossConfig(groups="tav,tv", mgc_groups="tv,tav")).mgc_groups == ["tav", "tv"]
     assert PretrainTask(model, LossConfig(groups="tv", mgc_groups="tv,tav")).loss_keys() == ("loss", "mga/tv", "mgc/tv")
+
+
+def test_mga_group_weights(model):
+    """loss.mga_group_weights: MGA = 1.5 x sum(w_g L_g) / sum(w_g) over the present groups; a group
+    it does not list weighs 1; the terms themselves do not change; a group without an eligible
+    sample leaves the weighted mean of the others."""
+    cfg = LossConfig(mgc_weight=0.0, mga_group_weights="tv:2,ta:0.5")
+    b = _batch(seed=5)
+    out = pretrain_step_losses(model, b, cfg)
+    want = 1.5 * (2 * out["mga/tv"] + 0.5 * out["mga/ta"] + 1.0 * out["mga/tav"]) / 3.5
+    torch.testing.assert_close(out["loss"], want)
+    plain = pretrain_step_losses(model, b, LossConfig(mgc_weight=0.0, mga_group_weights=""))
+    for g in ("tv", "ta", "tav"):
+        torch.testing.assert_close(out[f"mga/{g}"], plain[f"mga/{g}"])
+    torch.testing.assert_close(plain["loss"], 1.5 * (plain["mga/tv"] + plain["mga/ta"] + plain["mga/tav"]) / 3)
+    assert not torch.allclose(out["loss"], plain["loss"])
+    torch.testing.assert_close(masked_mean(torch.tensor([2.0, 5.0, 7.0]), torch.tensor([True, False, True]), (2.0, 9.0, 0.5)),
+                               torch.tensor((2 * 2.0 + 0.5 * 7.0) / 2.5))
+    assert float(masked_mean(torch.tensor([2.0, 5.0]), torch.zeros(2, dtype=torch.bool), (1.0, 2.0))) == 0.0
+    # the embedded default's weights, in loss.groups' order; unlisted groups 1, untrained ignored
+    assert mga_weights_of(LossConfig()) == (2.0, 0.5, 0.5)
+    assert mga_weights_of(LossConfig(groups="tav,tv", mga_group_weights="tv:3,ta:0.25")) == (1.0, 3.0)

@@ -211,7 +211,7 @@ def _recipe_line(config: Mapping, recipe: str) -> str:
     for k in ("steps", "batch_size", "lr", "warmup", "seed"):
         if k in t:
             bits.append(f"{k} {t[k]}")
-    for k in ("mga_weight", "mgc_weight", "mask_prob", "groups", "mgc_groups"):
+    for k in ("mga_weight", "mgc_weight", "mask_prob", "groups", "mgc_groups", "mga_group_weights"):
         if k in l:
             bits.append(f"{k} {l[k]}")
     return f"recipe **{recipe or 'custom'}**: " + ", ".join(bits)

@@ -39,6 +39,15 @@ class ModelConfig:
     """ViT depth."""
     vision_heads: int = 12
     """ViT attention heads."""
+    vision_pos_std: float = 0.01
+    """vision=clip: std of the random init of the ViT's position table (a checkpoint replaces
+    it).  The patch projection's outputs have std ~0.58 for unit-variance pixels (PyTorch's
+    default conv init, weight std 1/sqrt(3 * fan_in)), so at 0.01 where a patch sits is ~2% of
+    its token and a from-scratch ViT goes hundreds of steps with no feature that depends on
+    position: the tiny model learnt colour and shape but never the synthetic clips' direction of
+    motion (its T->V misses on motion were at chance, 24-28 of 48).  The tiny size starts at 0.5,
+    the patch outputs' scale: motion then is learnt (bench/results/recipe_search.jsonl,
+    proxy_pos rows)."""
     text_width: int = 768
     """BERT hidden size (shared by text encoder and decoder)."""
     text_layers: int = 12
@@ -124,6 +133,8 @@ SIZES: dict = {
     "tiny": dict(image_size=64, patch_size=16, vision_width=128, vision_layers=2, vision_heads=4,
                  text_width=128, text_layers=2, text_heads=4, text_ffn=512,
                  audio_width=128, audio_layers=2, audio_heads=4, contra_dim=128, pool="mean",
+                 # position as large as a patch's content at init (ModelConfig.vision_pos_std)
+                 vision_pos_std=0.5,
                  # a from-scratch CPU model: the temperature itself learns (upstream's logit_scale
                  # comes with pretrained CLIP weights); keeps the embedded default's checkpoints
                  temperature_param="contra_temp"),

@@ -62,7 +62,7 @@ class VALOR(nn.Module):
                              max_pos=cfg.max_positions, prompts=cfg.task_prompts)
         if cfg.vision == "clip":
             self.vision = ClipViT(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                  cfg.vision_heads)
+                                  cfg.vision_heads, pos_std=cfg.vision_pos_std)
             vw = cfg.vision_width
         elif cfg.vision == "swin":
             self.vision = VideoSwin(**swin_arch(swin_size_of(cfg), cfg.swin_drop_path))

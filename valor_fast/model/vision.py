@@ -9,7 +9,7 @@ from .layers import PreNormBlock
 
 
 class ClipViT(nn.Module):
-    def __init__(self, image_size: int, patch: int, dim: int, layers: int, heads: int):
+    def __init__(self, image_size: int, patch: int, dim: int, layers: int, heads: int, pos_std: float = 0.01):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
@@ -22,7 +22,8 @@ class ClipViT(nn.Module):
         self.blocks = nn.ModuleList([PreNormBlock(dim, heads, 4.0, "quick_gelu", eps=1e-5) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(dim, eps=1e-5)
         nn.init.normal_(self.cls, std=dim ** -0.5)
-        nn.init.normal_(self.pos, std=0.01)
+        # pos_std: ModelConfig.vision_pos_std (why the tiny model starts it at 0.5 is there)
+        nn.init.normal_(self.pos, std=pos_std)
 
     @property
     def tokens_per_frame(self) -> int:

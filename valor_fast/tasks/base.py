@@ -109,12 +109,16 @@ def sample_generators(generator: torch.Generator, index: torch.Tensor) -> List[t
     return [torch.Generator().manual_seed((base ^ (int(i) * _GOLDEN)) & _MASK63) for i in index.tolist()]
 
 
-def masked_mean(losses, present) -> torch.Tensor:
+def masked_mean(losses, present, weights=None) -> torch.Tensor:
     """Mean of the present terms (on the device, no host sync); 0 when none is present.
-    `losses`, `present`: (G,) tensors or sequences of scalars."""
+    `losses`, `present`: (G,) tensors or sequences of scalars; `weights` (G floats, > 0): the
+    weighted mean sum(w x) / sum(w) over the present terms instead."""
     x = losses if torch.is_tensor(losses) else torch.stack(list(losses))
     p = present if torch.is_tensor(present) else torch.stack(list(present))
-    return torch.where(p, x, torch.zeros_like(x)).sum() / p.sum().clamp(min=1).to(x.dtype)
+    if weights is None:
+        return torch.where(p, x, torch.zeros_like(x)).sum() / p.sum().clamp(min=1).to(x.dtype)
+    w = torch.where(p, torch.tensor(list(weights), dtype=x.dtype, device=x.device), torch.zeros_like(x))
+    return (w * torch.where(p, x, torch.zeros_like(x))).sum() / w.sum().clamp(min=1e-12)
 
 
 _GOLDEN, _MASK63 = 0x9E3779B97F4A7C15, (1 << 63) - 1

@@ -1,4 +1,5 @@
-"""Pretraining objective: 1.5 x mean(MGA groups) + 1.0 x mean(MGC groups) by default."""
+"""Pretraining objective: 1.5 x mean(MGA groups) + 1.0 x mean(MGC groups) upstream (the embedded
+default weighs the MGA groups: loss.mga_group_weights)."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
@@ -19,6 +20,13 @@ def mgc_groups_of(cfg: LossConfig) -> str:
     if not want:
         return cfg.groups
     return ",".join(g.strip() for g in cfg.groups.split(",") if g.strip() in want)
+
+
+def mga_weights_of(cfg: LossConfig) -> Tuple[float, ...]:
+    """The relative weight of each group of loss.groups, in its order, from loss.mga_group_weights
+    ('' or a group it does not list: 1)."""
+    given = dict((g.strip(), float(w)) for g, w in (kv.split(":") for kv in cfg.mga_group_weights.split(",") if kv.strip()))
+    return tuple(given.get(g, 1.0) for g in parse_groups(cfg.groups))
 
 
 def move_batch(batch: dict, device) -> dict:
@@ -47,7 +55,7 @@ def pretrain_step_losses(model: VALOR, batch: dict, cfg: LossConfig,
         mga, present = mga_group_losses(model, t, v, a, cfg.mga_mode, cfg.groups, has_audio,
                                         padding=cfg.fine_padding, text_len=cfg.fine_text_len)
         losses.update({f"mga/{k}": x for k, x in mga.items()})
-        total = total + cfg.mga_weight * masked_mean(mga.values(), present.values())
+        total = total + cfg.mga_weight * masked_mean(mga.values(), present.values(), mga_weights_of(cfg))
     mark("mga")
     if cfg.mgc_weight:
         memory, n_video = model.memory(vt, at)
