@@ -109,7 +109,7 @@ class LossConfig:
     those words; at equal weights the tiny video tower learnt shape only after ~490 steps and
     never the direction of motion, at 2 / 0.5 / 0.5 shape after ~120 and motion too (MGA alone,
     600 steps, seed 2: T->AV R@1 0.75 against 1.00; bench/results/recipe_search.jsonl,
-    proxy_w rows)."""
+    proxy_g3 / proxy_g3w)."""
     mgc_groups: str = "tv,tav"
     """MGC captions the groups of `groups` that are also listed here ('' = every group of `groups`,
     upstream's choice and that of every recipe but tiny; none in common is an error).  The

@@ -46,8 +46,9 @@ class ModelConfig:
     its token and a from-scratch ViT goes hundreds of steps with no feature that depends on
     position: the tiny model learnt colour and shape but never the synthetic clips' direction of
     motion (its T->V misses on motion were at chance, 24-28 of 48).  The tiny size starts at 0.5,
-    the patch outputs' scale: motion then is learnt (bench/results/recipe_search.jsonl,
-    proxy_pos rows)."""
+    the patch outputs' scale: MGA T-V alone then leaves the colour-only plateau at step 90, not
+    380, and learns motion (seed 2, 600 steps; bench/results/recipe_search.jsonl, proxy_b0 /
+    proxy_pos1 / proxy_pos5); the whole objective also needs loss.mga_group_weights."""
     text_width: int = 768
     """BERT hidden size (shared by text encoder and decoder)."""
     text_layers: int = 12
