@@ -51,25 +51,31 @@ fine    text (Bt, T, D), modal groups x (Bm, Mx, D) and optionally y (Bm, My, D)
                  (tl.argmax, first index on ties, like torch.max) instead of storing indices.
                  Stored int8 indices would be Bt*Bm*(T + Mx + My) bytes: 755 MB at B=4096,
                  T=40, 4 frames + 1 audio (3 GB at B=8192), read back D/BD times; recompute
-                 costs no memory and one extra token-sim matmul per D block (16 at D = 512
-                 with BD = 32 on CUDA; BD is the knob against register pressure).  Two
+                 costs no memory and one extra token-sim matmul per D block (D / BD: 16 at
+                 D = 512 with BD = 32; 8 for sm_90a's d_modal, BD = 64; BD is the knob against
+                 register pressure).  Two
                  kernels, both on the packed tile (3 texts x 40 = 120 of 128 rows) against 8
                  clips (x: 8 x 4 = 32 columns; y: 8 x 2 = 16, the audio slot padded to 2 for
                  tl.dot's N >= 16): 1 - 120 * 5 / (128 * 6) = 22% of the similarity MMAs
-                 multiply padding (was 48% d_text / 61% d_modal with one 64-row text):
+                 multiply padding on sm_80 and sm_90a (was 48% d_text / 61% d_modal with one
+                 64-row text):
                    d_text  grid (cdiv(Bt, 3), D / BD): one text block x one D block, looping
                            over clip blocks: d_text += d_sim (128, 32 | 16) @ x | y (32 | 16, BD);
                            the text weight grads in D block 0.
                    d_modal grid (cdiv(Bm, 8), D / BD + 1): one clip block x one D block,
                            looping over text blocks: d_x^T += text^T (BD, 128) @ d_sim (128, 32)
-                           (the transposed product keeps d_sim in the layout it is built in);
+                           (the transposed product keeps d_sim in the layout it is built in;
+                           on sm_90a BD = 64 and the hi + lo pair is one MMA over K = 256,
+                           see `_gmma` HILO_K2);
                            the extra program per clip block computes the slot weight grads
                            alone (in D block 0 their four per-column accumulators spilled).
                  The modal side's dS of each packed text is loaded per clip (BB,) and spread
                  over the clip's slots (a per-column gather kept a 64-bit address per column
                  live: 16 registers a thread at 32 columns on sm_80).  Both build the same sparse d_sim tile (two nonzeros per text
-                 token and group, one per modal token).  sm_90a d_modal keeps the 64-row tile
-                 (48%): the packed one spills there (see `fine_configs`).
+                 token and group, one per modal token).  sm_90a d_modal ran the 64-row tile
+                 (48%) until the hi + lo pair became one MMA: as two, the first dot chained into
+                 the second and took all 8 warps along M, so at M = BD <= 64 the second
+                 warpgroup duplicated it (36-172 bytes of spills; see `fine_configs`).
         The InfoNCE on the (Bt, Bm) S matrices is torch (B <= ~8k: a B x B matrix per group is
         fine; it is the T x M factor that had to go), so valid masks need nothing here.
 
@@ -318,12 +324,23 @@ def _round16(x, DT: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
-def _gmma(g, b, TRANS_G: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
+def _gmma(g, b, TRANS_G: tl.constexpr, HILO_K2: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
     """g (an fp32 gradient tile: P or d_sim) @ b (features) with fp32 accumulation; with TRANS_G
     the product is b^T @ g instead (b (K, N) features, g (K, C): a (N, C) tile, the transposed
     d_modal product: see `_fine_bwd_modal_kernel`).  GPREC:
       "hilo"    16-bit b: g = hi + lo, both in b's type (round to nearest), two tensor-core MMAs
                 with exact products: ~2^-16 relative (bf16; 2^-22 fp16), fp32-grade.
+                HILO_K2 (TRANS_G only): the pair as ONE MMA over twice the reduced length,
+                (N, 2K) @ (2K, C) with b^T's columns doubled (b_0, b_0, b_1, b_1, ...) against
+                g's rows as hi_0, lo_0, hi_1, lo_1, ...  Why (sm_90a, d_modal): Triton gives
+                a dot whose result feeds another dot (hi's feeds lo's as its accumulator) a
+                chain's warp layout, all 8 warps along M (warpsPerCTA [8, 1]): at N = BD = 64
+                that covers 128 rows, so the second warpgroup redid hi's wgmma and held a copy
+                (254-255 registers); at BD 16-32 both dots fell back to mma.sync with every
+                warp holding the whole (R, C) d_sim operand (36-432 bytes of spills).  The one
+                dot chains into nothing: warpsPerCTA [4, 2], one wgmma per group and text
+                block, 236-251 registers, no spill.  sm_80 keeps two MMAs (there the doubled
+                (N, 2K) operand sits in registers: 364-496 bytes of spills).
       "single"  one 16-bit rounding of g, one MMA (~2^-9 relative for bf16): too coarse against
                 the float64 check (see `_precisions`), kept so the tests can show it.
       other     "tf32" / "tf32x3" / "ieee": g and b in fp32 (fp32 inputs)."""
@@ -332,10 +349,17 @@ def _gmma(g, b, TRANS_G: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr):
         p: tl.constexpr = "upcast" if EMU else "native"
         hi = _round16(g, b.dtype, EMU)
         if TRANS_G:
-            bt = tl.trans(b)
-            acc = mma(bt, hi, p)
-            if GPREC == "hilo":
-                acc += mma(bt, _round16(g - hi.to(tl.float32), b.dtype, EMU), p)
+            bt = tl.trans(b)  # (N, K)
+            if GPREC == "hilo" and HILO_K2:
+                lo = _round16(g - hi.to(tl.float32), b.dtype, EMU)
+                K: tl.constexpr = g.shape[0]
+                # rows hi_0, lo_0, hi_1, ... against columns b_0, b_0, b_1, ...: one dot
+                g2 = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (2 * K, g.shape[1]))
+                acc = mma(tl.reshape(tl.join(bt, bt), (bt.shape[0], 2 * K)), g2, p)
+            else:
+                acc = mma(bt, hi, p)
+                if GPREC == "hilo":
+                    acc += mma(bt, _round16(g - hi.to(tl.float32), b.dtype, EMU), p)
         else:
             # lo formed before the hi MMA here (the order main had): formed after it,
             # `_coarse_grad_kernel` spills 40 bytes on sm_80 (bf16, BD = 64)
@@ -478,7 +502,7 @@ def _coarse_grad_kernel(
         if COMPUTE_TSUM:
             tacc += tl.sum(p * z, axis=1)
         b = tl.load(Bp + cols[:, None] * sb + dcols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc += _gmma(p * pscale, b, False, GPREC, EMU)  # (BM, BN) @ (BN, BD)
+        acc += _gmma(p * pscale, b, False, False, GPREC, EMU)  # (BM, BN) @ (BN, BD)
     acc = acc * (scale / pscale)
     tl.store(DA + rows[:, None] * sda + dcols[None, :], acc.to(DA.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
@@ -783,11 +807,11 @@ def _fine_bwd_text_kernel(
         gwt += 0.5 * tl.sum(gt, axis=1)
         xv = tl.load(Xp + (bx * sx_b + sx * sx_m)[:, None] + dcols[None, :],
                      mask=xlive[:, None] & dmask[None, :], other=0.0)  # (CX, BD)
-        acc += _gmma(dx * sc[:, None], xv, False, GPREC, EMU)
+        acc += _gmma(dx * sc[:, None], xv, False, False, GPREC, EMU)
         if HAS_Y:
             yv = tl.load(Yp + (by * sy_b + sy * sy_m)[:, None] + dcols[None, :],
                          mask=ylive[:, None] & dmask[None, :], other=0.0)
-            acc += _gmma(dy * sc[:, None], yv, False, GPREC, EMU)
+            acc += _gmma(dy * sc[:, None], yv, False, False, GPREC, EMU)
     acc = acc / sc[:, None]
     tl.store(DText + (a_r * sdt_b + i * sdt_t)[:, None] + dcols[None, :], acc.to(DText.dtype.element_ty),
              mask=rlive[:, None] & dmask[None, :])
@@ -802,10 +826,11 @@ def _fine_bwd_modal_kernel(
     st_b, st_t, sx_b, sx_m, sy_b, sy_m, s_mw_g, s_ds_g, sdx_b, sdx_m, sdy_b, sdy_m,
     HAS_Y: tl.constexpr, HAS_FLOOR: tl.constexpr, HAS_SCALE: tl.constexpr, R: tl.constexpr, BB: tl.constexpr,
     PX: tl.constexpr, PY: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ATMAX: tl.constexpr,
-    PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
+    HILO_K2: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, EMU: tl.constexpr,
 ):
     """Grid (clip blocks of BB, D blocks of BD + 1).  D block programs: d_x / d_y[block clips, D
-    block]^T = sum over text blocks of text^T (BD, R) @ d_sim (R, BB*P); fp16: d_sim columns are
+    block]^T = sum over text blocks of text^T (BD, R) @ d_sim (R, BB*P) (HILO_K2, sm_90a: the
+    16-bit hi + lo pair as one (BD, 2R) @ (2R, BB*P) MMA, `_gmma`); fp16: d_sim columns are
     pre-scaled by their clip's power of two.  The last program of each clip block: the slot weight gradients alone.  Folded into the
     D block 0 programs, their four per-column accumulators spilled every 128-row tile on sm_80
     (124-2544 bytes); apart they cost one more sim pass per clip block (1 / (D / BD + 1))."""
@@ -840,9 +865,9 @@ def _fine_bwd_modal_kernel(
             ta = tl.load(Text + (a_r * st_b + i * st_t)[:, None] + dcols[None, :],
                          mask=rlive[:, None] & dmask[None, :], other=0.0)  # (R, BD)
             # (BD, R) @ (R, CX): text^T times d_sim in its own orientation
-            accx += _gmma(dx * scx[None, :], ta, True, GPREC, EMU)
+            accx += _gmma(dx * scx[None, :], ta, True, HILO_K2, GPREC, EMU)
             if HAS_Y:
-                accy += _gmma(dy * scy[None, :], ta, True, GPREC, EMU)
+                accy += _gmma(dy * scy[None, :], ta, True, HILO_K2, GPREC, EMU)
         tl.store(DX + (bx * sdx_b + sx * sdx_m)[None, :] + dcols[:, None],
                  (accx / scx[None, :]).to(DX.dtype.element_ty), mask=xlive[None, :] & dmask[:, None])
         if HAS_Y:
@@ -985,21 +1010,31 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
     texts), else 128 (3 x 40 = 120 live at VALOR's T = 40).  Forward: 16 clips a tile (4 frames +
     1 audio: 64 + 16 columns, none padded; 6% of the MMAs multiply padding), 8 warps (a 128-row
     tile; 4 warps reach 255 registers).  Backward (sim tile and argmaxes recomputed per D block
-    of BD = 32 columns): "packed" = 3 texts in 128 rows x 8 clips (x 32 columns, y 16: the y slot
-    padded to 2 for tl.dot's N >= 16), 22% of the similarity MMAs multiply padding; "r64" = one
-    text in 64 rows x 8 clips, 48% (61% with 4 clips).  Audited (bench/kernel_audit.py, D = 512,
-    text_floor, B 512 / 4096; registers, spill bytes):
+    of BD = 32 columns, 64 for sm_90a d_modal): "packed" = 3 texts in 128 rows x 8 clips (x 32
+    columns, y 16: the y slot padded to 2 for tl.dot's N >= 16), 22% of the similarity MMAs
+    multiply padding; "r64" = one text in 64 rows x 8 clips, 48% (61% with 4 clips).  Audited
+    (bench/kernel_audit.py, D = 512, text_floor, B 512 / 4096; registers / spill bytes, bf16 and
+    fp16, 8 warps, 2 stages):
       d_text   sm_80  packed BK 64: bf16 255 / 0, fp16 255 / 0;  r64: 255 / 0
-               sm_90a packed BK 32: 255 / 0, 254 / 0 (BK 64: 36 bytes bf16);  r64: 221-225 / 0
-      d_modal  sm_80  packed BK 32: 255 / 0 (BK 64: 24 bytes);  r64 x 4 clips: 217-220 / 0
-               sm_90a r64 only: 251-255 / 0; packed spills 48-172 bytes at every BK / BD /
-               stages / warps tried (the per-text modal argmaxes over wgmma-layout sims), so
-               sm_90a d_modal runs at 48% padding (open)."""
+               sm_90a packed BK 32: 255 / 0, 254 / 0 (BK 64: 36 bytes bf16);  r64: 221-223 / 0
+      d_modal  sm_80  packed BK 32 BD 32 (two hi / lo MMAs): 255 / 0 (BK 64: 24 bytes; one
+                      MMA over K = 2R: 364-496 bytes, its duplicated operand in registers);
+                      r64 x 4 clips: 217-220 / 0
+               sm_90a packed BD 64, hi / lo as one MMA over K = 2R (HILO_K2): BK 64 236 / 0
+                      bf16, 242 / 0 fp16 (44 KB shared); BK 32 244 / 0, 251 / 0 (22 KB).  With
+                      two MMAs the packed tile spilled at BD 16-32 under every BK / stages /
+                      warps tried (36-432 bytes: the gradient dots on mma.sync, every warp
+                      holding all of d_sim) and at BD 128 (104-308); BD 64 sat at 254-255
+                      registers (0-56 bytes; 0 only at BK 32, 2 stages) with the hi dot done
+                      twice, once per warpgroup.  So sm_90a ran r64 (48%) before.
+               fp32 (tf32 products; not gated) keeps r64 on sm_90a: 64 bytes against 952-2136
+               for the packed tile."""
     if kind not in ("fwd", "text", "modal"):
         raise ValueError(f"fine_configs: kind must be fwd, text or modal, got {kind!r}")
     if arch is None:
         t = fine_tile(T, Mx, My, 16 if T <= 8 else _p2(T), 4, 8)
-        return [_cfg(1, 1, BK=16, **t, **({} if kind == "fwd" else dict(BD=16)))]
+        extra = {"fwd": {}, "text": dict(BD=16), "modal": dict(BD=16, HILO_K2=_FINE_HILO_K2)}[kind]
+        return [_cfg(1, 1, BK=16, **t, **extra)]
     R = 64 if T <= 32 else 128
     bk = _bk(D, dtype)
     if kind == "fwd":
@@ -1011,9 +1046,15 @@ def fine_configs(kind: str, T: int, Mx: int, My: int, D: int, dtype: torch.dtype
     if kind == "text":
         return [_cfg(8, 2, BK=bk if arch.cc < 90 else min(bk, 32), BD=bd, **packed),
                 _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 8, 16))]
+    if arch.cc >= 90 and dtype == torch.float32:  # tf32 products: packed spills 952-2136 bytes, r64 64
+        return [_cfg(8, 2, BK=bk, BD=bd, HILO_K2=False, **fine_tile(T, Mx, My, r64, 8, 16))]
     if arch.cc >= 90:
-        return [_cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 8, 16))]
-    return [_cfg(8, 2, BK=min(bk, 32), BD=bd, **packed), _cfg(8, 2, BK=bk, BD=bd, **fine_tile(T, Mx, My, r64, 4, 16))]
+        # BD 64 = the transposed product's M: one 64-row wgmma a warpgroup (4 x 2 warps over 64 x C)
+        bd90 = min(64, max(16, _p2(D)))
+        return [_cfg(8, 2, BK=bk, BD=bd90, HILO_K2=True, **packed),
+                _cfg(8, 2, BK=min(bk, 32), BD=bd90, HILO_K2=True, **packed)]
+    return [_cfg(8, 2, BK=min(bk, 32), BD=bd, HILO_K2=False, **packed),
+            _cfg(8, 2, BK=bk, BD=bd, HILO_K2=False, **fine_tile(T, Mx, My, r64, 4, 16))]
 
 
 def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, bool]:
@@ -1035,6 +1076,9 @@ def _precisions(dtype: torch.dtype, arch: Optional[Arch]) -> Tuple[str, str, boo
 
 
 _GPREC_OVERRIDE: Optional[str] = None  # "single": the tests' measurement of the rejected choice
+# the interpreter's d_modal hi / lo form (`_gmma` HILO_K2): sm_90a's one MMA over K = 2R by
+# default; the tests also run sm_80's two MMAs (False) against float64
+_FINE_HILO_K2: bool = True
 
 _TUNED: Dict[tuple, object] = {}
 COARSE_KEY = ("Ra", "Rb", "D")

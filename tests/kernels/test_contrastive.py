@@ -721,15 +721,41 @@ def test_gradient_products_single_rounding_is_too_coarse():
 @pytest.mark.parametrize("arch", [K.A100, K.H100], ids=["sm_80", "sm_90a"])
 def test_fine_launch_padding_share_at_valor_shape(arch):
     """Issue 17: at VALOR's fine shape (T = 40, 4 frames + 1 audio, D = 512) the default launch of
-    the forward and d_text (both archs) and d_modal (sm_80) wastes < 25% of its similarity MMAs on
-    padding; sm_90a d_modal is the 64-row tile (48%: the packed one spills there, kernels/
+    the forward, d_text and d_modal wastes < 25% of its similarity MMAs on padding on both archs
+    (on sm_90a every 16-bit d_modal config does: its set is the packed tile alone, kernels/
     contrastive.py `fine_configs`).  Checked on the configurations themselves: no compile here
     (bench/audit_contrastive.py records the same share beside registers and spills)."""
+    packed = 1 - 120 * 5 / (128 * 6)  # 21.9%: 3 texts x 40 in 128 rows, the audio slot padded to 2
     for dt in (torch.bfloat16, torch.float16):
         share = {k: K.fine_waste(40, 4, 1, **K.fine_configs(k, 40, 4, 1, 512, dt, arch)[0])
                  for k in ("fwd", "text", "modal")}
         assert share["fwd"] == pytest.approx(1 - 120 / 128)  # 8 idle rows, no padded slot
-        assert share["text"] == pytest.approx(1 - 120 * 5 / (128 * 6))  # 21.9%
-        want_modal = 1 - 120 * 5 / (128 * 6) if arch.cc < 90 else 1 - 40 * 5 / (64 * 6)
-        assert share["modal"] == pytest.approx(want_modal)
-        assert max(share["fwd"], share["text"]) < 0.25 and (arch.cc >= 90 or share["modal"] < 0.25)
+        assert share["text"] == pytest.approx(packed)
+        assert share["modal"] == pytest.approx(packed)
+        assert max(share.values()) < 0.25
+        modal = K.fine_configs("modal", 40, 4, 1, 512, dt, arch)
+        # sm_90a: one MMA over K = 2R for the hi + lo pair (`_gmma` HILO_K2), sm_80 two
+        assert all(c["HILO_K2"] is (arch.cc >= 90) for c in modal)
+        if arch.cc >= 90:
+            assert all(K.fine_waste(40, 4, 1, **c) == pytest.approx(packed) for c in modal)
+
+
+@pytest.mark.skipif(not HAS_TRITON or DEV.type != "cpu", reason="the interpreter's launch configuration")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fine_modal_grad_both_hilo_forms(dtype, monkeypatch):
+    """d_modal's 16-bit hi + lo gradient product in the form sm_80 compiles (two MMAs) against
+    float64; every other fine test runs the interpreter's default, sm_90a's form (one MMA over
+    K = 2R of the interleaved pair, `_gmma` HILO_K2)."""
+    assert K.fine_configs("modal", 7, 3, 1, 32, dtype, None)[0]["HILO_K2"] is True
+    monkeypatch.setattr(K, "_FINE_HILO_K2", False)
+    assert K.fine_configs("modal", 7, 3, 1, 32, dtype, None)[0]["HILO_K2"] is False
+    inp = _floor_inputs(7, 7, 3, 1, 32)
+
+    def fn(ref):
+        def f(text, text_weight, text_mask, v, wv, mv, a, wa, temperature, text_floor):
+            g = K.grouped_contrastive_loss_ref if ref else C.grouped_contrastive_loss
+            groups = {"v": (v, wv, mv), "a": (a, wa, None), "av": ("v", "a")}
+            return g(text, groups, temperature, mode="fine", text_weight=text_weight, text_mask=text_mask,
+                     text_floor=text_floor)
+        return f
+    _compare(fn(False), fn(True), inp, _NEED_FINE, "triton", dtype)
