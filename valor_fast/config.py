@@ -159,7 +159,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 900
+    steps: int = 800
     """Optimiser steps."""
     batch_size: int = 32
     """Global batch size."""
